@@ -1,0 +1,315 @@
+//! Typed settings, parsed once at start.
+//!
+//! Owns: every environment variable of the seed and of PROTOCOL.md, their
+//! defaults and units. Sources, lowest to highest priority: built-in
+//! defaults, an optional `.env` file (loaded by `main`), the environment,
+//! CLI flags. Each field is named after its environment variable, so a bad
+//! value's error names the variable. Tests pass a map through
+//! [`Config::from_sources`] instead of the process environment.
+
+use std::net::IpAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+use ipnet::IpNet;
+
+/// moonx-ws: streams price, order, portfolio and trade updates from Kafka to
+/// WebSocket clients. Every flag can also be set by the environment variable
+/// shown with it (or in a `.env` file); flags win over the environment.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "moonx-ws", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "WEBSOCKET_SERVICE_HOST", default_value = "0.0.0.0")]
+    pub websocket_service_host: IpAddr,
+    /// Port for WebSocket upgrades (GET /ws) and the HTTP endpoints; 0 picks a free one.
+    #[arg(long, env = "WEBSOCKET_SERVICE_PORT", default_value_t = 3008)]
+    pub websocket_service_port: u16,
+    /// Executors (one per core, each owning its connections). Default: available cores.
+    #[arg(long, env = "WS_SHARDS")]
+    pub ws_shards: Option<NonZeroUsize>,
+
+    /// HMAC secret for HS256/384/512 tokens (local verification).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key (or a path to one) for RS256 / ES256 tokens.
+    #[arg(long, env = "JWT_PUBLIC_KEY", hide_env_values = true)]
+    pub jwt_public_key: Option<String>,
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed on exp/nbf, in seconds.
+    #[arg(long, env = "JWT_LEEWAY_SECONDS", default_value_t = 30)]
+    pub jwt_leeway_seconds: u64,
+    /// Remote Auth Service base URL (used when no local key is set).
+    #[arg(long, env = "AUTH_SERVICE_URL")]
+    pub auth_service_url: Option<String>,
+    /// Path of the Auth Service's verify endpoint.
+    #[arg(
+        long,
+        env = "AUTH_SERVICE_VERIFY_ENDPOINT",
+        default_value = "/api/v1/auth/verify"
+    )]
+    pub auth_service_verify_endpoint: String,
+    /// Auth Service request timeout, in ms.
+    #[arg(long, env = "AUTH_SERVICE_TIMEOUT_MS", default_value = "3000", value_parser = parse_ms)]
+    pub auth_service_timeout_ms: Duration,
+    /// Auth Service requests in flight at once (worker threads).
+    #[arg(long, env = "AUTH_SERVICE_CONCURRENCY", default_value = "16")]
+    pub auth_service_concurrency: NonZeroUsize,
+    /// Time a new connection has to authenticate, in ms.
+    #[arg(long, env = "AUTH_TIMEOUT_MS", default_value = "10000", value_parser = parse_ms)]
+    pub auth_timeout_ms: Duration,
+
+    /// Redis URL for cluster-wide limits and the connection registry (unset: local only).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key this service writes.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "moonx:ws:")]
+    pub redis_key_prefix: String,
+
+    /// Kafka bootstrap servers (unset: an embedded broker on loopback).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// Base of the consumer group id (made unique per instance).
+    #[arg(
+        long,
+        env = "KAFKA_CONSUMER_GROUP_ID",
+        default_value = "websocket-consumers"
+    )]
+    pub kafka_consumer_group_id: String,
+    #[arg(long, env = "KAFKA_TOPIC_PRICES", default_value = "price.updates")]
+    pub kafka_topic_prices: String,
+    #[arg(long, env = "KAFKA_TOPIC_ORDERS", default_value = "order.updates")]
+    pub kafka_topic_orders: String,
+    #[arg(
+        long,
+        env = "KAFKA_TOPIC_PORTFOLIO",
+        default_value = "portfolio.updates"
+    )]
+    pub kafka_topic_portfolio: String,
+    #[arg(long, env = "KAFKA_TOPIC_TRADES", default_value = "trade.updates")]
+    pub kafka_topic_trades: String,
+    /// Consumer fetch.max.bytes.
+    #[arg(
+        long,
+        env = "KAFKA_CONSUMER_FETCH_MAX_BYTES",
+        default_value_t = 1_048_576
+    )]
+    pub kafka_consumer_fetch_max_bytes: u32,
+    /// Consumer max.partition.fetch.bytes.
+    #[arg(
+        long,
+        env = "KAFKA_CONSUMER_MAX_PARTITION_FETCH_BYTES",
+        default_value_t = 1_048_576
+    )]
+    pub kafka_consumer_max_partition_fetch_bytes: u32,
+    /// Messages handed to the shards per ingest batch.
+    #[arg(long, env = "KAFKA_CONSUMER_BATCH_SIZE", default_value = "100")]
+    pub kafka_consumer_batch_size: NonZeroUsize,
+
+    /// Turns the connection and message limits on or off.
+    #[arg(long, env = "RATE_LIMIT_ENABLED", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub rate_limit_enabled: bool,
+    /// Open WebSocket connections allowed per client IP.
+    #[arg(long, env = "RATE_LIMIT_MAX_CONNECTIONS_PER_IP", default_value = "100")]
+    pub rate_limit_max_connections_per_ip: NonZeroU32,
+    /// Client messages per user (per connection before auth) per 60 s window.
+    #[arg(
+        long,
+        env = "RATE_LIMIT_MAX_MESSAGES_PER_MINUTE",
+        default_value = "120"
+    )]
+    pub rate_limit_max_messages_per_minute: NonZeroU32,
+
+    /// Interval between server ping frames, in ms.
+    #[arg(long, env = "WS_PING_INTERVAL", default_value = "30000", value_parser = parse_ms)]
+    pub ws_ping_interval: Duration,
+    /// Time allowed for any frame after a ping before the socket is dropped, in ms.
+    #[arg(long, env = "WS_PONG_TIMEOUT", default_value = "5000", value_parser = parse_ms)]
+    pub ws_pong_timeout: Duration,
+    /// WebSocket connections this instance holds at most (503 beyond).
+    #[arg(long, env = "WS_MAX_CONNECTIONS", default_value = "10000")]
+    pub ws_max_connections: NonZeroUsize,
+    /// How often connection records are refreshed in Redis, in ms.
+    #[arg(long, env = "WS_HEARTBEAT_INTERVAL", default_value = "60000", value_parser = parse_ms)]
+    pub ws_heartbeat_interval: Duration,
+    /// Largest client frame or message, in bytes (close 1009 beyond).
+    #[arg(long, env = "WS_MAX_MESSAGE_BYTES", default_value = "16384")]
+    pub ws_max_message_bytes: NonZeroUsize,
+    /// Most frames one fragmented client message may span (close 1009 beyond).
+    #[arg(long, env = "WS_MAX_FRAGMENTS", default_value = "64")]
+    pub ws_max_fragments: NonZeroU32,
+    /// Subscriptions allowed per connection.
+    #[arg(long, env = "WS_MAX_SUBSCRIPTIONS", default_value = "64")]
+    pub ws_max_subscriptions: NonZeroU32,
+    /// Unsent output after which a connection is a slow consumer (close 4009), in bytes.
+    #[arg(long, env = "WS_MAX_BUFFERED_BYTES", default_value = "1048576")]
+    pub ws_max_buffered_bytes: NonZeroUsize,
+    /// Time a client has to send its complete request head, in ms.
+    #[arg(long, env = "WS_HANDSHAKE_TIMEOUT_MS", default_value = "5000", value_parser = parse_ms)]
+    pub ws_handshake_timeout_ms: Duration,
+    /// Updates each shard's inbox holds before the oldest is dropped (and counted).
+    #[arg(long, env = "WS_SHARD_QUEUE_CAPACITY", default_value = "65536")]
+    pub ws_shard_queue_capacity: NonZeroUsize,
+
+    /// Browser origins allowed to connect (comma list; unset: any).
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Client IPs or CIDRs allowed to connect (comma list; unset: any).
+    #[arg(long, env = "IP_WHITELIST", value_delimiter = ',', value_parser = parse_net)]
+    pub ip_whitelist: Vec<IpNet>,
+    /// Proxies whose X-Forwarded-For is honoured (IPs or CIDRs, comma list).
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// TLS certificate chain (PEM) for wss://.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<String>,
+    /// TLS private key (PEM) for wss://.
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<String>,
+
+    /// Time allowed for close handshakes on shutdown, in ms.
+    #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value = "5000", value_parser = parse_ms)]
+    pub shutdown_grace_ms: Duration,
+    /// Log format: pretty or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "pretty", value_parser = ["pretty", "json"])]
+    pub log_format: String,
+    /// Log filter (tracing EnvFilter syntax, e.g. info or moonx_ws=debug).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+fn parse_ms(s: &str) -> Result<Duration, String> {
+    let ms: u64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("expected milliseconds: {e}"))?;
+    if ms == 0 {
+        return Err("must be greater than 0".into());
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("expected an IP address or CIDR, got {s:?}"))
+}
+
+impl Config {
+    /// Parses settings from `args` (the first is the program name) and a
+    /// lookup standing for the environment. Flags win over the lookup.
+    pub fn from_sources<I, S>(
+        args: I,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let args: Vec<String> = args.into_iter().map(Into::into).collect();
+        if args
+            .iter()
+            .skip(1)
+            .any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version"))
+        {
+            // Help is printed from the command as declared, env names included.
+            return Config::try_parse_from(args);
+        }
+        let cmd = Config::command().args_override_self(true);
+        let mut argv = vec![args.first().cloned().unwrap_or_else(|| "moonx-ws".into())];
+        for arg in cmd.get_arguments() {
+            let (Some(name), Some(long)) = (arg.get_env(), arg.get_long()) else {
+                continue;
+            };
+            if let Some(value) = name.to_str().and_then(&env) {
+                if !value.is_empty() {
+                    argv.push(format!("--{long}={value}"));
+                }
+            }
+        }
+        argv.extend(args.into_iter().skip(1));
+        let cmd = cmd.mut_args(|a| a.env(None::<&str>));
+        let matches = cmd.try_get_matches_from(argv)?;
+        Config::from_arg_matches(&matches)
+    }
+
+    /// Built-in defaults only (no environment), for tests and benches.
+    pub fn defaults() -> Self {
+        // The declared defaults all parse; a failure here is a bug in this file.
+        Self::from_sources(["moonx-ws"], |_| None).expect("built-in defaults parse")
+    }
+
+    /// Shards to run: `WS_SHARDS`, or the cores this process may use.
+    pub fn shard_count(&self) -> usize {
+        self.ws_shards
+            .map(NonZeroUsize::get)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, NonZeroUsize::get))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, clap::Error> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut argv = vec!["moonx-ws"];
+        argv.extend_from_slice(args);
+        Config::from_sources(argv, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_protocol() {
+        let c = Config::defaults();
+        assert_eq!(c.websocket_service_port, 3008);
+        assert_eq!(c.ws_ping_interval, Duration::from_millis(30_000));
+        assert_eq!(c.auth_timeout_ms, Duration::from_millis(10_000));
+        assert_eq!(c.ws_max_buffered_bytes.get(), 1 << 20);
+        assert_eq!(c.rate_limit_max_messages_per_minute.get(), 120);
+        assert!(c.rate_limit_enabled);
+        assert_eq!(c.redis_key_prefix, "moonx:ws:");
+    }
+
+    #[test]
+    fn env_then_flags() {
+        let c = parse(
+            &["--ws-pong-timeout", "7"],
+            &[
+                ("WS_PONG_TIMEOUT", "5"),
+                ("WEBSOCKET_SERVICE_PORT", "4000"),
+                ("IP_WHITELIST", "10.0.0.0/8, 127.0.0.1"),
+                ("RATE_LIMIT_ENABLED", "false"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.ws_pong_timeout, Duration::from_millis(7));
+        assert_eq!(c.websocket_service_port, 4000);
+        assert_eq!(c.ip_whitelist.len(), 2);
+        assert!(!c.rate_limit_enabled);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        let err = parse(&[], &[("WS_PING_INTERVAL", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("WS_PING_INTERVAL"), "{err}");
+        let err = parse(&[], &[("TRUSTED_PROXIES", "nope")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TRUSTED_PROXIES"), "{err}");
+    }
+}

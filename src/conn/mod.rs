@@ -1,0 +1,210 @@
+//! Per-shard runtime: the shard's main task, the accept loop, and what every
+//! connection driver on the shard shares ([`ShardCtx`]).
+//!
+//! Owns: binding this shard's SO_REUSEPORT listener, spawning one task per
+//! accepted socket (`upgrade.rs` for the HTTP phase, `driver.rs` for the
+//! WebSocket phase), the coarse deadline tick, and the shard's part of the
+//! shutdown sequence (stop accepting, close every connection with 1001, wait
+//! up to `SHUTDOWN_GRACE_MS`).
+
+mod driver;
+mod upgrade;
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpListener;
+use glommio::spawn_local;
+
+use crate::protocol::frame;
+use crate::protocol::message::{encode_outgoing, Outgoing};
+use crate::protocol::session::SessionTimers;
+use crate::server::Global;
+use crate::shard::{run_fanout, Shard};
+use crate::telemetry::{sent_index, LogLimiter, ShardStats};
+
+/// Everything a connection task on this shard shares.
+pub struct ShardCtx {
+    pub id: usize,
+    pub global: Arc<Global>,
+    pub shard: Rc<RefCell<Shard>>,
+    pub stats: Arc<ShardStats>,
+    pub frame_limits: frame::Limits,
+    pub timers: SessionTimers,
+    msg_seq: Cell<u64>,
+    conn_seq: Cell<u64>,
+    json: RefCell<Vec<u8>>,
+    frame: RefCell<Vec<u8>>,
+    pub(crate) accept_log: LogLimiter,
+}
+
+impl ShardCtx {
+    fn new(id: usize, global: Arc<Global>) -> Self {
+        let cfg = &global.config;
+        let stats = global.stats[id].clone();
+        Self {
+            id,
+            shard: Rc::new(RefCell::new(Shard::new(
+                id,
+                cfg.ws_max_buffered_bytes.get(),
+                stats.clone(),
+            ))),
+            stats,
+            frame_limits: frame::Limits {
+                max_message_bytes: cfg.ws_max_message_bytes.get(),
+                max_fragments: cfg.ws_max_fragments.get(),
+            },
+            timers: SessionTimers {
+                auth_timeout_ms: cfg.auth_timeout_ms.as_millis() as u64,
+                leeway_ms: cfg.jwt_leeway_seconds * 1000,
+                max_subscriptions: cfg.ws_max_subscriptions.get(),
+            },
+            msg_seq: Cell::new(0),
+            conn_seq: Cell::new(0),
+            json: RefCell::new(Vec::with_capacity(512)),
+            frame: RefCell::new(Vec::with_capacity(512)),
+            accept_log: LogLimiter::new(Duration::from_secs(5)),
+            global,
+        }
+    }
+
+    /// A server message id unique within the instance: "s{shard}-{n}".
+    fn next_msg_id(&self, buf: &mut itoa::Buffer) -> String {
+        let n = self.msg_seq.get() + 1;
+        self.msg_seq.set(n);
+        let mut id = String::with_capacity(16);
+        id.push('s');
+        id.push_str(buf.format(self.id));
+        id.push('-');
+        id.push_str(buf.format(n));
+        id
+    }
+
+    /// A connection id unique within the instance.
+    fn next_conn_id(&self) -> u64 {
+        let n = self.conn_seq.get() + 1;
+        self.conn_seq.set(n);
+        n * self.global.stats.len() as u64 + self.id as u64
+    }
+
+    /// Appends `msg` as a frame to `out`, with a fresh id, and counts it.
+    fn encode(&self, msg: &Outgoing, out: &mut Vec<u8>) {
+        let id = self.next_msg_id(&mut itoa::Buffer::new());
+        let now = self.global.clock.epoch_ms();
+        encode_outgoing(msg, &id, now, &mut self.json.borrow_mut(), out);
+        self.stats.sent[sent_index(msg.type_name())].inc();
+    }
+
+    /// Encodes `msg` and queues it on connection `key`'s outbox.
+    /// Returns false when that made the connection a slow consumer.
+    fn queue(&self, key: usize, msg: &Outgoing) -> bool {
+        let mut frame = self.frame.borrow_mut();
+        frame.clear();
+        self.encode(msg, &mut frame);
+        self.shard.borrow_mut().queue(key, &frame)
+    }
+}
+
+/// A shard's main task: listen, serve, and drain on shutdown.
+pub async fn run_shard(
+    global: Arc<Global>,
+    id: usize,
+    addr: SocketAddr,
+    ready: crossbeam::channel::Sender<Result<(), String>>,
+) {
+    let listener = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    global
+        .listening
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let _ = ready.send(Ok(()));
+    drop(ready);
+
+    let ctx = Rc::new(ShardCtx::new(id, global.clone()));
+    let accept = spawn_local(accept_loop(listener, ctx.clone()));
+    let publisher = global.publisher.clone();
+    let shard = ctx.shard.clone();
+    let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id)).await });
+    let tick = spawn_local(tick_loop(ctx.clone()));
+
+    std::future::poll_fn(|cx| {
+        global.stop_wakers[id].register(cx.waker());
+        if global.is_shutting_down() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+
+    drop(accept); // cancels the accept loop and closes this shard's listener
+    global
+        .listening
+        .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    let open = ctx.shard.borrow().len();
+    tracing::info!(
+        shard = id,
+        open,
+        "shutting down: closing connections with 1001"
+    );
+    ctx.shard.borrow_mut().begin_shutdown();
+    let deadline = Instant::now() + global.config.shutdown_grace_ms;
+    while !ctx.shard.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    let left = ctx.shard.borrow().len();
+    if left > 0 {
+        tracing::warn!(
+            shard = id,
+            left,
+            "grace period over: dropping remaining connections"
+        );
+    }
+    drop(fanout);
+    drop(tick);
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                spawn_local(upgrade::serve(stream, ctx.clone())).detach();
+            }
+            Err(e) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                if let Some(suppressed) = ctx.accept_log.allow() {
+                    tracing::warn!(shard = ctx.id, error = %e, suppressed, "accept failed");
+                }
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// The coarse shared timer: wakes connections whose deadline passed.
+async fn tick_loop(ctx: Rc<ShardCtx>) {
+    let cfg = &ctx.global.config;
+    let shortest = [
+        cfg.ws_ping_interval,
+        cfg.ws_pong_timeout,
+        cfg.auth_timeout_ms,
+    ]
+    .into_iter()
+    .min()
+    .unwrap_or(Duration::from_secs(1));
+    let tick = (shortest / 8).clamp(Duration::from_millis(5), Duration::from_millis(250));
+    loop {
+        glommio::timer::sleep(tick).await;
+        let now = ctx.global.clock.mono_ms();
+        ctx.shard.borrow_mut().wake_due(now);
+    }
+}

@@ -1,0 +1,207 @@
+//! The HTTP phase of a connection: read the request head (bounded in size
+//! and time), serve the HTTP endpoints, or apply the refusals of PROTOCOL.md
+//! §1 and upgrade to WebSocket.
+//!
+//! Owns: client-IP resolution (trusted proxies), the origin allowlist, the IP
+//! whitelist, taking a connection slot from `limits`, and bearer-token auth
+//! on the upgrade request. Hands the socket to `driver.rs` once upgraded.
+
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use futures_lite::future;
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use ipnet::IpNet;
+
+use super::driver::{self, Start};
+use super::ShardCtx;
+use crate::auth::Verification;
+use crate::protocol::handshake::{
+    bearer_token, parse_head, route, write_refusal, write_switching_protocols, Parsed, Refusal,
+    RequestHead, Route, MAX_HEAD_BYTES,
+};
+
+/// Bytes read per call while the head is incomplete.
+const HEAD_READ: usize = 2048;
+
+pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
+    let _ = stream.set_nodelay(true);
+    let Ok(peer) = stream.peer_addr() else { return };
+    let mut buf = Vec::new();
+    let timeout = ctx.global.config.ws_handshake_timeout_ms;
+    let read = future::or(read_head(&mut stream, &mut buf), async {
+        glommio::timer::sleep(timeout).await;
+        Err(Some(Refusal::new(408, "request head not received in time")))
+    })
+    .await;
+    let (head, used) = match read {
+        Ok(h) => h,
+        Err(Some(refusal)) => return refuse(&mut stream, &ctx, refusal).await,
+        Err(None) => return, // the peer went away
+    };
+    let key = match route(&head) {
+        Route::Http => {
+            ctx.stats.http_requests.inc();
+            let mut out = Vec::new();
+            crate::http::respond(&head, &ctx, &mut out);
+            let _ = stream.write_all(&out).await;
+            return;
+        }
+        Route::Refused(r) => return refuse(&mut stream, &ctx, r).await,
+        Route::Upgrade { key } => key,
+    };
+    let cfg = &ctx.global.config;
+    if ctx.global.is_shutting_down() {
+        return refuse(&mut stream, &ctx, Refusal::new(503, "server shutting down")).await;
+    }
+    let ip = client_ip(peer.ip(), &head.forwarded_for, &cfg.trusted_proxies);
+    if let (false, Some(origin)) = (cfg.allowed_origins.is_empty(), &head.origin) {
+        if !cfg
+            .allowed_origins
+            .iter()
+            .any(|o| o.trim().eq_ignore_ascii_case(origin))
+        {
+            return refuse(&mut stream, &ctx, Refusal::new(403, "origin not allowed")).await;
+        }
+    }
+    if !cfg.ip_whitelist.is_empty() && !cfg.ip_whitelist.iter().any(|n| n.contains(&ip)) {
+        return refuse(
+            &mut stream,
+            &ctx,
+            Refusal::new(403, "client IP not allowed"),
+        )
+        .await;
+    }
+    let admission = match ctx.global.limits.admit(ip) {
+        Ok(a) => a,
+        Err(r) => return refuse(&mut stream, &ctx, r).await,
+    };
+    let identity = match &head.authorization {
+        None => None,
+        Some(value) => {
+            let Some(token) = bearer_token(value) else {
+                return refuse(
+                    &mut stream,
+                    &ctx,
+                    Refusal::new(401, "expected Authorization: Bearer <token>"),
+                )
+                .await;
+            };
+            let result = match ctx.global.auth.verify(token) {
+                Verification::Done(r) => r,
+                Verification::Pending(rx) => rx.await.unwrap_or_else(|_| {
+                    Err(crate::auth::AuthFailure(
+                        "Authentication service unavailable".into(),
+                    ))
+                }),
+            };
+            match result {
+                Ok(identity) => Some(identity),
+                Err(failure) => {
+                    ctx.stats.auth_failure.inc();
+                    let mut out = Vec::new();
+                    let body = serde_json::json!({ "error": failure.0 }).to_string();
+                    crate::protocol::handshake::write_response(
+                        401,
+                        "application/json",
+                        &[],
+                        body.as_bytes(),
+                        &mut out,
+                    );
+                    ctx.stats.refused(401);
+                    let _ = stream.write_all(&out).await;
+                    return;
+                }
+            }
+        }
+    };
+    let mut greeting = Vec::with_capacity(256);
+    write_switching_protocols(&key, &mut greeting);
+    let leftover = buf[used..].to_vec();
+    drop(buf);
+    driver::run(Start {
+        stream,
+        ctx,
+        ip,
+        admission,
+        identity,
+        greeting,
+        leftover,
+    })
+    .await;
+}
+
+/// Reads until a complete head; `Err(None)` when the peer left.
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<(RequestHead, usize), Option<Refusal>> {
+    loop {
+        let len = buf.len();
+        buf.resize(len + HEAD_READ, 0);
+        let n = match stream.read(&mut buf[len..]).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(n) => n,
+        };
+        buf.truncate(len + n);
+        match parse_head(buf) {
+            Parsed::Partial if buf.len() < MAX_HEAD_BYTES => continue,
+            Parsed::Partial => return Err(Some(Refusal::new(431, "request headers too large"))),
+            Parsed::Complete(head, used) => return Ok((head, used)),
+            Parsed::Refused(r) => return Err(Some(r)),
+        }
+    }
+}
+
+async fn refuse(stream: &mut TcpStream, ctx: &ShardCtx, refusal: Refusal) {
+    ctx.stats.refused(refusal.status);
+    let mut out = Vec::new();
+    write_refusal(refusal, &mut out);
+    let _ = stream.write_all(&out).await;
+}
+
+/// The client's address: the TCP peer, or, when the peer is a trusted
+/// proxy, the right-most `X-Forwarded-For` hop that is not itself trusted.
+pub fn client_ip(peer: IpAddr, forwarded_for: &[String], trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if forwarded_for.is_empty() || !is_trusted(&peer) {
+        return peer;
+    }
+    let mut last = peer;
+    for hop in forwarded_for.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
+            // A hop we cannot read: do not trust anything to its left.
+            return last;
+        };
+        if !is_trusted(&ip) {
+            return ip;
+        }
+        last = ip;
+    }
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn forwarded_for_is_only_honoured_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: IpAddr = "10.1.1.1".parse().unwrap();
+        let outsider: IpAddr = "8.8.8.8".parse().unwrap();
+        assert_eq!(client_ip(outsider, &ips(&["1.2.3.4"]), &trusted), outsider);
+        assert_eq!(
+            client_ip(proxy, &ips(&["6.6.6.6", "1.2.3.4", "10.2.2.2"]), &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap(),
+            "right-most untrusted hop, spoofed left part ignored"
+        );
+        assert_eq!(client_ip(proxy, &ips(&["garbage"]), &trusted), proxy);
+        assert_eq!(client_ip(proxy, &[], &trusted), proxy);
+    }
+}

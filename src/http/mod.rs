@@ -1,0 +1,126 @@
+//! The HTTP endpoints on the WebSocket port (PROTOCOL.md §8).
+//!
+//! Owns: `/health`, `/health/live`, `/health/ready`, `/metrics`,
+//! `/connections`, `/docs` and the JSON 404. Every endpoint reads shared,
+//! per-shard state (summed here, on the shard that serves the request); none
+//! of them touches another shard's connections.
+
+use serde_json::json;
+
+use crate::conn::ShardCtx;
+use crate::protocol::handshake::{write_refusal, write_response, Refusal, RequestHead};
+use crate::protocol::message::Channel;
+use crate::telemetry::{render_prometheus, total, Extra};
+
+const DOCS_HTML: &str = include_str!("docs.html");
+
+/// Writes the response to an HTTP (non-upgrade) request.
+pub fn respond(head: &RequestHead, ctx: &ShardCtx, out: &mut Vec<u8>) {
+    if head.method != "GET" && head.method != "HEAD" {
+        return write_refusal(Refusal::new(404, "not found"), out);
+    }
+    match head.path.as_str() {
+        "/health" => health(ctx, out),
+        "/health/live" => json_response(200, &json!({ "status": "alive" }), out),
+        "/health/ready" => {
+            let ready = ctx.global.is_ready();
+            let status = if ready { 200 } else { 503 };
+            json_response(
+                status,
+                &json!({ "status": if ready { "ready" } else { "not_ready" } }),
+                out,
+            )
+        }
+        "/metrics" => {
+            let g = &ctx.global;
+            let dropped: Vec<u64> = (0..g.publisher.shard_count())
+                .map(|i| g.publisher.inbox(i).dropped())
+                .collect();
+            let body = render_prometheus(
+                &g.stats,
+                &Extra {
+                    queue_dropped: &dropped,
+                },
+            );
+            write_response(200, "text/plain; version=0.0.4", &[], body.as_bytes(), out)
+        }
+        "/connections" => connections(ctx, out),
+        "/docs" | "/docs/" => write_response(
+            200,
+            "text/html; charset=utf-8",
+            &[],
+            DOCS_HTML.as_bytes(),
+            out,
+        ),
+        _ => write_refusal(Refusal::new(404, "not found"), out),
+    }
+}
+
+fn json_response(status: u16, body: &serde_json::Value, out: &mut Vec<u8>) {
+    write_response(
+        status,
+        "application/json",
+        &[],
+        body.to_string().as_bytes(),
+        out,
+    )
+}
+
+fn health(ctx: &ShardCtx, out: &mut Vec<u8>) {
+    let g = &ctx.global;
+    let stats = &g.stats;
+    let auth = g.auth.is_reachable();
+    let (redis, kafka) = (true, true);
+    let status = if g.is_shutting_down() || !g.is_ready() {
+        "unhealthy"
+    } else if redis && kafka && auth {
+        "healthy"
+    } else {
+        "degraded"
+    };
+    let body = json!({
+        "status": status,
+        "timestamp": g.clock.epoch_ms(),
+        "services": { "redis": redis, "kafka": kafka, "auth": auth },
+        "metrics": {
+            "totalConnections": total(stats, |s| s.connections_accepted.get()),
+            "activeConnections": g.limits.open_connections(),
+            "messagesSent": total(stats, |s| s.sent.iter().map(|c| c.get()).sum()),
+            "messagesReceived": total(stats, |s| s.received.iter().map(|c| c.get()).sum()),
+        },
+    });
+    json_response(if status == "unhealthy" { 503 } else { 200 }, &body, out)
+}
+
+fn connections(ctx: &ShardCtx, out: &mut Vec<u8>) {
+    let g = &ctx.global;
+    let shards: Vec<_> = g
+        .stats
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({
+                "shard": i,
+                "connections": s.connections_active.get(),
+                "authenticated": s.connections_authenticated.get(),
+            })
+        })
+        .collect();
+    let channels: serde_json::Map<String, serde_json::Value> = Channel::ALL
+        .iter()
+        .map(|ch| {
+            (
+                ch.name().to_string(),
+                json!(total(&g.stats, |s| s.subscribers[*ch as usize].get())),
+            )
+        })
+        .collect();
+    let body = json!({
+        "instance": g.instance_id,
+        "total": total(&g.stats, |s| s.connections_active.get()),
+        "authenticated": total(&g.stats, |s| s.connections_authenticated.get()),
+        "shards": shards,
+        "channels": channels,
+    });
+    json_response(200, &body, out)
+}

@@ -1,0 +1,278 @@
+//! Connection and message limits (PROTOCOL.md §1, §7), counted in-process.
+//!
+//! Owns: the instance-wide connection count (`WS_MAX_CONNECTIONS`, 503), open
+//! connections per client IP (429), and fixed-window message counters per
+//! user (per connection before auth). Counts live in striped maps touched once
+//! per connect/disconnect/login; the per-message path is one atomic on a
+//! counter shared only by one user's connections. Redis reconciliation
+//! (cluster-wide counts) plugs in here later without touching the callers.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::config::Config;
+use crate::protocol::handshake::Refusal;
+
+const STRIPES: usize = 16;
+const WINDOW_MS: u64 = 60_000;
+
+type Stripes<K, V> = [Mutex<HashMap<K, V>>; STRIPES];
+
+/// Instance-wide limits; one per process, shared by every shard.
+pub struct Limits {
+    enabled: bool,
+    max_per_ip: u32,
+    max_messages: u32,
+    max_total: usize,
+    total: AtomicUsize,
+    ips: Stripes<IpAddr, u32>,
+    users: Stripes<Arc<str>, Arc<RateCounter>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+/// What a client message may do under the message limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    Allowed,
+    /// Refuse this message; the window ends in this many ms.
+    Limited {
+        retry_after_ms: u64,
+    },
+    /// Twice the limit in one window: close 4008.
+    Close,
+}
+
+/// A slot held by one open WebSocket connection; releases it when dropped.
+pub struct Admission {
+    limits: Arc<Limits>,
+    ip: IpAddr,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.limits.total.fetch_sub(1, Ordering::Relaxed);
+        let mut ips = self.limits.stripe(&self.limits.ips, &self.ip).lock();
+        if let Some(n) = ips.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                ips.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Limits {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            enabled: cfg.rate_limit_enabled,
+            max_per_ip: cfg.rate_limit_max_connections_per_ip.get(),
+            max_messages: cfg.rate_limit_max_messages_per_minute.get(),
+            max_total: cfg.ws_max_connections.get(),
+            total: AtomicUsize::new(0),
+            ips: Default::default(),
+            users: Default::default(),
+            hasher: Default::default(),
+        }
+    }
+
+    fn stripe<'a, K: Hash, V>(
+        &self,
+        stripes: &'a Stripes<K, V>,
+        key: &K,
+    ) -> &'a Mutex<HashMap<K, V>> {
+        &stripes[self.hasher.hash_one(key) as usize % STRIPES]
+    }
+
+    /// Takes a connection slot for `ip`, or refuses with 429 / 503.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
+        let mut ips = self.stripe(&self.ips, &ip).lock();
+        let count = ips.entry(ip).or_insert(0);
+        if self.enabled && *count >= self.max_per_ip {
+            if *count == 0 {
+                ips.remove(&ip);
+            }
+            return Err(Refusal::new(429, "too many connections from this IP"));
+        }
+        if self.total.fetch_add(1, Ordering::Relaxed) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            if *count == 0 {
+                ips.remove(&ip);
+            }
+            return Err(Refusal::new(503, "server at connection capacity"));
+        }
+        *count += 1;
+        Ok(Admission {
+            limits: self.clone(),
+            ip,
+        })
+    }
+
+    /// Open WebSocket connections on this instance.
+    pub fn open_connections(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// The counter shared by all of `user`'s connections on this instance.
+    pub fn user_counter(&self, user: &Arc<str>) -> Arc<RateCounter> {
+        let mut users = self.stripe(&self.users, user).lock();
+        users.entry(user.clone()).or_default().clone()
+    }
+
+    /// Drops a connection's hold on its user's counter, forgetting the user
+    /// when no connection of theirs is left.
+    pub fn release_user(&self, user: &Arc<str>, counter: Arc<RateCounter>) {
+        let mut users = self.stripe(&self.users, user).lock();
+        drop(counter);
+        if users.get(user).is_some_and(|c| Arc::strong_count(c) == 1) {
+            users.remove(user);
+        }
+    }
+
+    /// Counts one client message against `counter` and judges it.
+    pub fn check_message(&self, counter: &RateCounter, now_ms: u64) -> RateDecision {
+        if !self.enabled {
+            return RateDecision::Allowed;
+        }
+        let count = counter.hit(now_ms, 1);
+        self.judge(count, now_ms)
+    }
+
+    fn judge(&self, count: u32, now_ms: u64) -> RateDecision {
+        if count <= self.max_messages {
+            RateDecision::Allowed
+        } else if count >= self.max_messages.saturating_mul(2) {
+            RateDecision::Close
+        } else {
+            RateDecision::Limited {
+                retry_after_ms: WINDOW_MS - now_ms % WINDOW_MS,
+            }
+        }
+    }
+}
+
+/// A fixed 60 s window message counter: window number in the high 32 bits,
+/// count in the low 32, so one atomic read-modify-write does both.
+#[derive(Debug, Default)]
+pub struct RateCounter {
+    state: AtomicU64,
+}
+
+impl RateCounter {
+    /// Adds `n` to the current window (resetting it if a new window began)
+    /// and returns the window's count.
+    pub fn hit(&self, now_ms: u64, n: u32) -> u32 {
+        let window = (now_ms / WINDOW_MS) as u32;
+        let mut out = 0;
+        let _ = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                let (w, c) = ((s >> 32) as u32, s as u32);
+                out = if w == window { c.saturating_add(n) } else { n };
+                Some(((window as u64) << 32) | out as u64)
+            });
+        out
+    }
+
+    /// This window's count (0 if the stored window is over).
+    pub fn current(&self, now_ms: u64) -> u32 {
+        let s = self.state.load(Ordering::Relaxed);
+        if (s >> 32) as u32 == (now_ms / WINDOW_MS) as u32 {
+            s as u32
+        } else {
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(env: &[(&str, &str)]) -> Arc<Limits> {
+        let env: HashMap<_, _> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Arc::new(Limits::new(
+            &Config::from_sources(["x"], |k| env.get(k).cloned()).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn per_ip_and_total_caps_release_on_drop() {
+        let l = limits(&[
+            ("RATE_LIMIT_MAX_CONNECTIONS_PER_IP", "2"),
+            ("WS_MAX_CONNECTIONS", "3"),
+        ]);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let s1 = l.admit(a).unwrap();
+        let _s2 = l.admit(a).unwrap();
+        assert_eq!(l.admit(a).err().map(|r| r.status), Some(429));
+        let _s3 = l.admit(b).unwrap();
+        assert_eq!(l.admit(b).err().map(|r| r.status), Some(503));
+        drop(s1);
+        let _s4 = l.admit(a).unwrap();
+        assert_eq!(l.open_connections(), 3);
+    }
+
+    #[test]
+    fn message_window_limits_then_closes_then_resets() {
+        let l = limits(&[("RATE_LIMIT_MAX_MESSAGES_PER_MINUTE", "3")]);
+        let c = RateCounter::default();
+        let t = 120_000;
+        for _ in 0..3 {
+            assert_eq!(l.check_message(&c, t), RateDecision::Allowed);
+        }
+        assert_eq!(
+            l.check_message(&c, t + 1000),
+            RateDecision::Limited {
+                retry_after_ms: 59_000
+            }
+        );
+        assert_eq!(
+            l.check_message(&c, t + 1000),
+            RateDecision::Limited {
+                retry_after_ms: 59_000
+            }
+        );
+        assert_eq!(l.check_message(&c, t + 1000), RateDecision::Close);
+        assert_eq!(
+            l.check_message(&c, t + 60_000),
+            RateDecision::Allowed,
+            "new window"
+        );
+    }
+
+    #[test]
+    fn disabled_limits_allow_everything_but_capacity() {
+        let l = limits(&[
+            ("RATE_LIMIT_ENABLED", "false"),
+            ("RATE_LIMIT_MAX_CONNECTIONS_PER_IP", "1"),
+            ("WS_MAX_CONNECTIONS", "2"),
+        ]);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let (_a, _b) = (l.admit(ip).unwrap(), l.admit(ip).unwrap());
+        assert_eq!(l.admit(ip).err().map(|r| r.status), Some(503));
+        let c = RateCounter::default();
+        assert!((0..1000).all(|_| l.check_message(&c, 0) == RateDecision::Allowed));
+    }
+
+    #[test]
+    fn user_counters_are_shared_and_forgotten() {
+        let l = limits(&[]);
+        let u: Arc<str> = "u1".into();
+        let (a, b) = (l.user_counter(&u), l.user_counter(&u));
+        a.hit(0, 5);
+        assert_eq!(b.current(0), 5);
+        l.release_user(&u, a);
+        assert_eq!(l.user_counter(&u).current(0), 5, "still held by b");
+        l.release_user(&u, b);
+        assert_eq!(l.user_counter(&u).current(0), 0, "forgotten");
+    }
+}

@@ -1,0 +1,51 @@
+//! The `moonx-ws` binary: config -> logging -> server; waits for SIGTERM or
+//! SIGINT, then runs the graceful shutdown of PROTOCOL.md §10 and exits 0.
+
+use mimalloc::MiMalloc;
+
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
+use moonx_ws::config::Config;
+
+fn main() -> anyhow::Result<()> {
+    let _ = dotenvy::dotenv();
+    let config = match Config::from_sources(std::env::args(), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    moonx_ws::telemetry::init_logging(&config.log_format, &config.log_level);
+    let server = moonx_ws::server::start(config)?;
+    let addr = server.local_addr();
+    if let Some(dev) = server.dev_token() {
+        tracing::info!(
+            user = %dev.user_id,
+            token = %dev.token,
+            "embedded auth: no JWT_SECRET, JWT_PUBLIC_KEY or AUTH_SERVICE_URL set, so a random dev secret was generated; this token is valid for 24 h"
+        );
+        tracing::info!(
+            "try it: websocat ws://{}/ws  then send {{\"type\":\"authenticate\",\"data\":{{\"token\":\"{}\"}}}}",
+            display_addr(addr),
+            dev.token
+        );
+    }
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutdown requested");
+    }
+    server.shutdown();
+    server.join();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn display_addr(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}

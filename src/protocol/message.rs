@@ -1,0 +1,502 @@
+//! Client and server messages (PROTOCOL.md §2, §3, §5), sans-IO.
+//!
+//! Owns: the channel set, parsing a client text message into a typed
+//! [`ClientMessage`] (two phases: the envelope with `data` kept raw, then the
+//! type's own fields), and encoding server messages as complete frames into
+//! caller-owned buffers. The error codes of §3 are decided here.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::frame::{encode_frame, OP_TEXT};
+
+/// Longest client `id` accepted (PROTOCOL.md §2).
+pub const MAX_ID_BYTES: usize = 128;
+
+/// The channels of PROTOCOL.md §5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    Prices = 0,
+    Orders = 1,
+    Portfolio = 2,
+    Trades = 3,
+}
+
+impl Channel {
+    pub const ALL: [Channel; 4] = [
+        Channel::Prices,
+        Channel::Orders,
+        Channel::Portfolio,
+        Channel::Trades,
+    ];
+
+    pub fn parse(name: &str) -> Option<Channel> {
+        Some(match name {
+            "prices" => Channel::Prices,
+            "orders" => Channel::Orders,
+            "portfolio" => Channel::Portfolio,
+            "trades" => Channel::Trades,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Channel::Prices => "prices",
+            Channel::Orders => "orders",
+            Channel::Portfolio => "portfolio",
+            Channel::Trades => "trades",
+        }
+    }
+
+    /// The update message type carried on this channel.
+    pub fn update_type(self) -> &'static str {
+        match self {
+            Channel::Prices => "price_update",
+            Channel::Orders => "order_update",
+            Channel::Portfolio => "portfolio_update",
+            Channel::Trades => "trade_update",
+        }
+    }
+
+    /// This channel's bit in a subscription set.
+    pub fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
+    pub fn is_private(self) -> bool {
+        self != Channel::Prices
+    }
+}
+
+/// A parsed client message: its `id` (if any) and what it asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClientMessage<'a> {
+    pub id: Option<Cow<'a, str>>,
+    pub kind: ClientKind<'a>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientKind<'a> {
+    /// `token` is `None` when `data.token` is missing or not a string.
+    Authenticate {
+        token: Option<Cow<'a, str>>,
+    },
+    Subscribe(ChannelArg),
+    Unsubscribe(ChannelArg),
+    Ping,
+}
+
+/// The `data.channel` of a subscribe/unsubscribe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelArg {
+    Known(Channel),
+    Unknown,
+}
+
+/// A message refused before its own rules apply (§3 order).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ParseError<'a> {
+    Invalid {
+        id: Option<Cow<'a, str>>,
+        reason: &'static str,
+    },
+    UnknownType {
+        id: Option<Cow<'a, str>>,
+    },
+}
+
+impl ParseError<'_> {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ParseError::Invalid { .. } => ErrorCode::InvalidMessage,
+            ParseError::UnknownType { .. } => ErrorCode::UnknownType,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(rename = "type", borrow)]
+    ty: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct TokenData<'a> {
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ChannelData<'a> {
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+}
+
+/// Parses one client text message (already UTF-8 checked by the codec).
+pub fn parse_client(text: &[u8]) -> Result<ClientMessage<'_>, ParseError<'_>> {
+    let invalid = |id, reason| ParseError::Invalid { id, reason };
+    let env: Envelope = serde_json::from_slice(text).map_err(|_| {
+        invalid(
+            None,
+            "expected a JSON object with string type, string id and object data",
+        )
+    })?;
+    if env.id.as_ref().is_some_and(|id| id.len() > MAX_ID_BYTES) {
+        return Err(invalid(None, "id longer than 128 bytes"));
+    }
+    let id = env.id;
+    let Some(ty) = env.ty else {
+        return Err(invalid(id, "missing type"));
+    };
+    if ty == "ping" {
+        return Ok(ClientMessage {
+            id,
+            kind: ClientKind::Ping,
+        });
+    }
+    let data = match env.data {
+        Some(raw) if raw.get().starts_with('{') => raw,
+        _ => return Err(invalid(id, "data must be an object")),
+    };
+    let kind = match &*ty {
+        "authenticate" => ClientKind::Authenticate {
+            token: serde_json::from_str::<TokenData>(data.get())
+                .ok()
+                .and_then(|d| d.token),
+        },
+        "subscribe" | "unsubscribe" => {
+            let Ok(d) = serde_json::from_str::<ChannelData>(data.get()) else {
+                return Err(invalid(id, "data.channel must be a string"));
+            };
+            let arg = Channel::parse(&d.channel).map_or(ChannelArg::Unknown, ChannelArg::Known);
+            if ty == "subscribe" {
+                ClientKind::Subscribe(arg)
+            } else {
+                ClientKind::Unsubscribe(arg)
+            }
+        }
+        _ => return Err(ParseError::UnknownType { id }),
+    };
+    Ok(ClientMessage { id, kind })
+}
+
+/// The `code` of an `error` message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidMessage,
+    UnknownType,
+    NotAuthenticated,
+    UnknownChannel,
+    TooManySubscriptions,
+    RateLimited,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidMessage => "invalid_message",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::NotAuthenticated => "not_authenticated",
+            ErrorCode::UnknownChannel => "unknown_channel",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// A user as shown in `auth_success`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UserView<'a> {
+    pub id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<&'a str>,
+}
+
+/// A server message other than the Kafka updates (those are built once in
+/// ingest). `request_id` is the client's `id` being answered.
+#[derive(Debug, Clone)]
+pub enum Outgoing<'a> {
+    AuthRequired {
+        timeout_ms: u64,
+    },
+    AuthSuccess {
+        user: UserView<'a>,
+        request_id: Option<&'a str>,
+    },
+    AuthFailed {
+        error: &'a str,
+        request_id: Option<&'a str>,
+    },
+    Subscribed {
+        channel: Channel,
+        request_id: Option<&'a str>,
+    },
+    Unsubscribed {
+        channel: Channel,
+        request_id: Option<&'a str>,
+    },
+    Pong {
+        now_ms: u64,
+        request_id: Option<&'a str>,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        request_id: Option<&'a str>,
+        retry_after_ms: Option<u64>,
+    },
+}
+
+impl Outgoing<'_> {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Outgoing::AuthRequired { .. } => "auth_required",
+            Outgoing::AuthSuccess { .. } => "auth_success",
+            Outgoing::AuthFailed { .. } => "auth_failed",
+            Outgoing::Subscribed { .. } => "subscribed",
+            Outgoing::Unsubscribed { .. } => "unsubscribed",
+            Outgoing::Pong { .. } => "pong",
+            Outgoing::Error { .. } => "error",
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Data<'a> {
+    AuthRequired {
+        timeout: u64,
+    },
+    User {
+        user: &'a UserView<'a>,
+        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
+    },
+    Failed {
+        error: &'a str,
+        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
+    },
+    Channel {
+        channel: &'static str,
+        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
+    },
+    Pong {
+        timestamp: u64,
+        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
+    },
+    Error {
+        code: &'static str,
+        message: &'a str,
+        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
+        #[serde(rename = "retryAfterMs", skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+}
+
+#[derive(Serialize)]
+struct ServerEnvelope<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    timestamp: u64,
+    data: Data<'a>,
+}
+
+/// Appends `msg` as one complete text frame to `out`. `json` is a scratch
+/// buffer (cleared here) so the caller's allocations are reused.
+pub fn encode_outgoing(
+    msg: &Outgoing,
+    id: &str,
+    now_ms: u64,
+    json: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) {
+    let data = match msg {
+        Outgoing::AuthRequired { timeout_ms } => Data::AuthRequired {
+            timeout: *timeout_ms,
+        },
+        Outgoing::AuthSuccess { user, request_id } => Data::User {
+            user,
+            request_id: *request_id,
+        },
+        Outgoing::AuthFailed { error, request_id } => Data::Failed {
+            error,
+            request_id: *request_id,
+        },
+        Outgoing::Subscribed {
+            channel,
+            request_id,
+        }
+        | Outgoing::Unsubscribed {
+            channel,
+            request_id,
+        } => Data::Channel {
+            channel: channel.name(),
+            request_id: *request_id,
+        },
+        Outgoing::Pong { now_ms, request_id } => Data::Pong {
+            timestamp: *now_ms,
+            request_id: *request_id,
+        },
+        Outgoing::Error {
+            code,
+            message,
+            request_id,
+            retry_after_ms,
+        } => Data::Error {
+            code: code.as_str(),
+            message,
+            request_id: *request_id,
+            retry_after_ms: *retry_after_ms,
+        },
+    };
+    let env = ServerEnvelope {
+        id,
+        ty: msg.type_name(),
+        timestamp: now_ms,
+        data,
+    };
+    json.clear();
+    // Serializing plain structs of strings and integers into a Vec cannot fail.
+    serde_json::to_writer(&mut *json, &env).expect("serialize server message");
+    encode_frame(OP_TEXT, json, out);
+}
+
+/// Appends a Kafka update's envelope JSON (not yet framed) to `out`:
+/// `data` is the producer's value, verbatim.
+pub fn write_update_json(id: &str, update_type: &str, now_ms: u64, data: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\",\"type\":\"");
+    out.extend_from_slice(update_type.as_bytes());
+    out.extend_from_slice(b"\",\"timestamp\":");
+    out.extend_from_slice(itoa::Buffer::new().format(now_ms).as_bytes());
+    out.extend_from_slice(b",\"data\":");
+    out.extend_from_slice(data);
+    out.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(text: &str) -> Result<ClientKind<'_>, ErrorCode> {
+        parse_client(text.as_bytes())
+            .map(|m| m.kind)
+            .map_err(|e| e.code())
+    }
+
+    #[test]
+    fn parses_each_client_type() {
+        assert_eq!(
+            kind(r#"{"id":"a","type":"authenticate","data":{"token":"t"}}"#),
+            Ok(ClientKind::Authenticate {
+                token: Some("t".into())
+            })
+        );
+        assert_eq!(
+            kind(r#"{"type":"subscribe","data":{"channel":"prices"}}"#),
+            Ok(ClientKind::Subscribe(ChannelArg::Known(Channel::Prices)))
+        );
+        assert_eq!(
+            kind(r#"{"type":"unsubscribe","data":{"channel":"nope"}}"#),
+            Ok(ClientKind::Unsubscribe(ChannelArg::Unknown))
+        );
+        assert_eq!(kind(r#"{"type":"ping"}"#), Ok(ClientKind::Ping));
+        assert_eq!(
+            kind(r#"{"type":"ping","data":[1,2]}"#),
+            Ok(ClientKind::Ping)
+        );
+        assert_eq!(
+            kind(r#"{"type":"authenticate","data":{"token":5}}"#),
+            Ok(ClientKind::Authenticate { token: None })
+        );
+    }
+
+    #[test]
+    fn error_codes_in_protocol_order() {
+        use ErrorCode::*;
+        assert_eq!(kind("not json"), Err(InvalidMessage));
+        assert_eq!(kind("[1,2]"), Err(InvalidMessage));
+        assert_eq!(kind(r#"{"data":{}}"#), Err(InvalidMessage));
+        assert_eq!(kind(r#"{"type":7,"data":{}}"#), Err(InvalidMessage));
+        assert_eq!(kind(r#"{"type":"subscribe"}"#), Err(InvalidMessage));
+        assert_eq!(
+            kind(r#"{"type":"subscribe","data":[]}"#),
+            Err(InvalidMessage)
+        );
+        assert_eq!(kind(r#"{"type":"nope"}"#), Err(InvalidMessage));
+        assert_eq!(kind(r#"{"type":"nope","data":{}}"#), Err(UnknownType));
+        assert_eq!(
+            kind(r#"{"type":"subscribe","data":{"channel":1}}"#),
+            Err(InvalidMessage)
+        );
+        let long_id = format!(r#"{{"id":"{}","type":"ping"}}"#, "x".repeat(129));
+        assert_eq!(kind(&long_id), Err(InvalidMessage));
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(
+            kind(&format!(r#"{{"type":"ping","data":{deep}}}"#)),
+            Ok(ClientKind::Ping)
+        );
+        assert_eq!(kind(&deep), Err(InvalidMessage));
+    }
+
+    #[test]
+    fn keeps_the_id_for_request_ids() {
+        let m = parse_client(br#"{"id":"r\"1","type":"ping"}"#).unwrap();
+        assert_eq!(m.id.as_deref(), Some("r\"1"));
+        match parse_client(br#"{"id":"r2","type":"zzz","data":{}}"#) {
+            Err(ParseError::UnknownType { id }) => assert_eq!(id.as_deref(), Some("r2")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn encodes_a_framed_envelope() {
+        let (mut json, mut out) = (Vec::new(), Vec::new());
+        let msg = Outgoing::Error {
+            code: ErrorCode::RateLimited,
+            message: "slow down",
+            request_id: Some("r1"),
+            retry_after_ms: Some(1500),
+        };
+        encode_outgoing(&msg, "s0-1", 42, &mut json, &mut out);
+        assert_eq!(out[0], 0x81);
+        assert_eq!(out[1], 126, "over 125 bytes: 16-bit length");
+        let len = u16::from_be_bytes([out[2], out[3]]) as usize;
+        assert_eq!(out.len(), 4 + len);
+        let v: serde_json::Value = serde_json::from_slice(&out[4..]).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id":"s0-1","type":"error","timestamp":42,
+                "data":{"code":"rate_limited","message":"slow down","requestId":"r1","retryAfterMs":1500}})
+        );
+    }
+
+    #[test]
+    fn update_json_keeps_data_verbatim() {
+        let mut out = Vec::new();
+        write_update_json(
+            "u1",
+            "price_update",
+            7,
+            br#"{"token":"ETH","x":[1]}"#,
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            br#"{"id":"u1","type":"price_update","timestamp":7,"data":{"token":"ETH","x":[1]}}"#
+        );
+    }
+}

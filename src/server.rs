@@ -1,0 +1,200 @@
+//! Starting and stopping the service.
+//!
+//! Owns: [`Global`] (what every shard shares: config, verifier, limits, the
+//! publisher, per-shard statistics, lifecycle flags), binding the shared
+//! port, launching one pinned glommio executor per shard, and the shutdown
+//! sequence of PROTOCOL.md §10 as seen from outside ([`ServerHandle`]).
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Context as _;
+use atomic_waker::AtomicWaker;
+use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
+
+use crate::auth::{Auth, DevToken};
+use crate::config::Config;
+use crate::limits::Limits;
+use crate::shard::inbox::Publisher;
+use crate::shard::Clock;
+use crate::telemetry::ShardStats;
+
+/// State shared by every shard (read-mostly; counters live per shard).
+pub struct Global {
+    pub config: Config,
+    pub auth: Auth,
+    pub limits: Arc<Limits>,
+    pub publisher: Publisher,
+    pub stats: Vec<Arc<ShardStats>>,
+    pub clock: Clock,
+    /// Unique name of this instance (host + pid + start time).
+    pub instance_id: String,
+    /// Shards that have bound their listener.
+    pub(crate) listening: AtomicUsize,
+    pub(crate) shutting_down: AtomicBool,
+    /// One waker per shard, woken when shutdown begins.
+    pub(crate) stop_wakers: Vec<AtomicWaker>,
+}
+
+impl Global {
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Every shard is accepting and the instance is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.listening.load(Ordering::Acquire) == self.stats.len() && !self.is_shutting_down()
+    }
+
+    /// Starts the shutdown sequence on every shard (idempotent).
+    pub fn begin_shutdown(&self) {
+        if !self.shutting_down.swap(true, Ordering::AcqRel) {
+            for w in &self.stop_wakers {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// A running server.
+pub struct ServerHandle {
+    global: Arc<Global>,
+    addr: SocketAddr,
+    pool: Option<JoinHandle<()>>,
+    dev_token: Option<DevToken>,
+}
+
+impl ServerHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The publish entry point (what Kafka ingest feeds).
+    pub fn publisher(&self) -> Publisher {
+        self.global.publisher.clone()
+    }
+
+    pub fn global(&self) -> &Arc<Global> {
+        &self.global
+    }
+
+    /// The generated dev token in embedded-auth mode.
+    pub fn dev_token(&self) -> Option<&DevToken> {
+        self.dev_token.as_ref()
+    }
+
+    /// Begins a graceful shutdown (as SIGTERM does).
+    pub fn shutdown(&self) {
+        self.global.begin_shutdown();
+    }
+
+    /// Waits for every shard to finish.
+    pub fn join(mut self) {
+        if let Some(pool) = self.pool.take() {
+            let _ = pool.join();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            self.global.begin_shutdown();
+            let _ = pool.join();
+        }
+    }
+}
+
+/// Binds the port, starts the shards and returns once all are listening.
+pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
+    if config.tls_cert_file.is_some() || config.tls_key_file.is_some() {
+        anyhow::bail!("TLS_CERT_FILE/TLS_KEY_FILE: TLS termination is not built into this version yet; terminate TLS in front of the service");
+    }
+    let (auth, dev_token) = Auth::from_config(&config)?;
+    let shards = config.shard_count();
+    let requested = SocketAddr::new(config.websocket_service_host, config.websocket_service_port);
+    // Hold the port while the shards bind theirs (SO_REUSEPORT), so a port
+    // of 0 resolves to one port for all of them. Not listening: it never
+    // receives connections.
+    let placeholder =
+        reserve_port(requested).with_context(|| format!("cannot bind {requested}"))?;
+    let addr = placeholder.local_addr()?;
+
+    let global = Arc::new(Global {
+        limits: Arc::new(Limits::new(&config)),
+        publisher: Publisher::new(shards, config.ws_shard_queue_capacity.get()),
+        stats: (0..shards)
+            .map(|_| Arc::new(ShardStats::default()))
+            .collect(),
+        clock: Clock::new(),
+        instance_id: instance_id(),
+        listening: AtomicUsize::new(0),
+        shutting_down: AtomicBool::new(false),
+        stop_wakers: (0..shards).map(|_| AtomicWaker::new()).collect(),
+        auth,
+        config,
+    });
+
+    let (ready_tx, ready_rx) = crossbeam::channel::bounded::<Result<(), String>>(shards);
+    let next_shard = Arc::new(AtomicUsize::new(0));
+    let g = global.clone();
+    let placement = PoolPlacement::MaxSpread(shards, CpuSet::online().ok());
+    let handles = LocalExecutorPoolBuilder::new(placement)
+        .name("moonx-shard")
+        // Network I/O only: no DMA buffers needed beyond glommio's minimum.
+        .io_memory(64 * 1024)
+        .on_all_shards(move || async move {
+            let id = next_shard.fetch_add(1, Ordering::Relaxed);
+            crate::conn::run_shard(g, id, addr, ready_tx).await
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start shard executors: {e}"))?;
+    let pool = std::thread::Builder::new()
+        .name("moonx-pool".into())
+        .spawn(move || {
+            for r in handles.join_all() {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "shard executor failed");
+                }
+            }
+        })?;
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                global.begin_shutdown();
+                let _ = pool.join();
+                anyhow::bail!("cannot listen on {addr}: {e}");
+            }
+            Err(_) => {
+                let _ = pool.join();
+                anyhow::bail!("a shard exited during start-up");
+            }
+        }
+    }
+    drop(placeholder);
+    tracing::info!(%addr, shards, instance = %global.instance_id, "listening");
+    Ok(ServerHandle {
+        global,
+        addr,
+        pool: Some(pool),
+        dev_token,
+    })
+}
+
+fn reserve_port(addr: SocketAddr) -> std::io::Result<StdListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_port(true)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}-{}-{:x}", std::process::id(), rand::random::<u32>())
+}

@@ -1,0 +1,449 @@
+//! One shard: the connections a core owns, who subscribes to what, and the
+//! fan-out that turns one update into bytes queued for every subscriber.
+//!
+//! Owns: the connection slots (outbox, waker, user, subscriptions, next
+//! deadline), the subscription registry (a dense list for `prices`, a map
+//! from user to that user's connections for the private channels), the
+//! slow-consumer rule, and the shard's background tasks (inbox fan-out and
+//! the coarse deadline tick). State is `Rc<RefCell<_>>`, touched only by this
+//! core; the only cross-thread input is the [`inbox`].
+//!
+//! Slow consumers: when a connection's unsent output (queued + in flight)
+//! would pass `WS_MAX_BUFFERED_BYTES`, its queued backlog is dropped, it is
+//! flagged, and its driver closes it with 4009 after the write in progress.
+//! Appending never waits on a socket, so one slow reader cannot slow others.
+
+pub mod inbox;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Instant;
+
+use slab::Slab;
+
+use crate::protocol::message::Channel;
+use crate::telemetry::{update_index, ShardStats};
+use inbox::{Inbox, Route, Update};
+
+/// Updates a fan-out pass takes from the inbox before yielding.
+const FANOUT_BUDGET: usize = 256;
+/// Capacity reserved when an empty outbox first receives bytes.
+const OUTBOX_INITIAL: usize = 4096;
+const NOT_LISTED: u32 = u32::MAX;
+
+/// A connection's state as the shard sees it.
+#[derive(Debug, Default)]
+pub struct Slot {
+    /// Whole frames not yet handed to the socket.
+    pub pending: Vec<u8>,
+    /// Bytes handed to the socket and not yet written (kept by the driver).
+    pub inflight: usize,
+    waker: Option<Waker>,
+    wake_pending: bool,
+    user: Option<Arc<str>>,
+    subs: u8,
+    prices_pos: u32,
+    /// Backlog dropped: the driver must close with 4009.
+    pub slow: bool,
+    /// No more updates: the connection is closing.
+    closing: bool,
+    /// The server is shutting down: the driver must close with 1001.
+    pub shutdown: bool,
+    /// Monotonic ms at which the tick must wake the driver.
+    pub deadline_ms: u64,
+}
+
+pub struct Shard {
+    pub id: usize,
+    conns: Slab<Slot>,
+    prices: Vec<usize>,
+    users: HashMap<Arc<str>, Vec<usize>>,
+    max_buffered: usize,
+    pub stats: Arc<ShardStats>,
+    shutting_down: bool,
+}
+
+impl Shard {
+    pub fn new(id: usize, max_buffered: usize, stats: Arc<ShardStats>) -> Self {
+        Self {
+            id,
+            conns: Slab::new(),
+            prices: Vec::new(),
+            users: HashMap::new(),
+            max_buffered,
+            stats,
+            shutting_down: false,
+        }
+    }
+
+    /// Adds a connection; returns its key.
+    pub fn insert(&mut self) -> usize {
+        self.conns.insert(Slot {
+            prices_pos: NOT_LISTED,
+            shutdown: self.shutting_down,
+            deadline_ms: u64::MAX,
+            ..Slot::default()
+        })
+    }
+
+    /// Removes a connection and every registration it had.
+    pub fn remove(&mut self, key: usize) {
+        self.stop_updates(key);
+        self.conns.try_remove(key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn slot(&mut self, key: usize) -> &mut Slot {
+        &mut self.conns[key]
+    }
+
+    /// Records the driver's waker and clears the "already woken" mark.
+    pub fn set_waker(&mut self, key: usize, waker: &Waker) {
+        let slot = &mut self.conns[key];
+        slot.wake_pending = false;
+        match &slot.waker {
+            Some(w) if w.will_wake(waker) => {}
+            _ => slot.waker = Some(waker.clone()),
+        }
+    }
+
+    /// Binds an authenticated user to the connection (private routing).
+    pub fn set_user(&mut self, key: usize, user: Arc<str>) {
+        let slot = &mut self.conns[key];
+        if slot.user.is_some() || slot.closing {
+            return;
+        }
+        slot.user = Some(user.clone());
+        self.users.entry(user).or_default().push(key);
+        self.stats.connections_authenticated.inc();
+    }
+
+    pub fn subscribe(&mut self, key: usize, channel: Channel) {
+        let slot = &mut self.conns[key];
+        if slot.subs & channel.bit() != 0 || slot.closing {
+            return;
+        }
+        slot.subs |= channel.bit();
+        if channel == Channel::Prices {
+            slot.prices_pos = self.prices.len() as u32;
+            self.prices.push(key);
+        }
+        self.stats.subscribers[channel as usize].inc();
+    }
+
+    pub fn unsubscribe(&mut self, key: usize, channel: Channel) {
+        let slot = &mut self.conns[key];
+        if slot.subs & channel.bit() == 0 {
+            return;
+        }
+        slot.subs &= !channel.bit();
+        if channel == Channel::Prices {
+            let pos = std::mem::replace(&mut slot.prices_pos, NOT_LISTED) as usize;
+            self.prices.swap_remove(pos);
+            if let Some(&moved) = self.prices.get(pos) {
+                self.conns[moved].prices_pos = pos as u32;
+            }
+        }
+        self.stats.subscribers[channel as usize].sub(1);
+    }
+
+    /// Takes the connection out of every route: nothing more is queued for
+    /// it except by its own driver (replies, the close frame).
+    pub fn stop_updates(&mut self, key: usize) {
+        let Some(slot) = self.conns.get(key) else {
+            return;
+        };
+        if slot.closing {
+            return;
+        }
+        for ch in Channel::ALL {
+            self.unsubscribe(key, ch);
+        }
+        let slot = &mut self.conns[key];
+        slot.closing = true;
+        if let Some(user) = slot.user.take() {
+            self.stats.connections_authenticated.sub(1);
+            if let Some(list) = self.users.get_mut(&user) {
+                list.retain(|k| *k != key);
+                if list.is_empty() {
+                    self.users.remove(&user);
+                }
+            }
+        }
+    }
+
+    /// Queues bytes for one connection (a reply or control frame),
+    /// applying the slow-consumer rule. Returns false if they were dropped.
+    pub fn queue(&mut self, key: usize, bytes: &[u8]) -> bool {
+        let max = self.max_buffered;
+        let slot = &mut self.conns[key];
+        let ok = append(slot, bytes, max);
+        if !ok {
+            self.stop_updates(key);
+        }
+        ok
+    }
+
+    /// Queues `update` for every matching subscriber; returns how many.
+    pub fn fanout(&mut self, update: &Update) -> usize {
+        let max = self.max_buffered;
+        let mut delivered = 0;
+        let mut slow = Vec::new();
+        match &update.route {
+            Route::Prices => {
+                for &key in &self.prices {
+                    let slot = &mut self.conns[key];
+                    if append(slot, &update.frame, max) {
+                        delivered += 1;
+                    } else {
+                        slow.push(key);
+                    }
+                }
+            }
+            Route::User { channel, user } => {
+                let Some(keys) = self.users.get(&**user) else {
+                    return 0;
+                };
+                for &key in keys {
+                    let slot = &mut self.conns[key];
+                    if slot.subs & channel.bit() == 0 {
+                        continue;
+                    }
+                    if append(slot, &update.frame, max) {
+                        delivered += 1;
+                    } else {
+                        slow.push(key);
+                    }
+                }
+            }
+        }
+        for key in slow {
+            self.stop_updates(key);
+        }
+        let idx = update_index(update.route.channel());
+        self.stats.sent[idx].add(delivered as u64);
+        self.stats.deliveries.add(delivered as u64);
+        delivered
+    }
+
+    /// Wakes every connection whose deadline has passed.
+    pub fn wake_due(&mut self, now_ms: u64) {
+        for (_, slot) in self.conns.iter_mut() {
+            if slot.deadline_ms <= now_ms {
+                slot.deadline_ms = u64::MAX;
+                wake(slot);
+            }
+        }
+    }
+
+    /// Flags every connection for a 1001 close and wakes it.
+    pub fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        for (_, slot) in self.conns.iter_mut() {
+            slot.shutdown = true;
+            wake(slot);
+        }
+    }
+
+    /// Connections per channel and authenticated, for `/connections`.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.conns.len(), self.users.values().map(Vec::len).sum())
+    }
+}
+
+/// Appends `bytes` to a slot's outbox unless that would make it a slow
+/// consumer, in which case the backlog is dropped and the slot flagged.
+fn append(slot: &mut Slot, bytes: &[u8], max_buffered: usize) -> bool {
+    if slot.pending.len() + slot.inflight + bytes.len() > max_buffered {
+        slot.slow = true;
+        slot.pending = Vec::new();
+        wake(slot);
+        return false;
+    }
+    if slot.pending.capacity() == 0 {
+        slot.pending.reserve(OUTBOX_INITIAL.max(bytes.len()));
+    }
+    slot.pending.extend_from_slice(bytes);
+    wake(slot);
+    true
+}
+
+fn wake(slot: &mut Slot) {
+    if !slot.wake_pending {
+        if let Some(w) = &slot.waker {
+            slot.wake_pending = true;
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// The shard's fan-out task: drains its inbox in budgeted batches and
+/// parks on the inbox's waker when it is empty.
+pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox) {
+    loop {
+        let mut taken = 0;
+        {
+            let mut shard = shard.borrow_mut();
+            let stats = shard.stats.clone();
+            let mut hist = stats.fanout_latency_us.lock();
+            while taken < FANOUT_BUDGET {
+                let Some(update) = inbox.queue.pop() else {
+                    break;
+                };
+                shard.fanout(&update);
+                taken += 1;
+                let us = update.published_at.elapsed().as_micros() as u64;
+                hist.saturating_record(us.max(1));
+            }
+            stats.updates_processed.add(taken as u64);
+        }
+        if taken == FANOUT_BUDGET {
+            glommio::yield_if_needed().await;
+            continue;
+        }
+        std::future::poll_fn(|cx| {
+            inbox.waker.register(cx.waker());
+            if inbox.queue.is_empty() {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+    }
+}
+
+/// Milliseconds on a monotonic clock shared by the process.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+    epoch_ms_at_start: u64,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            start: Instant::now(),
+            epoch_ms_at_start: epoch,
+        }
+    }
+
+    /// Monotonic ms since start (deadlines).
+    pub fn mono_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Wall-clock ms since the Unix epoch (timestamps on the wire).
+    pub fn epoch_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(self.epoch_ms_at_start, |d| d.as_millis() as u64)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(max: usize) -> Shard {
+        Shard::new(0, max, Arc::new(ShardStats::default()))
+    }
+
+    fn price(data: &str) -> Update {
+        Update::encode(Route::Prices, "u1", 0, data.as_bytes())
+    }
+
+    #[test]
+    fn prices_reach_subscribers_only() {
+        let mut s = shard(1 << 20);
+        let (a, b, c) = (s.insert(), s.insert(), s.insert());
+        s.subscribe(a, Channel::Prices);
+        s.subscribe(c, Channel::Prices);
+        let u = price("{}");
+        assert_eq!(s.fanout(&u), 2);
+        assert_eq!(s.slot(a).pending, &*u.frame);
+        assert!(s.slot(b).pending.is_empty());
+        s.unsubscribe(a, Channel::Prices);
+        assert_eq!(s.fanout(&u), 1);
+        assert_eq!(s.slot(c).pending.len(), 2 * u.frame.len());
+    }
+
+    #[test]
+    fn private_updates_reach_only_their_user_and_channel() {
+        let mut s = shard(1 << 20);
+        let (a, b, a2) = (s.insert(), s.insert(), s.insert());
+        s.set_user(a, "alice".into());
+        s.set_user(a2, "alice".into());
+        s.set_user(b, "bob".into());
+        for k in [a, b] {
+            s.subscribe(k, Channel::Orders);
+        }
+        s.subscribe(a2, Channel::Trades);
+        let u = Update::encode(
+            Route::User {
+                channel: Channel::Orders,
+                user: "alice".into(),
+            },
+            "u1",
+            0,
+            b"{}",
+        );
+        assert_eq!(s.fanout(&u), 1);
+        assert!(!s.slot(a).pending.is_empty());
+        assert!(s.slot(b).pending.is_empty());
+        assert!(s.slot(a2).pending.is_empty());
+    }
+
+    #[test]
+    fn slow_consumer_is_dropped_and_others_still_served() {
+        let u = price(&format!("{{\"pad\":\"{}\"}}", "x".repeat(100)));
+        let mut s = shard(u.frame.len() * 3);
+        let (slow, fast) = (s.insert(), s.insert());
+        s.subscribe(slow, Channel::Prices);
+        s.subscribe(fast, Channel::Prices);
+        s.slot(slow).inflight = u.frame.len();
+        s.fanout(&u);
+        s.fanout(&u);
+        s.slot(fast).pending.clear();
+        assert_eq!(s.fanout(&u), 1, "the slow one overflowed");
+        assert!(s.slot(slow).slow);
+        assert!(s.slot(slow).pending.is_empty());
+        assert_eq!(s.fanout(&u), 1, "and gets nothing more");
+        assert_eq!(s.slot(fast).pending.len(), 2 * u.frame.len());
+    }
+
+    #[test]
+    fn removal_keeps_the_price_list_consistent() {
+        let mut s = shard(1 << 20);
+        let keys: Vec<_> = (0..5).map(|_| s.insert()).collect();
+        for &k in &keys {
+            s.subscribe(k, Channel::Prices);
+        }
+        s.remove(keys[1]);
+        s.remove(keys[4]);
+        let u = price("{}");
+        assert_eq!(s.fanout(&u), 3);
+        for k in [keys[0], keys[2], keys[3]] {
+            assert_eq!(s.slot(k).pending.len(), u.frame.len());
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! Test harness: boots the real server on an ephemeral loopback port and
+//! talks to it over real sockets, with tungstenite (a real WebSocket client)
+//! for well-behaved clients and a raw frame writer for malformed input.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moonx_ws::config::Config;
+use moonx_ws::server::{self, ServerHandle};
+use serde_json::{json, Value};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+pub const SECRET: &str = "test-secret";
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub handle: Option<ServerHandle>,
+    pub addr: SocketAddr,
+}
+
+impl TestServer {
+    /// Starts a server with test defaults overridden by `env`.
+    pub fn start(env: &[(&str, &str)]) -> TestServer {
+        let mut map: HashMap<String, String> = [
+            ("WEBSOCKET_SERVICE_HOST", "127.0.0.1"),
+            ("WEBSOCKET_SERVICE_PORT", "0"),
+            ("WS_SHARDS", "2"),
+            ("JWT_SECRET", SECRET),
+            ("LOG_LEVEL", "warn"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in env {
+            if v.is_empty() {
+                map.remove(*k);
+            } else {
+                map.insert(k.to_string(), v.to_string());
+            }
+        }
+        let config =
+            Config::from_sources(["moonx-ws"], |k| map.get(k).cloned()).expect("test config");
+        let handle = server::start(config).expect("server starts");
+        let addr = handle.local_addr();
+        TestServer {
+            handle: Some(handle),
+            addr,
+        }
+    }
+
+    pub fn handle(&self) -> &ServerHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An HS256 token for `user` expiring `ttl` seconds from now (may be negative).
+pub fn token(user: &str, ttl: i64) -> String {
+    token_with(
+        json!({ "sub": user, "email": format!("{user}@example.com"), "exp": now_secs() as i64 + ttl }),
+    )
+}
+
+pub fn token_with(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub type Ws = WebSocket<TcpStream>;
+
+/// Opens a WebSocket with tungstenite; `headers` are added to the upgrade.
+pub fn connect_with(addr: SocketAddr, headers: &[(&str, &str)]) -> Result<Ws, tungstenite::Error> {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    match tungstenite::client(req, stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => {
+            panic!("blocking handshake interrupted")
+        }
+    }
+}
+
+pub fn connect(addr: SocketAddr) -> Ws {
+    connect_with(addr, &[]).expect("upgrade")
+}
+
+/// Next JSON text message (server ping frames are answered and skipped).
+pub fn recv(ws: &mut Ws) -> Value {
+    loop {
+        match ws.read().expect("read") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("server sent JSON"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+pub fn recv_text(ws: &mut Ws) -> String {
+    loop {
+        match ws.read().expect("read") {
+            Message::Text(t) => return t.as_str().to_owned(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+pub fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).expect("send");
+}
+
+/// Reads until the server's close frame; returns its code.
+pub fn expect_close(ws: &mut Ws) -> u16 {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => return u16::from(f.code),
+            Ok(Message::Close(None)) => return 1005,
+            Ok(_) => continue,
+            Err(e) => panic!("connection ended without a close frame: {e}"),
+        }
+    }
+}
+
+/// Connects, expects `auth_required`, authenticates as `user`.
+pub fn authed(addr: SocketAddr, user: &str) -> Ws {
+    let mut ws = connect(addr);
+    assert_eq!(recv(&mut ws)["type"], "auth_required");
+    send(
+        &mut ws,
+        json!({"id": "a1", "type": "authenticate", "data": {"token": token(user, 3600)}}),
+    );
+    let reply = recv(&mut ws);
+    assert_eq!(reply["type"], "auth_success", "{reply}");
+    ws
+}
+
+pub fn subscribe(ws: &mut Ws, channel: &str) {
+    send(
+        ws,
+        json!({"id": "s1", "type": "subscribe", "data": {"channel": channel}}),
+    );
+    let reply = recv(ws);
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+}
+
+pub fn close_code(code: u16) -> CloseCode {
+    CloseCode::from(code)
+}
+
+/// A plain HTTP exchange: returns (status, raw head, body).
+pub fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = http(addr, &format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n"));
+    (status, body)
+}
+
+pub fn get_json(addr: SocketAddr, path: &str) -> Value {
+    let (status, body) = get(addr, path);
+    assert!(status == 200 || status == 503, "{path}: {status}");
+    serde_json::from_str(&body).expect("JSON body")
+}
+
+/// A Prometheus sample's value (summed over label sets matching `name{...`).
+pub fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (_, body) = get(addr, "/metrics");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub const UPGRADE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+pub fn upgrade_request(extra: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {UPGRADE_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// A raw WebSocket client that writes frames byte by byte as told.
+pub struct Raw {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.write_all(upgrade_request("").as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed during handshake");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+        };
+        assert!(
+            buf.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.drain(..end);
+        Raw { s, buf }
+    }
+
+    pub fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1u8, 2, 3, 4];
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n < 65536 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    pub fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        let f = Self::frame(fin, opcode, payload);
+        self.s.write_all(&f).unwrap();
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.send_frame(true, 1, text.as_bytes());
+    }
+
+    /// Next frame as (opcode, payload); None when the server closed TCP.
+    pub fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 2 {
+                let op = self.buf[0] & 0x0f;
+                let (len, off) = match self.buf[1] & 0x7f {
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 if self.buf.len() >= 10 => (
+                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    n if n < 126 => (n as usize, 2),
+                    _ => (usize::MAX, 0),
+                };
+                if len != usize::MAX && self.buf.len() >= off + len {
+                    let payload = self.buf[off..off + len].to_vec();
+                    self.buf.drain(..off + len);
+                    return Some((op, payload));
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Next text message as JSON, skipping ping frames.
+    pub fn recv(&mut self) -> Value {
+        loop {
+            let (op, payload) = self.read_frame().expect("frame");
+            match op {
+                1 => return serde_json::from_slice(&payload).unwrap(),
+                9 | 10 => continue,
+                8 => panic!("unexpected close {:?}", close_of(&payload)),
+                _ => panic!("unexpected opcode {op}"),
+            }
+        }
+    }
+
+    /// Reads until a close frame; returns its code.
+    pub fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.read_frame() {
+                Some((8, payload)) => return close_of(&payload),
+                Some(_) => continue,
+                None => panic!("TCP closed without a close frame"),
+            }
+        }
+    }
+
+    /// True when the server closed TCP with no further frame but pings.
+    pub fn expect_eof(&mut self) -> bool {
+        loop {
+            match self.read_frame() {
+                None => return true,
+                Some((9, _)) => continue,
+                Some(_) => return false,
+            }
+        }
+    }
+}
+
+fn close_of(payload: &[u8]) -> u16 {
+    if payload.len() >= 2 {
+        u16::from_be_bytes([payload[0], payload[1]])
+    } else {
+        1005
+    }
+}
+
+/// Auth as a raw client.
+pub fn raw_authed(addr: SocketAddr, user: &str) -> Raw {
+    let mut raw = Raw::connect(addr);
+    assert_eq!(raw.recv()["type"], "auth_required");
+    raw.send_text(&json!({"type":"authenticate","data":{"token": token(user, 3600)}}).to_string());
+    assert_eq!(raw.recv()["type"], "auth_success");
+    raw
+}

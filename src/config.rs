@@ -49,11 +49,7 @@ pub struct Config {
     #[arg(long, env = "AUTH_SERVICE_URL")]
     pub auth_service_url: Option<String>,
     /// Path of the Auth Service's verify endpoint.
-    #[arg(
-        long,
-        env = "AUTH_SERVICE_VERIFY_ENDPOINT",
-        default_value = "/api/v1/auth/verify"
-    )]
+    #[arg(long, env = "AUTH_SERVICE_VERIFY_ENDPOINT", default_value = "/api/v1/auth/verify")]
     pub auth_service_verify_endpoint: String,
     /// Auth Service request timeout, in ms.
     #[arg(long, env = "AUTH_SERVICE_TIMEOUT_MS", default_value = "3000", value_parser = parse_ms)]
@@ -76,41 +72,33 @@ pub struct Config {
     #[arg(long, env = "KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
     /// Base of the consumer group id (made unique per instance).
-    #[arg(
-        long,
-        env = "KAFKA_CONSUMER_GROUP_ID",
-        default_value = "websocket-consumers"
-    )]
+    #[arg(long, env = "KAFKA_CONSUMER_GROUP_ID", default_value = "websocket-consumers")]
     pub kafka_consumer_group_id: String,
     #[arg(long, env = "KAFKA_TOPIC_PRICES", default_value = "price.updates")]
     pub kafka_topic_prices: String,
     #[arg(long, env = "KAFKA_TOPIC_ORDERS", default_value = "order.updates")]
     pub kafka_topic_orders: String,
-    #[arg(
-        long,
-        env = "KAFKA_TOPIC_PORTFOLIO",
-        default_value = "portfolio.updates"
-    )]
+    #[arg(long, env = "KAFKA_TOPIC_PORTFOLIO", default_value = "portfolio.updates")]
     pub kafka_topic_portfolio: String,
     #[arg(long, env = "KAFKA_TOPIC_TRADES", default_value = "trade.updates")]
     pub kafka_topic_trades: String,
     /// Consumer fetch.max.bytes.
-    #[arg(
-        long,
-        env = "KAFKA_CONSUMER_FETCH_MAX_BYTES",
-        default_value_t = 1_048_576
-    )]
+    #[arg(long, env = "KAFKA_CONSUMER_FETCH_MAX_BYTES", default_value_t = 1_048_576)]
     pub kafka_consumer_fetch_max_bytes: u32,
     /// Consumer max.partition.fetch.bytes.
-    #[arg(
-        long,
-        env = "KAFKA_CONSUMER_MAX_PARTITION_FETCH_BYTES",
-        default_value_t = 1_048_576
-    )]
+    #[arg(long, env = "KAFKA_CONSUMER_MAX_PARTITION_FETCH_BYTES", default_value_t = 1_048_576)]
     pub kafka_consumer_max_partition_fetch_bytes: u32,
     /// Messages handed to the shards per ingest batch.
     #[arg(long, env = "KAFKA_CONSUMER_BATCH_SIZE", default_value = "100")]
     pub kafka_consumer_batch_size: NonZeroUsize,
+    /// Consumer fetch.wait.max.ms (how long a broker may hold an empty fetch).
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 100)]
+    pub kafka_fetch_wait_max_ms: u32,
+    /// Produce demo price ticks into the embedded broker (default: on when
+    /// KAFKA_BROKERS is unset; ignored otherwise).
+    #[arg(long, env = "DEMO_FEED", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub demo_feed: Option<bool>,
 
     /// Turns the connection and message limits on or off.
     #[arg(long, env = "RATE_LIMIT_ENABLED", default_value_t = true, action = clap::ArgAction::Set,
@@ -120,11 +108,7 @@ pub struct Config {
     #[arg(long, env = "RATE_LIMIT_MAX_CONNECTIONS_PER_IP", default_value = "100")]
     pub rate_limit_max_connections_per_ip: NonZeroU32,
     /// Client messages per user (per connection before auth) per 60 s window.
-    #[arg(
-        long,
-        env = "RATE_LIMIT_MAX_MESSAGES_PER_MINUTE",
-        default_value = "120"
-    )]
+    #[arg(long, env = "RATE_LIMIT_MAX_MESSAGES_PER_MINUTE", default_value = "120")]
     pub rate_limit_max_messages_per_minute: NonZeroU32,
 
     /// Interval between server ping frames, in ms.
@@ -187,10 +171,7 @@ pub struct Config {
 }
 
 fn parse_ms(s: &str) -> Result<Duration, String> {
-    let ms: u64 = s
-        .trim()
-        .parse()
-        .map_err(|e| format!("expected milliseconds: {e}"))?;
+    let ms: u64 = s.trim().parse().map_err(|e| format!("expected milliseconds: {e}"))?;
     if ms == 0 {
         return Err("must be greater than 0".into());
     }
@@ -207,20 +188,13 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
 impl Config {
     /// Parses settings from `args` (the first is the program name) and a
     /// lookup standing for the environment. Flags win over the lookup.
-    pub fn from_sources<I, S>(
-        args: I,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, clap::Error>
+    pub fn from_sources<I, S>(args: I, env: impl Fn(&str) -> Option<String>) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
         let args: Vec<String> = args.into_iter().map(Into::into).collect();
-        if args
-            .iter()
-            .skip(1)
-            .any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version"))
-        {
+        if args.iter().skip(1).any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version")) {
             // Help is printed from the command as declared, env names included.
             return Config::try_parse_from(args);
         }
@@ -262,10 +236,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, clap::Error> {
-        let env: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut argv = vec!["moonx-ws"];
         argv.extend_from_slice(args);
         Config::from_sources(argv, |k| env.get(k).cloned())
@@ -303,13 +274,9 @@ mod tests {
 
     #[test]
     fn a_bad_value_names_its_variable() {
-        let err = parse(&[], &[("WS_PING_INTERVAL", "soon")])
-            .unwrap_err()
-            .to_string();
+        let err = parse(&[], &[("WS_PING_INTERVAL", "soon")]).unwrap_err().to_string();
         assert!(err.contains("WS_PING_INTERVAL"), "{err}");
-        let err = parse(&[], &[("TRUSTED_PROXIES", "nope")])
-            .unwrap_err()
-            .to_string();
+        let err = parse(&[], &[("TRUSTED_PROXIES", "nope")]).unwrap_err().to_string();
         assert!(err.contains("TRUSTED_PROXIES"), "{err}");
     }
 }

@@ -16,7 +16,7 @@
 //!
 //! Module map: [`protocol`] is sans-IO (frames, HTTP upgrade, messages,
 //! session state machine); [`config`] the typed settings; [`auth`] token
-//! verification; [`limits`] connection and message limits; [`shard`] the
+//! verification; [`ingest`] Kafka -> validated, pre-encoded updates; [`limits`] connection and message limits; [`shard`] the
 //! per-core registry, inbox and fan-out; [`conn`] the per-connection driver;
 //! [`http`] the HTTP endpoints; [`telemetry`] counters, histograms, logs;
 //! [`server`] starts and stops it all.
@@ -27,6 +27,7 @@ pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod http;
+pub mod ingest;
 pub mod limits;
 pub mod protocol;
 pub mod server;

@@ -80,11 +80,7 @@ impl Limits {
         }
     }
 
-    fn stripe<'a, K: Hash, V>(
-        &self,
-        stripes: &'a Stripes<K, V>,
-        key: &K,
-    ) -> &'a Mutex<HashMap<K, V>> {
+    fn stripe<'a, K: Hash, V>(&self, stripes: &'a Stripes<K, V>, key: &K) -> &'a Mutex<HashMap<K, V>> {
         &stripes[self.hasher.hash_one(key) as usize % STRIPES]
     }
 
@@ -106,10 +102,7 @@ impl Limits {
             return Err(Refusal::new(503, "server at connection capacity"));
         }
         *count += 1;
-        Ok(Admission {
-            limits: self.clone(),
-            ip,
-        })
+        Ok(Admission { limits: self.clone(), ip })
     }
 
     /// Open WebSocket connections on this instance.
@@ -148,9 +141,7 @@ impl Limits {
         } else if count >= self.max_messages.saturating_mul(2) {
             RateDecision::Close
         } else {
-            RateDecision::Limited {
-                retry_after_ms: WINDOW_MS - now_ms % WINDOW_MS,
-            }
+            RateDecision::Limited { retry_after_ms: WINDOW_MS - now_ms % WINDOW_MS }
         }
     }
 }
@@ -168,13 +159,11 @@ impl RateCounter {
     pub fn hit(&self, now_ms: u64, n: u32) -> u32 {
         let window = (now_ms / WINDOW_MS) as u32;
         let mut out = 0;
-        let _ = self
-            .state
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                let (w, c) = ((s >> 32) as u32, s as u32);
-                out = if w == window { c.saturating_add(n) } else { n };
-                Some(((window as u64) << 32) | out as u64)
-            });
+        let _ = self.state.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+            let (w, c) = ((s >> 32) as u32, s as u32);
+            out = if w == window { c.saturating_add(n) } else { n };
+            Some(((window as u64) << 32) | out as u64)
+        });
         out
     }
 
@@ -194,21 +183,13 @@ mod tests {
     use super::*;
 
     fn limits(env: &[(&str, &str)]) -> Arc<Limits> {
-        let env: HashMap<_, _> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Arc::new(Limits::new(
-            &Config::from_sources(["x"], |k| env.get(k).cloned()).unwrap(),
-        ))
+        let env: HashMap<_, _> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Arc::new(Limits::new(&Config::from_sources(["x"], |k| env.get(k).cloned()).unwrap()))
     }
 
     #[test]
     fn per_ip_and_total_caps_release_on_drop() {
-        let l = limits(&[
-            ("RATE_LIMIT_MAX_CONNECTIONS_PER_IP", "2"),
-            ("WS_MAX_CONNECTIONS", "3"),
-        ]);
+        let l = limits(&[("RATE_LIMIT_MAX_CONNECTIONS_PER_IP", "2"), ("WS_MAX_CONNECTIONS", "3")]);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let s1 = l.admit(a).unwrap();
@@ -229,24 +210,10 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(l.check_message(&c, t), RateDecision::Allowed);
         }
-        assert_eq!(
-            l.check_message(&c, t + 1000),
-            RateDecision::Limited {
-                retry_after_ms: 59_000
-            }
-        );
-        assert_eq!(
-            l.check_message(&c, t + 1000),
-            RateDecision::Limited {
-                retry_after_ms: 59_000
-            }
-        );
+        assert_eq!(l.check_message(&c, t + 1000), RateDecision::Limited { retry_after_ms: 59_000 });
+        assert_eq!(l.check_message(&c, t + 1000), RateDecision::Limited { retry_after_ms: 59_000 });
         assert_eq!(l.check_message(&c, t + 1000), RateDecision::Close);
-        assert_eq!(
-            l.check_message(&c, t + 60_000),
-            RateDecision::Allowed,
-            "new window"
-        );
+        assert_eq!(l.check_message(&c, t + 60_000), RateDecision::Allowed, "new window");
     }
 
     #[test]

@@ -15,6 +15,8 @@ fn main() -> anyhow::Result<()> {
         Err(e) => e.exit(),
     };
     moonx_ws::telemetry::init_logging(&config.log_format, &config.log_level);
+    // Installed before anything listens, so an early SIGTERM is a graceful stop too.
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
     let server = moonx_ws::server::start(config)?;
     let addr = server.local_addr();
     if let Some(dev) = server.dev_token() {
@@ -29,10 +31,6 @@ fn main() -> anyhow::Result<()> {
             dev.token
         );
     }
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])?;
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutdown requested");
     }

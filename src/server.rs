@@ -16,6 +16,7 @@ use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 
 use crate::auth::{Auth, DevToken};
 use crate::config::Config;
+use crate::ingest::{self, Ingest, IngestStats};
 use crate::limits::Limits;
 use crate::shard::inbox::Publisher;
 use crate::shard::Clock;
@@ -28,6 +29,7 @@ pub struct Global {
     pub limits: Arc<Limits>,
     pub publisher: Publisher,
     pub stats: Vec<Arc<ShardStats>>,
+    pub ingest: Arc<IngestStats>,
     pub clock: Clock,
     /// Unique name of this instance (host + pid + start time).
     pub instance_id: String,
@@ -44,8 +46,13 @@ impl Global {
     }
 
     /// Every shard is accepting and the instance is not draining.
-    pub fn is_ready(&self) -> bool {
+    pub fn is_listening(&self) -> bool {
         self.listening.load(Ordering::Acquire) == self.stats.len() && !self.is_shutting_down()
+    }
+
+    /// Listening, and the Kafka consumer has its partitions (consuming).
+    pub fn is_ready(&self) -> bool {
+        self.is_listening() && self.ingest.assigned.load(Ordering::Acquire)
     }
 
     /// Starts the shutdown sequence on every shard (idempotent).
@@ -63,6 +70,7 @@ pub struct ServerHandle {
     global: Arc<Global>,
     addr: SocketAddr,
     pool: Option<JoinHandle<()>>,
+    ingest: Option<Ingest>,
     dev_token: Option<DevToken>,
 }
 
@@ -90,20 +98,25 @@ impl ServerHandle {
         self.global.begin_shutdown();
     }
 
-    /// Waits for every shard to finish.
+    /// Waits for every shard to finish, then stops the Kafka consumer.
     pub fn join(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
         if let Some(pool) = self.pool.take() {
             let _ = pool.join();
+        }
+        if let Some(ingest) = self.ingest.take() {
+            ingest.stop();
         }
     }
 }
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        if let Some(pool) = self.pool.take() {
-            self.global.begin_shutdown();
-            let _ = pool.join();
-        }
+        self.global.begin_shutdown();
+        self.finish();
     }
 }
 
@@ -118,16 +131,14 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     // Hold the port while the shards bind theirs (SO_REUSEPORT), so a port
     // of 0 resolves to one port for all of them. Not listening: it never
     // receives connections.
-    let placeholder =
-        reserve_port(requested).with_context(|| format!("cannot bind {requested}"))?;
+    let placeholder = reserve_port(requested).with_context(|| format!("cannot bind {requested}"))?;
     let addr = placeholder.local_addr()?;
 
     let global = Arc::new(Global {
         limits: Arc::new(Limits::new(&config)),
         publisher: Publisher::new(shards, config.ws_shard_queue_capacity.get()),
-        stats: (0..shards)
-            .map(|_| Arc::new(ShardStats::default()))
-            .collect(),
+        stats: (0..shards).map(|_| Arc::new(ShardStats::default())).collect(),
+        ingest: Arc::new(IngestStats::default()),
         clock: Clock::new(),
         instance_id: instance_id(),
         listening: AtomicUsize::new(0),
@@ -150,15 +161,13 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             crate::conn::run_shard(g, id, addr, ready_tx).await
         })
         .map_err(|e| anyhow::anyhow!("cannot start shard executors: {e}"))?;
-    let pool = std::thread::Builder::new()
-        .name("moonx-pool".into())
-        .spawn(move || {
-            for r in handles.join_all() {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "shard executor failed");
-                }
+    let pool = std::thread::Builder::new().name("moonx-pool".into()).spawn(move || {
+        for r in handles.join_all() {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "shard executor failed");
             }
-        })?;
+        }
+    })?;
     for _ in 0..shards {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -175,12 +184,16 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     }
     drop(placeholder);
     tracing::info!(%addr, shards, instance = %global.instance_id, "listening");
-    Ok(ServerHandle {
-        global,
-        addr,
-        pool: Some(pool),
-        dev_token,
-    })
+    let ingest =
+        match ingest::start(&global.config, global.publisher.clone(), &global.instance_id, global.ingest.clone()) {
+            Ok(i) => i,
+            Err(e) => {
+                global.begin_shutdown();
+                let _ = pool.join();
+                return Err(e.into());
+            }
+        };
+    Ok(ServerHandle { global, addr, pool: Some(pool), ingest: Some(ingest), dev_token })
 }
 
 fn reserve_port(addr: SocketAddr) -> std::io::Result<StdListener> {

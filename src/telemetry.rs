@@ -24,10 +24,7 @@ impl Counter {
     /// exact and avoids a locked instruction on the hot path.
     #[inline]
     pub fn add(&self, n: u64) {
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
     }
     #[inline]
     pub fn inc(&self) {
@@ -35,10 +32,7 @@ impl Counter {
     }
     #[inline]
     pub fn sub(&self, n: u64) {
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_sub(n),
-            Ordering::Relaxed,
-        );
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -46,14 +40,7 @@ impl Counter {
 }
 
 /// Client message types counted in `messages_received_total`.
-pub const RECEIVED_TYPES: [&str; 6] = [
-    "authenticate",
-    "subscribe",
-    "unsubscribe",
-    "ping",
-    "invalid",
-    "unknown",
-];
+pub const RECEIVED_TYPES: [&str; 6] = ["authenticate", "subscribe", "unsubscribe", "ping", "invalid", "unknown"];
 /// Server message types counted in `messages_sent_total`.
 pub const SENT_TYPES: [&str; 11] = [
     "auth_required",
@@ -102,6 +89,8 @@ pub struct ShardStats {
     pub subscribers: [Counter; 4],
     /// Publish -> queued in every subscriber's outbox, in µs.
     pub fanout_latency_us: Mutex<Histogram<u64>>,
+    /// Kafka message timestamp -> queued for the sockets, in µs.
+    pub e2e_latency_us: Mutex<Histogram<u64>>,
 }
 
 /// Statuses counted in `handshake_refusals` (index = position).
@@ -128,9 +117,8 @@ impl Default for ShardStats {
             deliveries: Counter::default(),
             subscribers: Default::default(),
             // 1 µs .. 60 s at 3 significant figures; these bounds are valid.
-            fanout_latency_us: Mutex::new(
-                Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
-            ),
+            fanout_latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
+            e2e_latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
         }
     }
 }
@@ -149,10 +137,8 @@ pub fn total(shards: &[std::sync::Arc<ShardStats>], f: impl Fn(&ShardStats) -> u
 }
 
 /// Latency buckets exported for the fan-out histogram, in seconds.
-const BUCKETS_S: [f64; 15] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5,
-];
+const BUCKETS_S: [f64; 15] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 /// Extra lines a caller adds to the exposition (e.g. queue drops).
 pub struct Extra<'a> {
@@ -164,10 +150,7 @@ pub fn render_prometheus(shards: &[std::sync::Arc<ShardStats>], extra: &Extra) -
     let mut out = String::with_capacity(8 * 1024);
     let sum = |f: &dyn Fn(&ShardStats) -> u64| -> u64 { shards.iter().map(|s| f(s)).sum() };
     let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-        );
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     };
     counter(
         &mut out,
@@ -175,12 +158,7 @@ pub fn render_prometheus(shards: &[std::sync::Arc<ShardStats>], extra: &Extra) -
         "WebSocket upgrades accepted.",
         sum(&|s| s.connections_accepted.get()),
     );
-    counter(
-        &mut out,
-        "moonx_ws_http_requests_total",
-        "Plain HTTP requests served.",
-        sum(&|s| s.http_requests.get()),
-    );
+    counter(&mut out, "moonx_ws_http_requests_total", "Plain HTTP requests served.", sum(&|s| s.http_requests.get()));
     counter(
         &mut out,
         "moonx_ws_rate_limited_total",
@@ -224,16 +202,16 @@ pub fn render_prometheus(shards: &[std::sync::Arc<ShardStats>], extra: &Extra) -
         sum(&|s| s.deliveries.get()),
     );
 
-    let _ = writeln!(out, "# HELP moonx_ws_connections_active Open WebSocket connections.\n# TYPE moonx_ws_connections_active gauge");
+    let _ = writeln!(
+        out,
+        "# HELP moonx_ws_connections_active Open WebSocket connections.\n# TYPE moonx_ws_connections_active gauge"
+    );
     for (i, s) in shards.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "moonx_ws_connections_active{{shard=\"{i}\"}} {}",
-            s.connections_active.get()
-        );
+        let _ = writeln!(out, "moonx_ws_connections_active{{shard=\"{i}\"}} {}", s.connections_active.get());
     }
     let _ = writeln!(out, "# HELP moonx_ws_connections_authenticated Open authenticated connections.\n# TYPE moonx_ws_connections_authenticated gauge\nmoonx_ws_connections_authenticated {}", sum(&|s| s.connections_authenticated.get()));
-    let _ = writeln!(out, "# HELP moonx_ws_subscriptions Subscriptions per channel.\n# TYPE moonx_ws_subscriptions gauge");
+    let _ =
+        writeln!(out, "# HELP moonx_ws_subscriptions Subscriptions per channel.\n# TYPE moonx_ws_subscriptions gauge");
     for ch in Channel::ALL {
         let _ = writeln!(
             out,
@@ -242,17 +220,12 @@ pub fn render_prometheus(shards: &[std::sync::Arc<ShardStats>], extra: &Extra) -
             sum(&|s| s.subscribers[ch as usize].get())
         );
     }
-    let _ = writeln!(out, "# HELP moonx_ws_auth_total Authentication attempts by result.\n# TYPE moonx_ws_auth_total counter");
     let _ = writeln!(
         out,
-        "moonx_ws_auth_total{{result=\"success\"}} {}",
-        sum(&|s| s.auth_success.get())
+        "# HELP moonx_ws_auth_total Authentication attempts by result.\n# TYPE moonx_ws_auth_total counter"
     );
-    let _ = writeln!(
-        out,
-        "moonx_ws_auth_total{{result=\"failure\"}} {}",
-        sum(&|s| s.auth_failure.get())
-    );
+    let _ = writeln!(out, "moonx_ws_auth_total{{result=\"success\"}} {}", sum(&|s| s.auth_success.get()));
+    let _ = writeln!(out, "moonx_ws_auth_total{{result=\"failure\"}} {}", sum(&|s| s.auth_failure.get()));
     let _ = writeln!(out, "# HELP moonx_ws_handshake_refusals_total Upgrade requests refused, by HTTP status.\n# TYPE moonx_ws_handshake_refusals_total counter");
     for (i, status) in REFUSAL_STATUSES.iter().enumerate() {
         let _ = writeln!(
@@ -263,50 +236,48 @@ pub fn render_prometheus(shards: &[std::sync::Arc<ShardStats>], extra: &Extra) -
     }
     let _ = writeln!(out, "# HELP moonx_ws_messages_received_total Client text messages by type.\n# TYPE moonx_ws_messages_received_total counter");
     for (i, ty) in RECEIVED_TYPES.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "moonx_ws_messages_received_total{{type=\"{ty}\"}} {}",
-            sum(&|s| s.received[i].get())
-        );
+        let _ = writeln!(out, "moonx_ws_messages_received_total{{type=\"{ty}\"}} {}", sum(&|s| s.received[i].get()));
     }
-    let _ = writeln!(out, "# HELP moonx_ws_messages_sent_total Server messages by type.\n# TYPE moonx_ws_messages_sent_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP moonx_ws_messages_sent_total Server messages by type.\n# TYPE moonx_ws_messages_sent_total counter"
+    );
     for (i, ty) in SENT_TYPES.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "moonx_ws_messages_sent_total{{type=\"{ty}\"}} {}",
-            sum(&|s| s.sent[i].get())
-        );
+        let _ = writeln!(out, "moonx_ws_messages_sent_total{{type=\"{ty}\"}} {}", sum(&|s| s.sent[i].get()));
     }
     let _ = writeln!(out, "# HELP moonx_ws_shard_queue_dropped_total Updates dropped because a shard inbox was full (oldest first).\n# TYPE moonx_ws_shard_queue_dropped_total counter");
     for (i, d) in extra.queue_dropped.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "moonx_ws_shard_queue_dropped_total{{shard=\"{i}\"}} {d}"
-        );
+        let _ = writeln!(out, "moonx_ws_shard_queue_dropped_total{{shard=\"{i}\"}} {d}");
     }
 
+    histogram(
+        &mut out,
+        "moonx_ws_fanout_latency_seconds",
+        "Time from publish to the frame being queued for every subscriber on a shard.",
+        shards.iter().map(|s| &s.fanout_latency_us),
+    );
+    histogram(
+        &mut out,
+        "moonx_ws_kafka_to_socket_latency_seconds",
+        "Time from the Kafka message timestamp to the frame being queued for its subscribers' sockets.",
+        shards.iter().map(|s| &s.e2e_latency_us),
+    );
+    out
+}
+
+fn histogram<'a>(out: &mut String, name: &str, help: &str, parts: impl Iterator<Item = &'a Mutex<Histogram<u64>>>) {
     let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-    for s in shards {
-        let _ = merged.add(&*s.fanout_latency_us.lock());
+    for h in parts {
+        let _ = merged.add(&*h.lock());
     }
-    let name = "moonx_ws_fanout_latency_seconds";
-    let _ = writeln!(out, "# HELP {name} Time from publish to the frame being queued for every subscriber on a shard.\n# TYPE {name} histogram");
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
     for le in BUCKETS_S {
         let le_us = (le * 1e6) as u64;
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{le=\"{le}\"}} {}",
-            merged.count_between(0, le_us)
-        );
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {}", merged.count_between(0, le_us));
     }
     let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", merged.len());
-    let _ = writeln!(
-        out,
-        "{name}_sum {}",
-        merged.mean() * merged.len() as f64 / 1e6
-    );
+    let _ = writeln!(out, "{name}_sum {}", merged.mean() * merged.len() as f64 / 1e6);
     let _ = writeln!(out, "{name}_count {}", merged.len());
-    out
 }
 
 /// Lets a warning through at most once per interval (per call site).
@@ -334,10 +305,7 @@ impl LogLimiter {
         let now = self.start.elapsed().as_millis() as u64 + self.interval_ms;
         let last = self.last_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= self.interval_ms
-            && self
-                .last_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+            && self.last_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         {
             return Some(self.suppressed.swap(0, Ordering::Relaxed));
         }
@@ -350,14 +318,8 @@ impl LogLimiter {
 pub fn init_logging(format: &str, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if format == "json" {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.try_init()
-    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
 }
 
 #[cfg(test)]
@@ -373,12 +335,7 @@ mod tests {
         b.deliveries.add(4);
         b.sent[sent_index("pong")].inc();
         a.fanout_latency_us.lock().record(150).unwrap();
-        let text = render_prometheus(
-            &[a, b],
-            &Extra {
-                queue_dropped: &[0, 2],
-            },
-        );
+        let text = render_prometheus(&[a, b], &Extra { queue_dropped: &[0, 2] });
         assert!(text.contains("moonx_ws_deliveries_total 7\n"));
         assert!(text.contains("moonx_ws_messages_sent_total{type=\"pong\"} 1\n"));
         assert!(text.contains("moonx_ws_shard_queue_dropped_total{shard=\"1\"} 2\n"));

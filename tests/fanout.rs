@@ -14,9 +14,7 @@ use serde_json::json;
 #[test]
 fn every_subscriber_on_every_shard_gets_identical_bytes_in_order() {
     let srv = TestServer::start(&[("WS_SHARDS", "2")]);
-    let mut subs: Vec<Ws> = (0..24)
-        .map(|i| authed(srv.addr, &format!("p{i}")))
-        .collect();
+    let mut subs: Vec<Ws> = (0..24).map(|i| authed(srv.addr, &format!("p{i}"))).collect();
     for ws in subs.iter_mut() {
         subscribe(ws, "prices");
     }
@@ -27,17 +25,13 @@ fn every_subscriber_on_every_shard_gets_identical_bytes_in_order() {
     }
     let shards = get_json(srv.addr, "/connections")["shards"].clone();
     for s in shards.as_array().unwrap() {
-        assert!(
-            s["connections"].as_u64().unwrap() > 0,
-            "connections on every shard: {shards}"
-        );
+        assert!(s["connections"].as_u64().unwrap() > 0, "connections on every shard: {shards}");
     }
 
     let publisher = srv.handle().publisher();
     let n = 200;
     for i in 0..n {
-        let data =
-            format!(r#"{{"token":"ETH","chainId":8453,"price":"{i}.5","extra":{{"kept":[1,2]}}}}"#);
+        let data = format!(r#"{{"token":"ETH","chainId":8453,"price":"{i}.5","extra":{{"kept":[1,2]}}}}"#);
         publisher.publish_data(Route::Prices, 1_700_000_000_000 + i, data.as_bytes());
     }
     let mut reference: Option<Vec<String>> = None;
@@ -59,15 +53,9 @@ fn every_subscriber_on_every_shard_gets_identical_bytes_in_order() {
     for ws in authed_only.iter_mut().chain(anonymous.iter_mut()) {
         send(ws, json!({"id":"after","type":"ping"}));
         let next = recv(ws);
-        assert_eq!(
-            next["type"], "pong",
-            "non-subscribers got nothing before: {next}"
-        );
+        assert_eq!(next["type"], "pong", "non-subscribers got nothing before: {next}");
     }
-    assert_eq!(
-        metric(srv.addr, "moonx_ws_deliveries_total"),
-        (24 * n) as f64
-    );
+    assert_eq!(metric(srv.addr, "moonx_ws_deliveries_total"), (24 * n) as f64);
 }
 
 #[test]
@@ -90,23 +78,13 @@ fn private_updates_never_reach_another_user() {
         for (u, user) in users.iter().enumerate() {
             let channel = [Channel::Orders, Channel::Portfolio, Channel::Trades][i % 3];
             let data = format!(r#"{{"userId":"{user}","seq":{i},"owner":{u}}}"#);
-            publisher.publish_data(
-                Route::User {
-                    channel,
-                    user: (*user).into(),
-                },
-                0,
-                data.as_bytes(),
-            );
+            publisher.publish_data(Route::User { channel, user: (*user).into() }, 0, data.as_bytes());
         }
     }
     for (u, ws) in conns.iter_mut() {
         for i in 0..per_user {
             let m = recv(ws);
-            assert_eq!(
-                m["data"]["owner"], *u,
-                "a private update crossed users: {m}"
-            );
+            assert_eq!(m["data"]["owner"], *u, "a private update crossed users: {m}");
             assert_eq!(m["data"]["seq"], i);
             let want = ["order_update", "portfolio_update", "trade_update"][i % 3];
             assert_eq!(m["type"], want);
@@ -123,9 +101,7 @@ fn slow_consumer_is_closed_4009_and_others_keep_receiving() {
     let mut slow = raw_authed(srv.addr, "slow");
     slow.send_text(r#"{"type":"subscribe","data":{"channel":"prices"}}"#);
     assert_eq!(slow.recv()["type"], "subscribed");
-    slow.s
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    slow.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut bystander = authed(srv.addr, "fast");
     subscribe(&mut bystander, "prices");
 
@@ -160,8 +136,7 @@ fn slow_consumer_is_closed_4009_and_others_keep_receiving() {
     let code = loop {
         match slow.read_frame() {
             Some((1, payload)) => {
-                let v: serde_json::Value =
-                    serde_json::from_slice(&payload).expect("whole frames only");
+                let v: serde_json::Value = serde_json::from_slice(&payload).expect("whole frames only");
                 let i = v["data"]["i"].as_i64().unwrap();
                 assert_eq!(i, last_i + 1, "a prefix of the stream, no gaps inside it");
                 last_i = i;

@@ -25,40 +25,18 @@ fn malformed_upgrades_get_400_426_431() {
     let srv = TestServer::start(&[]);
     let cases = [
         (upgrade_request("").replace(UPGRADE_KEY, "not-a-key"), 400),
-        (
-            upgrade_request("").replace("Sec-WebSocket-Key", "X-Nothing"),
-            400,
-        ),
+        (upgrade_request("").replace("Sec-WebSocket-Key", "X-Nothing"), 400),
         (upgrade_request("").replace("GET", "POST"), 400),
-        (
-            upgrade_request("").replace("Connection: Upgrade", "Connection: keep-alive"),
-            400,
-        ),
+        (upgrade_request("").replace("Connection: Upgrade", "Connection: keep-alive"), 400),
         ("GET /ws HTTP/1.1\r\nHost: t\r\n\r\n".to_string(), 400),
-        (
-            upgrade_request("").replace("Version: 13", "Version: 8"),
-            426,
-        ),
-        (
-            upgrade_request(&format!("X-Pad: {}\r\n", "a".repeat(9000))),
-            431,
-        ),
-        (
-            upgrade_request(
-                &(0..200)
-                    .map(|i| format!("X-H{i}: v\r\n"))
-                    .collect::<String>(),
-            ),
-            431,
-        ),
+        (upgrade_request("").replace("Version: 13", "Version: 8"), 426),
+        (upgrade_request(&format!("X-Pad: {}\r\n", "a".repeat(9000))), 431),
+        (upgrade_request(&(0..200).map(|i| format!("X-H{i}: v\r\n")).collect::<String>()), 431),
     ];
     for (req, want) in cases {
         let (status, head, body) = http(srv.addr, &req);
         assert_eq!(status, want, "{req:.60}");
-        assert!(
-            serde_json::from_str::<Value>(&body).unwrap()["error"].is_string(),
-            "{body}"
-        );
+        assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].is_string(), "{body}");
         if want == 426 {
             assert!(head.contains("Sec-WebSocket-Version: 13"), "{head}");
         }
@@ -70,28 +48,16 @@ fn malformed_upgrades_get_400_426_431() {
 fn incomplete_head_is_closed_after_the_handshake_timeout() {
     let srv = TestServer::start(&[("WS_HANDSHAKE_TIMEOUT_MS", "300")]);
     let (status, _, _) = http(srv.addr, "GET /ws HTTP/1.1\r\nHost: t\r\n");
-    assert!(
-        status == 408 || status == 0,
-        "closed, optionally with 408: {status}"
-    );
+    assert!(status == 408 || status == 0, "closed, optionally with 408: {status}");
 }
 
 #[test]
 fn origin_allowlist() {
-    let srv = TestServer::start(&[(
-        "ALLOWED_ORIGINS",
-        "https://app.moonx.farm,https://other.example",
-    )]);
-    let (status, _, _) = http(
-        srv.addr,
-        &upgrade_request("Origin: https://evil.example\r\n"),
-    );
+    let srv = TestServer::start(&[("ALLOWED_ORIGINS", "https://app.moonx.farm,https://other.example")]);
+    let (status, _, _) = http(srv.addr, &upgrade_request("Origin: https://evil.example\r\n"));
     assert_eq!(status, 403);
     assert!(connect_with(srv.addr, &[("Origin", "https://app.moonx.farm")]).is_ok());
-    assert!(
-        connect_with(srv.addr, &[]).is_ok(),
-        "no Origin: a non-browser client"
-    );
+    assert!(connect_with(srv.addr, &[]).is_ok(), "no Origin: a non-browser client");
 }
 
 #[test]
@@ -100,21 +66,12 @@ fn ip_whitelist_and_trusted_proxies() {
     let (status, _, _) = http(srv.addr, &upgrade_request(""));
     assert_eq!(status, 403);
     let (status, _, _) = http(srv.addr, &upgrade_request("X-Forwarded-For: 10.1.2.3\r\n"));
-    assert_eq!(
-        status, 403,
-        "X-Forwarded-For from an untrusted peer is ignored"
-    );
+    assert_eq!(status, 403, "X-Forwarded-For from an untrusted peer is ignored");
 
-    let srv = TestServer::start(&[
-        ("IP_WHITELIST", "10.0.0.0/8"),
-        ("TRUSTED_PROXIES", "127.0.0.1"),
-    ]);
+    let srv = TestServer::start(&[("IP_WHITELIST", "10.0.0.0/8"), ("TRUSTED_PROXIES", "127.0.0.1")]);
     let (status, _, _) = http(srv.addr, &upgrade_request("X-Forwarded-For: 10.1.2.3\r\n"));
     assert_eq!(status, 101);
-    let (status, _, _) = http(
-        srv.addr,
-        &upgrade_request("X-Forwarded-For: 10.1.2.3, 8.8.8.8\r\n"),
-    );
+    let (status, _, _) = http(srv.addr, &upgrade_request("X-Forwarded-For: 10.1.2.3, 8.8.8.8\r\n"));
     assert_eq!(status, 403, "the right-most untrusted hop is the client");
 }
 
@@ -125,10 +82,7 @@ fn per_ip_connection_limit_counts_every_open_connection() {
     let (status, _, body) = http(srv.addr, &upgrade_request(""));
     assert_eq!(status, 429, "{body}");
     // A proxied client is counted by its own address, not the proxy's.
-    let srv2 = TestServer::start(&[
-        ("RATE_LIMIT_MAX_CONNECTIONS_PER_IP", "1"),
-        ("TRUSTED_PROXIES", "127.0.0.1"),
-    ]);
+    let srv2 = TestServer::start(&[("RATE_LIMIT_MAX_CONNECTIONS_PER_IP", "1"), ("TRUSTED_PROXIES", "127.0.0.1")]);
     let _a = connect_with(srv2.addr, &[("X-Forwarded-For", "1.1.1.1")]).unwrap();
     assert!(connect_with(srv2.addr, &[("X-Forwarded-For", "2.2.2.2")]).is_ok());
     assert!(connect_with(srv2.addr, &[("X-Forwarded-For", "1.1.1.1")]).is_err());
@@ -189,15 +143,13 @@ fn health_endpoints() {
     let h = get_json(srv.addr, "/health");
     assert_eq!(h["status"], "healthy");
     assert!(h["timestamp"].as_u64().unwrap() > 1_600_000_000_000);
-    assert_eq!(
-        h["services"],
-        json!({"redis": true, "kafka": true, "auth": true})
-    );
+    assert_eq!(h["services"], json!({"redis": true, "kafka": true, "auth": true}));
     assert_eq!(h["metrics"]["activeConnections"], 1);
     assert_eq!(h["metrics"]["totalConnections"], 1);
     assert_eq!(h["metrics"]["messagesReceived"], 2);
     assert_eq!(h["metrics"]["messagesSent"], 3);
     assert_eq!(get(srv.addr, "/health/live").0, 200);
+    srv.wait_ready();
     assert_eq!(get_json(srv.addr, "/health/ready")["status"], "ready");
 }
 

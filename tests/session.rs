@@ -78,21 +78,9 @@ fn message_level_errors_keep_the_connection() {
         ("not json", "invalid_message", Value::Null),
         ("[1,2,3]", "invalid_message", Value::Null),
         (r#"{"id":"r1","data":{}}"#, "invalid_message", json!("r1")),
-        (
-            r#"{"id":"r2","type":"subscribe"}"#,
-            "invalid_message",
-            json!("r2"),
-        ),
-        (
-            r#"{"id":"r3","type":"teleport","data":{}}"#,
-            "unknown_type",
-            json!("r3"),
-        ),
-        (
-            r#"{"id":"r4","type":"subscribe","data":{"channel":"prices"}}"#,
-            "not_authenticated",
-            json!("r4"),
-        ),
+        (r#"{"id":"r2","type":"subscribe"}"#, "invalid_message", json!("r2")),
+        (r#"{"id":"r3","type":"teleport","data":{}}"#, "unknown_type", json!("r3")),
+        (r#"{"id":"r4","type":"subscribe","data":{"channel":"prices"}}"#, "not_authenticated", json!("r4")),
     ];
     for (text, code, request_id) in cases {
         raw.send_text(text);
@@ -100,11 +88,7 @@ fn message_level_errors_keep_the_connection() {
         assert_eq!(err["type"], "error", "{text}");
         assert_eq!(err["data"]["code"], code, "{text}");
         assert!(err["data"]["message"].is_string());
-        assert_eq!(
-            err["data"].get("requestId").cloned().unwrap_or(Value::Null),
-            request_id,
-            "{text}"
-        );
+        assert_eq!(err["data"].get("requestId").cloned().unwrap_or(Value::Null), request_id, "{text}");
         assert!(err["id"].is_string() && err["timestamp"].is_u64());
     }
     // Fragmented text is reassembled like any other message.
@@ -135,24 +119,15 @@ fn authentication_flow_and_failure() {
     let first = recv(&mut ws);
     assert_eq!(first["type"], "auth_required");
     assert_eq!(first["data"]["timeout"], 10000);
-    send(
-        &mut ws,
-        json!({"id":"a1","type":"authenticate","data":{"token": token("alice", 600)}}),
-    );
+    send(&mut ws, json!({"id":"a1","type":"authenticate","data":{"token": token("alice", 600)}}));
     let ok = recv(&mut ws);
     assert_eq!(ok["type"], "auth_success");
-    assert_eq!(
-        ok["data"]["user"],
-        json!({"id":"alice","email":"alice@example.com"})
-    );
+    assert_eq!(ok["data"]["user"], json!({"id":"alice","email":"alice@example.com"}));
     assert_eq!(ok["data"]["requestId"], "a1");
 
     let mut bad = connect(srv.addr);
     recv(&mut bad);
-    send(
-        &mut bad,
-        json!({"id":"a2","type":"authenticate","data":{"token":"garbage"}}),
-    );
+    send(&mut bad, json!({"id":"a2","type":"authenticate","data":{"token":"garbage"}}));
     let failed = recv(&mut bad);
     assert_eq!(failed["type"], "auth_failed");
     assert_eq!(failed["data"]["requestId"], "a2");
@@ -164,10 +139,7 @@ fn authentication_flow_and_failure() {
     send(&mut none, json!({"type":"authenticate","data":{}}));
     assert_eq!(recv(&mut none)["type"], "auth_failed");
     assert_eq!(expect_close(&mut none), 4001);
-    assert_eq!(
-        metric(srv.addr, "moonx_ws_auth_total{result=\"failure\"}"),
-        2.0
-    );
+    assert_eq!(metric(srv.addr, "moonx_ws_auth_total{result=\"failure\"}"), 2.0);
 }
 
 #[test]
@@ -187,26 +159,17 @@ fn authentication_timeout_closes_4002() {
 fn refresh_same_user_extends_other_user_fails() {
     let srv = TestServer::start(&[]);
     let mut ws = authed(srv.addr, "bob");
-    send(
-        &mut ws,
-        json!({"id":"r","type":"authenticate","data":{"token": token("bob", 7200)}}),
-    );
+    send(&mut ws, json!({"id":"r","type":"authenticate","data":{"token": token("bob", 7200)}}));
     let again = recv(&mut ws);
     assert_eq!(again["type"], "auth_success");
     assert_eq!(again["data"]["requestId"], "r");
     subscribe(&mut ws, "prices");
-    send(
-        &mut ws,
-        json!({"type":"authenticate","data":{"token": token("mallory", 7200)}}),
-    );
+    send(&mut ws, json!({"type":"authenticate","data":{"token": token("mallory", 7200)}}));
     assert_eq!(recv(&mut ws)["type"], "auth_failed");
     assert_eq!(expect_close(&mut ws), 4001);
 
     let mut ws = authed(srv.addr, "bob");
-    send(
-        &mut ws,
-        json!({"type":"authenticate","data":{"token": "bad"}}),
-    );
+    send(&mut ws, json!({"type":"authenticate","data":{"token": "bad"}}));
     assert_eq!(recv(&mut ws)["type"], "auth_failed");
     assert_eq!(expect_close(&mut ws), 4001);
 }
@@ -216,10 +179,7 @@ fn token_expiry_while_connected_closes_4001() {
     let srv = TestServer::start(&[("JWT_LEEWAY_SECONDS", "0")]);
     let mut ws = connect(srv.addr);
     recv(&mut ws);
-    send(
-        &mut ws,
-        json!({"type":"authenticate","data":{"token": token("eve", 1)}}),
-    );
+    send(&mut ws, json!({"type":"authenticate","data":{"token": token("eve", 1)}}));
     assert_eq!(recv(&mut ws)["type"], "auth_success");
     let expired = recv(&mut ws);
     assert_eq!(expired["type"], "auth_failed");
@@ -232,50 +192,31 @@ fn channel_rules() {
     let srv = TestServer::start(&[("WS_MAX_SUBSCRIPTIONS", "2")]);
     let mut ws = authed(srv.addr, "carol");
     for _ in 0..2 {
-        send(
-            &mut ws,
-            json!({"id":"s","type":"subscribe","data":{"channel":"prices"}}),
-        );
+        send(&mut ws, json!({"id":"s","type":"subscribe","data":{"channel":"prices"}}));
         let r = recv(&mut ws);
         assert_eq!(r["type"], "subscribed");
         assert_eq!(r["data"], json!({"channel":"prices","requestId":"s"}));
     }
     subscribe(&mut ws, "orders");
-    send(
-        &mut ws,
-        json!({"type":"subscribe","data":{"channel":"trades"}}),
-    );
+    send(&mut ws, json!({"type":"subscribe","data":{"channel":"trades"}}));
     assert_eq!(recv(&mut ws)["data"]["code"], "too_many_subscriptions");
-    send(
-        &mut ws,
-        json!({"type":"subscribe","data":{"channel":"gossip"}}),
-    );
+    send(&mut ws, json!({"type":"subscribe","data":{"channel":"gossip"}}));
     assert_eq!(recv(&mut ws)["data"]["code"], "unknown_channel");
     for _ in 0..2 {
-        send(
-            &mut ws,
-            json!({"id":"u","type":"unsubscribe","data":{"channel":"orders"}}),
-        );
+        send(&mut ws, json!({"id":"u","type":"unsubscribe","data":{"channel":"orders"}}));
         let r = recv(&mut ws);
         assert_eq!(r["type"], "unsubscribed");
         assert_eq!(r["data"]["channel"], "orders");
     }
     subscribe(&mut ws, "trades");
-    assert_eq!(
-        get_json(srv.addr, "/connections")["channels"]["prices"],
-        1,
-        "not counted twice"
-    );
+    assert_eq!(get_json(srv.addr, "/connections")["channels"]["prices"], 1, "not counted twice");
 }
 
 #[test]
 fn ping_pong_and_server_heartbeat() {
     let srv = TestServer::start(&[("WS_PING_INTERVAL", "200"), ("WS_PONG_TIMEOUT", "200")]);
     let mut ws = authed(srv.addr, "dave");
-    send(
-        &mut ws,
-        json!({"id":"p1","type":"ping","data":{"anything":[1]}}),
-    );
+    send(&mut ws, json!({"id":"p1","type":"ping","data":{"anything":[1]}}));
     let pong = recv(&mut ws);
     assert_eq!(pong["type"], "pong");
     assert_eq!(pong["data"]["requestId"], "p1");
@@ -296,10 +237,7 @@ fn ping_pong_and_server_heartbeat() {
     // A silent peer is dropped without a close handshake.
     let mut silent = Raw::connect(srv.addr);
     assert_eq!(silent.recv()["type"], "auth_required");
-    assert!(
-        silent.expect_eof(),
-        "server closed TCP without a close frame"
-    );
+    assert!(silent.expect_eof(), "server closed TCP without a close frame");
     assert!(metric(srv.addr, "moonx_ws_pong_timeouts_total") >= 1.0);
 }
 
@@ -308,18 +246,11 @@ fn message_rate_limit_then_4008() {
     let srv = TestServer::start(&[("RATE_LIMIT_MAX_MESSAGES_PER_MINUTE", "5")]);
     let mut ws = connect(srv.addr);
     recv(&mut ws);
-    send(
-        &mut ws,
-        json!({"type":"authenticate","data":{"token": token("rl", 600)}}),
-    );
+    send(&mut ws, json!({"type":"authenticate","data":{"token": token("rl", 600)}}));
     recv(&mut ws);
     for _ in 0..4 {
         send(&mut ws, json!({"type":"ping"}));
-        assert_eq!(
-            recv(&mut ws)["type"],
-            "pong",
-            "authenticate counted as 1 of 5"
-        );
+        assert_eq!(recv(&mut ws)["type"], "pong", "authenticate counted as 1 of 5");
     }
     send(&mut ws, json!({"id": "x6", "type":"ping"}));
     let r = recv(&mut ws);
@@ -370,17 +301,15 @@ fn auth_service(hits: Arc<AtomicUsize>) -> String {
                 assert!(req.starts_with("GET /api/v1/auth/verify "), "{req}");
                 let token = req
                     .lines()
-                    .find_map(|l| {
-                        l.strip_prefix("authorization: Bearer ")
-                            .or(l.strip_prefix("Authorization: Bearer "))
-                    })
+                    .find_map(|l| l.strip_prefix("authorization: Bearer ").or(l.strip_prefix("Authorization: Bearer ")))
                     .unwrap_or("")
                     .trim()
                     .to_owned();
                 let (status, body) = match token.as_str() {
                     t if t.starts_with("good-") => (
                         200,
-                        json!({"success": true, "data": {"user": {"id": &t[5..], "email": "r@example.com"}}}).to_string(),
+                        json!({"success": true, "data": {"user": {"id": &t[5..], "email": "r@example.com"}}})
+                            .to_string(),
                     ),
                     t if t.starts_with("flat-") => (200, json!({"user": {"id": 77}}).to_string()),
                     "slow" => {
@@ -405,18 +334,11 @@ fn auth_service(hits: Arc<AtomicUsize>) -> String {
 fn remote_auth_service() {
     let hits = Arc::new(AtomicUsize::new(0));
     let url = auth_service(hits.clone());
-    let srv = TestServer::start(&[
-        ("JWT_SECRET", ""),
-        ("AUTH_SERVICE_URL", &url),
-        ("AUTH_SERVICE_TIMEOUT_MS", "500"),
-    ]);
+    let srv = TestServer::start(&[("JWT_SECRET", ""), ("AUTH_SERVICE_URL", &url), ("AUTH_SERVICE_TIMEOUT_MS", "500")]);
     let attempt = |token: &str| -> (Value, Option<u16>) {
         let mut ws = connect(srv.addr);
         recv(&mut ws);
-        send(
-            &mut ws,
-            json!({"id":"q","type":"authenticate","data":{"token": token}}),
-        );
+        send(&mut ws, json!({"id":"q","type":"authenticate","data":{"token": token}}));
         let reply = recv(&mut ws);
         let closed = (reply["type"] == "auth_failed").then(|| expect_close(&mut ws));
         (reply, closed)
@@ -427,25 +349,14 @@ fn remote_auth_service() {
     assert_eq!(ok["data"]["requestId"], "q");
     let before = hits.load(Ordering::SeqCst);
     assert_eq!(attempt("good-remote1").0["type"], "auth_success");
-    assert_eq!(
-        hits.load(Ordering::SeqCst),
-        before,
-        "positive answer cached"
-    );
-    assert_eq!(
-        attempt("flat-x").0["data"]["user"]["id"],
-        "77",
-        "user at top level, numeric id"
-    );
+    assert_eq!(hits.load(Ordering::SeqCst), before, "positive answer cached");
+    assert_eq!(attempt("flat-x").0["data"]["user"]["id"], "77", "user at top level, numeric id");
     let (rejected, code) = attempt("nope");
     assert_eq!(rejected["type"], "auth_failed");
     assert_eq!(code, Some(4001));
     for broken in ["boom", "slow"] {
         let (r, code) = attempt(broken);
-        assert_eq!(
-            r["data"]["error"], "Authentication service unavailable",
-            "{broken}"
-        );
+        assert_eq!(r["data"]["error"], "Authentication service unavailable", "{broken}");
         assert_eq!(code, Some(4001));
     }
 }

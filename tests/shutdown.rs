@@ -12,19 +12,13 @@ use moonx_ws::shard::inbox::Route;
 #[test]
 fn shutdown_closes_every_connection_with_1001_after_queued_updates() {
     let mut srv = TestServer::start(&[]);
-    let mut clients: Vec<Ws> = (0..20)
-        .map(|i| authed(srv.addr, &format!("s{i}")))
-        .collect();
+    let mut clients: Vec<Ws> = (0..20).map(|i| authed(srv.addr, &format!("s{i}"))).collect();
     for ws in clients.iter_mut() {
         subscribe(ws, "prices");
     }
     let publisher = srv.handle().publisher();
     for i in 0..50 {
-        publisher.publish_data(
-            Route::Prices,
-            0,
-            format!(r#"{{"token":"T","chainId":1,"i":{i}}}"#).as_bytes(),
-        );
+        publisher.publish_data(Route::Prices, 0, format!(r#"{{"token":"T","chainId":1,"i":{i}}}"#).as_bytes());
     }
     // Let the fan-out queue everything before shutdown begins.
     for ws in clients.iter_mut().take(1) {
@@ -45,16 +39,10 @@ fn shutdown_closes_every_connection_with_1001_after_queued_updates() {
             }
         };
         assert_eq!(code, 1001);
-        assert_eq!(
-            updates, 50,
-            "updates queued before the close are delivered whole"
-        );
+        assert_eq!(updates, 50, "updates queued before the close are delivered whole");
     }
     handle.join();
-    assert!(
-        std::net::TcpStream::connect(srv.addr).is_err(),
-        "no longer listening"
-    );
+    assert!(std::net::TcpStream::connect(srv.addr).is_err(), "no longer listening");
 }
 
 #[test]
@@ -77,19 +65,12 @@ fn sigterm_exits_zero_after_closing_clients() {
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let started = Instant::now();
     while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "server did not start"
-        );
+        assert!(started.elapsed() < Duration::from_secs(20), "server did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut ws = authed(addr, "term");
     // The `kill` command sends the signal (no unsafe libc call in tests).
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(status.success());
     assert_eq!(expect_close(&mut ws), 1001);
     drop(ws);

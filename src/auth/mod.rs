@@ -65,10 +65,7 @@ impl Auth {
         let secret: [u8; 32] = rand::random();
         let jwt = LocalJwt::hmac(&secret, cfg);
         let token = jwt.mint_hs256(&secret, "demo", Some("demo@moonx.local"), 24 * 3600);
-        let dev = DevToken {
-            token,
-            user_id: "demo".into(),
-        };
+        let dev = DevToken { token, user_id: "demo".into() };
         Ok((Auth::Local(Box::new(jwt)), Some(dev)))
     }
 
@@ -130,19 +127,14 @@ impl StringOrNumber {
 impl LocalJwt {
     fn hmac(secret: &[u8], cfg: &Config) -> Self {
         let key = DecodingKey::from_secret(secret);
-        Self::with(
-            key,
-            &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512],
-            cfg,
-        )
+        Self::with(key, &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512], cfg)
     }
 
     fn public_key(value: &str, cfg: &Config) -> Result<Self, ConfigError> {
         let pem = if value.contains("-----BEGIN") {
             value.replace("\\n", "\n").into_bytes()
         } else {
-            std::fs::read(value)
-                .map_err(|e| ConfigError::PublicKey(format!("cannot read {value}: {e}")))?
+            std::fs::read(value).map_err(|e| ConfigError::PublicKey(format!("cannot read {value}: {e}")))?
         };
         if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
             return Ok(Self::with(key, &[Algorithm::RS256], cfg));
@@ -150,9 +142,7 @@ impl LocalJwt {
         if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
             return Ok(Self::with(key, &[Algorithm::ES256], cfg));
         }
-        Err(ConfigError::PublicKey(
-            "not an RSA or EC (P-256) public key in PEM".into(),
-        ))
+        Err(ConfigError::PublicKey("not an RSA or EC (P-256) public key in PEM".into()))
     }
 
     fn with(key: DecodingKey, algorithms: &[Algorithm], cfg: &Config) -> Self {
@@ -195,15 +185,10 @@ impl LocalJwt {
 
     fn mint_hs256(&self, secret: &[u8], user: &str, email: Option<&str>, ttl_secs: u64) -> String {
         let exp = unix_secs() + ttl_secs;
-        let claims =
-            serde_json::json!({ "sub": user, "email": email, "exp": exp, "iat": unix_secs() });
+        let claims = serde_json::json!({ "sub": user, "email": email, "exp": exp, "iat": unix_secs() });
         // HS256 over a JSON object with a byte secret cannot fail.
-        jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(secret),
-        )
-        .expect("sign dev token")
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
+            .expect("sign dev token")
     }
 }
 
@@ -221,9 +206,7 @@ fn describe(kind: &ErrorKind) -> &'static str {
 }
 
 pub(crate) fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -231,20 +214,12 @@ mod tests {
     use super::*;
 
     fn cfg(env: &[(&str, &str)]) -> Config {
-        let env: std::collections::HashMap<_, _> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env: std::collections::HashMap<_, _> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Config::from_sources(["moonx-ws"], |k| env.get(k).cloned()).unwrap()
     }
 
     fn sign(alg: Algorithm, secret: &[u8], claims: serde_json::Value) -> String {
-        jsonwebtoken::encode(
-            &Header::new(alg),
-            &claims,
-            &EncodingKey::from_secret(secret),
-        )
-        .unwrap()
+        jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret)).unwrap()
     }
 
     #[test]
@@ -258,44 +233,22 @@ mod tests {
             let t = sign(alg, b"s3cret", serde_json::json!({"sub": "u1", "exp": exp}));
             assert_eq!(&*jwt.verify(&t).unwrap().user_id, "u1");
         }
-        let t = sign(
-            Algorithm::HS256,
-            b"s3cret",
-            serde_json::json!({"userId": 42, "exp": exp}),
-        );
+        let t = sign(Algorithm::HS256, b"s3cret", serde_json::json!({"userId": 42, "exp": exp}));
         assert_eq!(&*jwt.verify(&t).unwrap().user_id, "42");
-        let no_exp = sign(
-            Algorithm::HS256,
-            b"s3cret",
-            serde_json::json!({"sub": "u1"}),
-        );
+        let no_exp = sign(Algorithm::HS256, b"s3cret", serde_json::json!({"sub": "u1"}));
         assert!(jwt.verify(&no_exp).is_err());
-        let wrong = sign(
-            Algorithm::HS256,
-            b"other",
-            serde_json::json!({"sub": "u1", "exp": exp}),
-        );
+        let wrong = sign(Algorithm::HS256, b"other", serde_json::json!({"sub": "u1", "exp": exp}));
         assert_eq!(jwt.verify(&wrong).unwrap_err().0, "Invalid token signature");
-        let old = sign(
-            Algorithm::HS256,
-            b"s3cret",
-            serde_json::json!({"sub": "u1", "exp": unix_secs() - 31}),
-        );
+        let old = sign(Algorithm::HS256, b"s3cret", serde_json::json!({"sub": "u1", "exp": unix_secs() - 31}));
         assert_eq!(jwt.verify(&old).unwrap_err().0, "Token expired");
-        let skewed = sign(
-            Algorithm::HS256,
-            b"s3cret",
-            serde_json::json!({"sub": "u1", "exp": unix_secs() - 5}),
-        );
+        let skewed = sign(Algorithm::HS256, b"s3cret", serde_json::json!({"sub": "u1", "exp": unix_secs() - 5}));
         assert!(jwt.verify(&skewed).is_ok(), "within leeway");
     }
 
     #[test]
     fn alg_none_is_rejected() {
         let c = cfg(&[("JWT_SECRET", "s3cret")]);
-        let Auth::Local(jwt) = Auth::from_config(&c).unwrap().0 else {
-            panic!()
-        };
+        let Auth::Local(jwt) = Auth::from_config(&c).unwrap().0 else { panic!() };
         // {"alg":"none","typ":"JWT"} . {"sub":"u1","exp":9999999999} . (empty)
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1MSIsImV4cCI6OTk5OTk5OTk5OX0.";
         assert!(jwt.verify(none).is_err());
@@ -303,32 +256,14 @@ mod tests {
 
     #[test]
     fn issuer_and_audience_are_required_when_configured() {
-        let c = cfg(&[
-            ("JWT_SECRET", "k"),
-            ("JWT_ISSUER", "moonx"),
-            ("JWT_AUDIENCE", "ws"),
-        ]);
-        let Auth::Local(jwt) = Auth::from_config(&c).unwrap().0 else {
-            panic!()
-        };
+        let c = cfg(&[("JWT_SECRET", "k"), ("JWT_ISSUER", "moonx"), ("JWT_AUDIENCE", "ws")]);
+        let Auth::Local(jwt) = Auth::from_config(&c).unwrap().0 else { panic!() };
         let exp = unix_secs() + 60;
-        let good = sign(
-            Algorithm::HS256,
-            b"k",
-            serde_json::json!({"sub":"u","exp":exp,"iss":"moonx","aud":"ws"}),
-        );
+        let good = sign(Algorithm::HS256, b"k", serde_json::json!({"sub":"u","exp":exp,"iss":"moonx","aud":"ws"}));
         assert!(jwt.verify(&good).is_ok());
-        let missing = sign(
-            Algorithm::HS256,
-            b"k",
-            serde_json::json!({"sub":"u","exp":exp,"aud":"ws"}),
-        );
+        let missing = sign(Algorithm::HS256, b"k", serde_json::json!({"sub":"u","exp":exp,"aud":"ws"}));
         assert!(jwt.verify(&missing).is_err());
-        let wrong = sign(
-            Algorithm::HS256,
-            b"k",
-            serde_json::json!({"sub":"u","exp":exp,"iss":"x","aud":"ws"}),
-        );
+        let wrong = sign(Algorithm::HS256, b"k", serde_json::json!({"sub":"u","exp":exp,"iss":"x","aud":"ws"}));
         assert_eq!(jwt.verify(&wrong).unwrap_err().0, "Invalid token issuer");
     }
 

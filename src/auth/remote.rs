@@ -58,17 +58,10 @@ impl RemoteAuth {
                 "{base:?}: only http:// URLs are supported (put TLS in front of the Auth Service on its side)"
             )));
         }
-        let url = format!(
-            "{}{}",
-            base.trim_end_matches('/'),
-            cfg.auth_service_verify_endpoint
-        );
+        let url = format!("{}{}", base.trim_end_matches('/'), cfg.auth_service_verify_endpoint);
         let workers = cfg.auth_service_concurrency.get();
         let (tx, rx) = channel::bounded::<Job>(workers * QUEUE_PER_WORKER);
-        let shared = Arc::new(Shared {
-            cache: Mutex::new(HashMap::new()),
-            reachable: AtomicBool::new(true),
-        });
+        let shared = Arc::new(Shared { cache: Mutex::new(HashMap::new()), reachable: AtomicBool::new(true) });
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(cfg.auth_service_timeout_ms))
             .http_status_as_error(false)
@@ -97,10 +90,7 @@ impl RemoteAuth {
             return Verification::Done(Ok(identity));
         }
         let (reply, rx) = oneshot::channel();
-        match self.jobs.try_send(Job {
-            token: token.to_owned(),
-            reply,
-        }) {
+        match self.jobs.try_send(Job { token: token.to_owned(), reply }) {
             Ok(()) => Verification::Pending(rx),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 Verification::Done(Err(AuthFailure(UNAVAILABLE.into())))
@@ -163,18 +153,10 @@ struct ExpOnly {
     exp: Option<u64>,
 }
 
-fn call(
-    agent: &ureq::Agent,
-    url: &str,
-    token: &str,
-    shared: &Shared,
-) -> Result<Identity, AuthFailure> {
+fn call(agent: &ureq::Agent, url: &str, token: &str, shared: &Shared) -> Result<Identity, AuthFailure> {
     let unavailable = || AuthFailure(UNAVAILABLE.into());
-    let response = agent
-        .get(url)
-        .header("Authorization", &format!("Bearer {token}"))
-        .header("Accept", "application/json")
-        .call();
+    let response =
+        agent.get(url).header("Authorization", &format!("Bearer {token}")).header("Accept", "application/json").call();
     let mut response = match response {
         Ok(r) => r,
         Err(e) => {
@@ -190,20 +172,9 @@ fn call(
         401 | 403 => return Err(AuthFailure("Invalid token".into())),
         _ => return Err(unavailable()),
     }
-    let body: VerifyBody = response
-        .body_mut()
-        .with_config()
-        .limit(MAX_BODY)
-        .read_json()
-        .map_err(|_| unavailable())?;
-    let user = body
-        .data
-        .and_then(|d| d.user)
-        .or(body.user)
-        .ok_or_else(unavailable)?;
-    let exp = jsonwebtoken::dangerous::insecure_decode_claims::<ExpOnly>(token)
-        .ok()
-        .and_then(|c| c.exp);
+    let body: VerifyBody = response.body_mut().with_config().limit(MAX_BODY).read_json().map_err(|_| unavailable())?;
+    let user = body.data.and_then(|d| d.user).or(body.user).ok_or_else(unavailable)?;
+    let exp = jsonwebtoken::dangerous::insecure_decode_claims::<ExpOnly>(token).ok().and_then(|c| c.exp);
     Ok(Identity {
         user_id: Arc::from(user.id.into_string()),
         email: user.email.map(Arc::from),

@@ -29,12 +29,9 @@ use super::ShardCtx;
 use crate::auth::{AuthFailure, Identity, Verification};
 use crate::limits::{Admission, RateCounter, RateDecision};
 use crate::protocol::frame::{
-    decode_frame, encode_close, encode_frame, server_frame_len, Assembler, Message, OP_PING,
-    OP_PONG,
+    decode_frame, encode_close, encode_frame, server_frame_len, Assembler, Message, OP_PING, OP_PONG,
 };
-use crate::protocol::message::{
-    parse_client, ClientKind, ErrorCode, Outgoing, ParseError, UserView,
-};
+use crate::protocol::message::{parse_client, ClientKind, ErrorCode, Outgoing, ParseError, UserView};
 use crate::protocol::session::{Decision, Session, Verified};
 use crate::protocol::CloseCode;
 
@@ -104,15 +101,7 @@ struct Conn {
 }
 
 pub async fn run(start: Start) {
-    let Start {
-        stream,
-        ctx,
-        ip,
-        admission,
-        identity,
-        greeting,
-        leftover,
-    } = start;
+    let Start { stream, ctx, ip, admission, identity, greeting, leftover } = start;
     let key = ctx.shard.borrow_mut().insert();
     ctx.stats.connections_accepted.inc();
     ctx.stats.connections_active.inc();
@@ -145,8 +134,7 @@ pub async fn run(start: Start) {
         None => {
             let timeout_ms = conn.ctx.timers.auth_timeout_ms;
             let mut first = std::mem::take(&mut conn.sending);
-            conn.ctx
-                .encode(&Outgoing::AuthRequired { timeout_ms }, &mut first);
+            conn.ctx.encode(&Outgoing::AuthRequired { timeout_ms }, &mut first);
             conn.sending = first;
         }
     }
@@ -231,8 +219,7 @@ impl Conn {
     fn on_bytes(&mut self, data: &mut [u8], now: u64) {
         let mut rbuf = std::mem::take(&mut self.rbuf);
         let result = if rbuf.is_empty() {
-            self.decode(data, now)
-                .map(|used| rbuf.extend_from_slice(&data[used..]))
+            self.decode(data, now).map(|used| rbuf.extend_from_slice(&data[used..]))
         } else {
             rbuf.extend_from_slice(data);
             self.decode(&mut rbuf, now).map(|used| {
@@ -315,10 +302,7 @@ impl Conn {
             Err(ParseError::UnknownType { id }) => (id.as_deref(), 5),
         };
         stats.received[received_idx].inc();
-        let counter = self
-            .user_rate
-            .as_ref()
-            .map_or(&self.pre_auth, |(_, c)| &**c);
+        let counter = self.user_rate.as_ref().map_or(&self.pre_auth, |(_, c)| &**c);
         match self.ctx.global.limits.check_message(counter, now) {
             RateDecision::Allowed => {}
             RateDecision::Limited { retry_after_ms } => {
@@ -345,60 +329,37 @@ impl Conn {
                     ParseError::Invalid { reason, .. } => *reason,
                     ParseError::UnknownType { .. } => "unknown message type",
                 };
-                return self.reply(&Outgoing::Error {
-                    code: e.code(),
-                    message,
-                    request_id: id,
-                    retry_after_ms: None,
-                });
+                return self.reply(&Outgoing::Error { code: e.code(), message, request_id: id, retry_after_ms: None });
             }
         };
         let request_id = msg.id.as_deref();
         match self.session.on_message(&msg.kind) {
-            Decision::Pong => self.reply(&Outgoing::Pong {
-                now_ms: now,
-                request_id,
-            }),
-            Decision::Error(code, message) => self.reply(&Outgoing::Error {
-                code,
-                message,
-                request_id,
-                retry_after_ms: None,
-            }),
+            Decision::Pong => self.reply(&Outgoing::Pong { now_ms: now, request_id }),
+            Decision::Error(code, message) => {
+                self.reply(&Outgoing::Error { code, message, request_id, retry_after_ms: None })
+            }
             Decision::AuthFailed(reason) => {
                 self.ctx.stats.auth_failure.inc();
-                self.reply(&Outgoing::AuthFailed {
-                    error: reason,
-                    request_id,
-                });
+                self.reply(&Outgoing::AuthFailed { error: reason, request_id });
                 self.begin_close(CloseCode::AUTH_FAILED);
             }
             Decision::Verify(token) => match self.ctx.global.auth.verify(token) {
                 Verification::Done(result) => self.on_verified(result, request_id, now),
                 Verification::Pending(rx) => {
-                    self.pending_auth = Some(Box::new(PendingAuth {
-                        rx,
-                        request_id: request_id.map(Into::into),
-                    }));
+                    self.pending_auth = Some(Box::new(PendingAuth { rx, request_id: request_id.map(Into::into) }));
                 }
             },
             Decision::Subscribed { channel, added } => {
                 if added {
                     self.ctx.shard.borrow_mut().subscribe(self.key, channel);
                 }
-                self.reply(&Outgoing::Subscribed {
-                    channel,
-                    request_id,
-                });
+                self.reply(&Outgoing::Subscribed { channel, request_id });
             }
             Decision::Unsubscribed { channel, removed } => {
                 if removed {
                     self.ctx.shard.borrow_mut().unsubscribe(self.key, channel);
                 }
-                self.reply(&Outgoing::Unsubscribed {
-                    channel,
-                    request_id,
-                });
+                self.reply(&Outgoing::Unsubscribed { channel, request_id });
             }
         }
     }
@@ -418,19 +379,11 @@ impl Conn {
         }
     }
 
-    fn on_verified(
-        &mut self,
-        result: Result<Identity, AuthFailure>,
-        request_id: Option<&str>,
-        now: u64,
-    ) {
+    fn on_verified(&mut self, result: Result<Identity, AuthFailure>, request_id: Option<&str>, now: u64) {
         match self.session.on_verified(result) {
             Verified::Authenticated => {
                 let identity = self.session.identity().expect("just authenticated").clone();
-                self.ctx
-                    .shard
-                    .borrow_mut()
-                    .set_user(self.key, identity.user_id.clone());
+                self.ctx.shard.borrow_mut().set_user(self.key, identity.user_id.clone());
                 let counter = self.ctx.global.limits.user_counter(&identity.user_id);
                 counter.hit(now, self.pre_auth.current(now));
                 self.user_rate = Some((identity.user_id.clone(), counter));
@@ -443,10 +396,7 @@ impl Conn {
             }
             Verified::Failed(reason) => {
                 self.ctx.stats.auth_failure.inc();
-                self.reply(&Outgoing::AuthFailed {
-                    error: &reason,
-                    request_id,
-                });
+                self.reply(&Outgoing::AuthFailed { error: &reason, request_id });
                 self.begin_close(CloseCode::AUTH_FAILED);
             }
         }
@@ -455,10 +405,7 @@ impl Conn {
     fn auth_success(&mut self, identity: &Identity, request_id: Option<&str>) {
         self.ctx.stats.auth_success.inc();
         self.reply(&Outgoing::AuthSuccess {
-            user: UserView {
-                id: &identity.user_id,
-                email: identity.email.as_deref(),
-            },
+            user: UserView { id: &identity.user_id, email: identity.email.as_deref() },
             request_id,
         });
     }
@@ -479,18 +426,13 @@ impl Conn {
         }
         if slow {
             self.ctx.stats.slow_consumer_closes.inc();
-            tracing::debug!(
-                conn = self.id,
-                "slow consumer: backlog dropped, closing with 4009"
-            );
+            tracing::debug!(conn = self.id, "slow consumer: backlog dropped, closing with 4009");
             self.drop_unwritten_frames();
             self.begin_close(CloseCode::SLOW_CONSUMER);
         } else if shutdown {
             self.begin_close(CloseCode::GOING_AWAY);
             let grace = self.ctx.global.config.shutdown_grace_ms.as_millis() as u64;
-            self.phase = Phase::Closing {
-                deadline_ms: mono + grace,
-            };
+            self.phase = Phase::Closing { deadline_ms: mono + grace };
         }
     }
 
@@ -509,10 +451,7 @@ impl Conn {
             if code == CloseCode::AUTH_FAILED {
                 self.ctx.stats.auth_failure.inc();
             }
-            self.reply(&Outgoing::AuthFailed {
-                error: reason,
-                request_id: None,
-            });
+            self.reply(&Outgoing::AuthFailed { error: reason, request_id: None });
             self.begin_close(code);
             return;
         }
@@ -549,9 +488,7 @@ impl Conn {
         let mut shard = self.ctx.shard.borrow_mut();
         shard.stop_updates(self.key);
         shard.slot(self.key).pending.extend_from_slice(&frame);
-        self.phase = Phase::Closing {
-            deadline_ms: self.ctx.global.clock.mono_ms() + CLOSE_GRACE_MS,
-        };
+        self.phase = Phase::Closing { deadline_ms: self.ctx.global.clock.mono_ms() + CLOSE_GRACE_MS };
     }
 
     /// Cuts the buffer in flight after the frame being written, so that
@@ -576,14 +513,7 @@ impl Conn {
     }
 
     fn flushed(&self) -> bool {
-        self.sent == self.sending.len()
-            && self
-                .ctx
-                .shard
-                .borrow_mut()
-                .slot(self.key)
-                .pending
-                .is_empty()
+        self.sent == self.sending.len() && self.ctx.shard.borrow_mut().slot(self.key).pending.is_empty()
     }
 
     /// Writes what is queued: the buffer in flight first, then everything
@@ -625,10 +555,7 @@ impl Conn {
         let next = match self.phase {
             Phase::Closing { deadline_ms } => deadline_ms,
             _ => {
-                let session = self
-                    .session
-                    .deadline_ms()
-                    .map_or(u64::MAX, |d| mono + d.saturating_sub(now));
+                let session = self.session.deadline_ms().map_or(u64::MAX, |d| mono + d.saturating_sub(now));
                 let ping = match self.ping_sent_ms {
                     Some(sent) => sent + cfg.ws_pong_timeout.as_millis() as u64,
                     None => self.next_ping_ms,

@@ -47,11 +47,7 @@ impl ShardCtx {
         let stats = global.stats[id].clone();
         Self {
             id,
-            shard: Rc::new(RefCell::new(Shard::new(
-                id,
-                cfg.ws_max_buffered_bytes.get(),
-                stats.clone(),
-            ))),
+            shard: Rc::new(RefCell::new(Shard::new(id, cfg.ws_max_buffered_bytes.get(), stats.clone()))),
             stats,
             frame_limits: frame::Limits {
                 max_message_bytes: cfg.ws_max_message_bytes.get(),
@@ -122,9 +118,7 @@ pub async fn run_shard(
             return;
         }
     };
-    global
-        .listening
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    global.listening.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let _ = ready.send(Ok(()));
     drop(ready);
 
@@ -146,15 +140,9 @@ pub async fn run_shard(
     .await;
 
     drop(accept); // cancels the accept loop and closes this shard's listener
-    global
-        .listening
-        .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    global.listening.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     let open = ctx.shard.borrow().len();
-    tracing::info!(
-        shard = id,
-        open,
-        "shutting down: closing connections with 1001"
-    );
+    tracing::info!(shard = id, open, "shutting down: closing connections with 1001");
     ctx.shard.borrow_mut().begin_shutdown();
     let deadline = Instant::now() + global.config.shutdown_grace_ms;
     while !ctx.shard.borrow().is_empty() && Instant::now() < deadline {
@@ -162,11 +150,7 @@ pub async fn run_shard(
     }
     let left = ctx.shard.borrow().len();
     if left > 0 {
-        tracing::warn!(
-            shard = id,
-            left,
-            "grace period over: dropping remaining connections"
-        );
+        tracing::warn!(shard = id, left, "grace period over: dropping remaining connections");
     }
     drop(fanout);
     drop(tick);
@@ -193,14 +177,10 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>) {
 /// The coarse shared timer: wakes connections whose deadline passed.
 async fn tick_loop(ctx: Rc<ShardCtx>) {
     let cfg = &ctx.global.config;
-    let shortest = [
-        cfg.ws_ping_interval,
-        cfg.ws_pong_timeout,
-        cfg.auth_timeout_ms,
-    ]
-    .into_iter()
-    .min()
-    .unwrap_or(Duration::from_secs(1));
+    let shortest = [cfg.ws_ping_interval, cfg.ws_pong_timeout, cfg.auth_timeout_ms]
+        .into_iter()
+        .min()
+        .unwrap_or(Duration::from_secs(1));
     let tick = (shortest / 8).clamp(Duration::from_millis(5), Duration::from_millis(250));
     loop {
         glommio::timer::sleep(tick).await;

@@ -18,8 +18,8 @@ use super::driver::{self, Start};
 use super::ShardCtx;
 use crate::auth::Verification;
 use crate::protocol::handshake::{
-    bearer_token, parse_head, route, write_refusal, write_switching_protocols, Parsed, Refusal,
-    RequestHead, Route, MAX_HEAD_BYTES,
+    bearer_token, parse_head, route, write_refusal, write_switching_protocols, Parsed, Refusal, RequestHead, Route,
+    MAX_HEAD_BYTES,
 };
 
 /// Bytes read per call while the head is incomplete.
@@ -57,21 +57,12 @@ pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
     }
     let ip = client_ip(peer.ip(), &head.forwarded_for, &cfg.trusted_proxies);
     if let (false, Some(origin)) = (cfg.allowed_origins.is_empty(), &head.origin) {
-        if !cfg
-            .allowed_origins
-            .iter()
-            .any(|o| o.trim().eq_ignore_ascii_case(origin))
-        {
+        if !cfg.allowed_origins.iter().any(|o| o.trim().eq_ignore_ascii_case(origin)) {
             return refuse(&mut stream, &ctx, Refusal::new(403, "origin not allowed")).await;
         }
     }
     if !cfg.ip_whitelist.is_empty() && !cfg.ip_whitelist.iter().any(|n| n.contains(&ip)) {
-        return refuse(
-            &mut stream,
-            &ctx,
-            Refusal::new(403, "client IP not allowed"),
-        )
-        .await;
+        return refuse(&mut stream, &ctx, Refusal::new(403, "client IP not allowed")).await;
     }
     let admission = match ctx.global.limits.admit(ip) {
         Ok(a) => a,
@@ -81,20 +72,13 @@ pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
         None => None,
         Some(value) => {
             let Some(token) = bearer_token(value) else {
-                return refuse(
-                    &mut stream,
-                    &ctx,
-                    Refusal::new(401, "expected Authorization: Bearer <token>"),
-                )
-                .await;
+                return refuse(&mut stream, &ctx, Refusal::new(401, "expected Authorization: Bearer <token>")).await;
             };
             let result = match ctx.global.auth.verify(token) {
                 Verification::Done(r) => r,
-                Verification::Pending(rx) => rx.await.unwrap_or_else(|_| {
-                    Err(crate::auth::AuthFailure(
-                        "Authentication service unavailable".into(),
-                    ))
-                }),
+                Verification::Pending(rx) => rx
+                    .await
+                    .unwrap_or_else(|_| Err(crate::auth::AuthFailure("Authentication service unavailable".into()))),
             };
             match result {
                 Ok(identity) => Some(identity),
@@ -102,13 +86,7 @@ pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
                     ctx.stats.auth_failure.inc();
                     let mut out = Vec::new();
                     let body = serde_json::json!({ "error": failure.0 }).to_string();
-                    crate::protocol::handshake::write_response(
-                        401,
-                        "application/json",
-                        &[],
-                        body.as_bytes(),
-                        &mut out,
-                    );
+                    crate::protocol::handshake::write_response(401, "application/json", &[], body.as_bytes(), &mut out);
                     ctx.stats.refused(401);
                     let _ = stream.write_all(&out).await;
                     return;
@@ -120,23 +98,11 @@ pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
     write_switching_protocols(&key, &mut greeting);
     let leftover = buf[used..].to_vec();
     drop(buf);
-    driver::run(Start {
-        stream,
-        ctx,
-        ip,
-        admission,
-        identity,
-        greeting,
-        leftover,
-    })
-    .await;
+    driver::run(Start { stream, ctx, ip, admission, identity, greeting, leftover }).await;
 }
 
 /// Reads until a complete head; `Err(None)` when the peer left.
-async fn read_head(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-) -> Result<(RequestHead, usize), Option<Refusal>> {
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(RequestHead, usize), Option<Refusal>> {
     loop {
         let len = buf.len();
         buf.resize(len + HEAD_READ, 0);

@@ -25,53 +25,32 @@ pub fn respond(head: &RequestHead, ctx: &ShardCtx, out: &mut Vec<u8>) {
         "/health/ready" => {
             let ready = ctx.global.is_ready();
             let status = if ready { 200 } else { 503 };
-            json_response(
-                status,
-                &json!({ "status": if ready { "ready" } else { "not_ready" } }),
-                out,
-            )
+            json_response(status, &json!({ "status": if ready { "ready" } else { "not_ready" } }), out)
         }
         "/metrics" => {
             let g = &ctx.global;
-            let dropped: Vec<u64> = (0..g.publisher.shard_count())
-                .map(|i| g.publisher.inbox(i).dropped())
-                .collect();
-            let body = render_prometheus(
-                &g.stats,
-                &Extra {
-                    queue_dropped: &dropped,
-                },
-            );
+            let dropped: Vec<u64> = (0..g.publisher.shard_count()).map(|i| g.publisher.inbox(i).dropped()).collect();
+            let mut body = render_prometheus(&g.stats, &Extra { queue_dropped: &dropped });
+            crate::ingest::render_metrics(&g.ingest, &mut body);
             write_response(200, "text/plain; version=0.0.4", &[], body.as_bytes(), out)
         }
         "/connections" => connections(ctx, out),
-        "/docs" | "/docs/" => write_response(
-            200,
-            "text/html; charset=utf-8",
-            &[],
-            DOCS_HTML.as_bytes(),
-            out,
-        ),
+        "/docs" | "/docs/" => write_response(200, "text/html; charset=utf-8", &[], DOCS_HTML.as_bytes(), out),
         _ => write_refusal(Refusal::new(404, "not found"), out),
     }
 }
 
 fn json_response(status: u16, body: &serde_json::Value, out: &mut Vec<u8>) {
-    write_response(
-        status,
-        "application/json",
-        &[],
-        body.to_string().as_bytes(),
-        out,
-    )
+    write_response(status, "application/json", &[], body.to_string().as_bytes(), out)
 }
 
 fn health(ctx: &ShardCtx, out: &mut Vec<u8>) {
     let g = &ctx.global;
     let stats = &g.stats;
     let auth = g.auth.is_reachable();
-    let (redis, kafka) = (true, true);
-    let status = if g.is_shutting_down() || !g.is_ready() {
+    let redis = true;
+    let kafka = g.ingest.broker_up.load(std::sync::atomic::Ordering::Relaxed);
+    let status = if !g.is_listening() {
         "unhealthy"
     } else if redis && kafka && auth {
         "healthy"
@@ -108,12 +87,7 @@ fn connections(ctx: &ShardCtx, out: &mut Vec<u8>) {
         .collect();
     let channels: serde_json::Map<String, serde_json::Value> = Channel::ALL
         .iter()
-        .map(|ch| {
-            (
-                ch.name().to_string(),
-                json!(total(&g.stats, |s| s.subscribers[*ch as usize].get())),
-            )
-        })
+        .map(|ch| (ch.name().to_string(), json!(total(&g.stats, |s| s.subscribers[*ch as usize].get()))))
         .collect();
     let body = json!({
         "instance": g.instance_id,

@@ -99,12 +99,7 @@ pub fn decode_frame(buf: &mut [u8], limits: &Limits) -> Result<Option<Frame>, Cl
     let mask = [buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]];
     pos += 4;
     unmask(&mut buf[pos..pos + len], mask);
-    Ok(Some(Frame {
-        fin,
-        opcode,
-        payload: pos..pos + len,
-        consumed: pos + len,
-    }))
+    Ok(Some(Frame { fin, opcode, payload: pos..pos + len, consumed: pos + len }))
 }
 
 /// XORs `data` with the 4-byte masking key (RFC 6455 §5.3).
@@ -204,9 +199,7 @@ impl Assembler {
 }
 
 fn check_utf8(bytes: &[u8]) -> Result<(), CloseCode> {
-    std::str::from_utf8(bytes)
-        .map(|_| ())
-        .map_err(|_| CloseCode::INVALID_DATA)
+    std::str::from_utf8(bytes).map(|_| ()).map_err(|_| CloseCode::INVALID_DATA)
 }
 
 /// Validates a close frame's body (RFC 6455 §5.5.1, §7.4).
@@ -280,10 +273,7 @@ pub fn encode_close(code: CloseCode, reason: &str, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
-        max_message_bytes: 16384,
-        max_fragments: 4,
-    };
+    const LIMITS: Limits = Limits { max_message_bytes: 16384, max_fragments: 4 };
 
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mask = [0x37, 0xfa, 0x21, 0x3d];
@@ -324,25 +314,16 @@ mod tests {
     #[test]
     fn rejects_unmasked_rsv_and_bad_opcodes() {
         let mut unmasked = vec![0x81, 0x01, b'a'];
-        assert_eq!(
-            decode_frame(&mut unmasked, &LIMITS),
-            Err(CloseCode::PROTOCOL)
-        );
+        assert_eq!(decode_frame(&mut unmasked, &LIMITS), Err(CloseCode::PROTOCOL));
         let mut rsv = client_frame(true, OP_TEXT, b"a");
         rsv[0] |= 0x40;
         assert_eq!(decode_frame(&mut rsv, &LIMITS), Err(CloseCode::PROTOCOL));
         let mut op = client_frame(true, 0x3, b"a");
         assert_eq!(decode_frame(&mut op, &LIMITS), Err(CloseCode::PROTOCOL));
         let mut frag_ping = client_frame(false, OP_PING, b"a");
-        assert_eq!(
-            decode_frame(&mut frag_ping, &LIMITS),
-            Err(CloseCode::PROTOCOL)
-        );
+        assert_eq!(decode_frame(&mut frag_ping, &LIMITS), Err(CloseCode::PROTOCOL));
         let mut long_ping = client_frame(true, OP_PING, &[0; 126]);
-        assert_eq!(
-            decode_frame(&mut long_ping, &LIMITS),
-            Err(CloseCode::PROTOCOL)
-        );
+        assert_eq!(decode_frame(&mut long_ping, &LIMITS), Err(CloseCode::PROTOCOL));
     }
 
     #[test]
@@ -364,42 +345,21 @@ mod tests {
     #[test]
     fn reassembles_fragments_with_interleaved_control() {
         let mut asm = Assembler::default();
-        assert_eq!(
-            feed(&mut asm, client_frame(false, OP_TEXT, b"he")),
-            Ok(None)
-        );
-        assert_eq!(
-            feed(&mut asm, client_frame(true, OP_PING, b"p")),
-            Ok(Some("Ping([112])".into()))
-        );
-        assert_eq!(
-            feed(&mut asm, client_frame(false, OP_CONTINUATION, b"ll")),
-            Ok(None)
-        );
-        assert_eq!(
-            feed(&mut asm, client_frame(true, OP_CONTINUATION, b"o")),
-            Ok(Some("hello".into()))
-        );
+        assert_eq!(feed(&mut asm, client_frame(false, OP_TEXT, b"he")), Ok(None));
+        assert_eq!(feed(&mut asm, client_frame(true, OP_PING, b"p")), Ok(Some("Ping([112])".into())));
+        assert_eq!(feed(&mut asm, client_frame(false, OP_CONTINUATION, b"ll")), Ok(None));
+        assert_eq!(feed(&mut asm, client_frame(true, OP_CONTINUATION, b"o")), Ok(Some("hello".into())));
     }
 
     #[test]
     fn sequencing_errors() {
         let mut asm = Assembler::default();
-        assert_eq!(
-            feed(&mut asm, client_frame(true, OP_CONTINUATION, b"x")),
-            Err(CloseCode::PROTOCOL)
-        );
+        assert_eq!(feed(&mut asm, client_frame(true, OP_CONTINUATION, b"x")), Err(CloseCode::PROTOCOL));
         let mut asm = Assembler::default();
         feed(&mut asm, client_frame(false, OP_TEXT, b"x")).unwrap();
-        assert_eq!(
-            feed(&mut asm, client_frame(true, OP_TEXT, b"y")),
-            Err(CloseCode::PROTOCOL)
-        );
+        assert_eq!(feed(&mut asm, client_frame(true, OP_TEXT, b"y")), Err(CloseCode::PROTOCOL));
         let mut asm = Assembler::default();
-        assert_eq!(
-            feed(&mut asm, client_frame(true, OP_BINARY, b"y")),
-            Err(CloseCode::UNSUPPORTED)
-        );
+        assert_eq!(feed(&mut asm, client_frame(true, OP_BINARY, b"y")), Err(CloseCode::UNSUPPORTED));
     }
 
     #[test]
@@ -409,35 +369,17 @@ mod tests {
         for _ in 0..3 {
             feed(&mut asm, client_frame(false, OP_CONTINUATION, b"")).unwrap();
         }
-        assert_eq!(
-            feed(&mut asm, client_frame(false, OP_CONTINUATION, b"")),
-            Err(CloseCode::TOO_BIG)
-        );
+        assert_eq!(feed(&mut asm, client_frame(false, OP_CONTINUATION, b"")), Err(CloseCode::TOO_BIG));
     }
 
     #[test]
     fn invalid_utf8_and_close_bodies() {
         let mut asm = Assembler::default();
+        assert_eq!(feed(&mut asm, client_frame(true, OP_TEXT, &[0xff, 0xfe])), Err(CloseCode::INVALID_DATA));
+        assert_eq!(feed(&mut asm, client_frame(true, OP_CLOSE, &[0x03])), Err(CloseCode::PROTOCOL));
+        assert_eq!(feed(&mut asm, client_frame(true, OP_CLOSE, &1005u16.to_be_bytes())), Err(CloseCode::PROTOCOL));
         assert_eq!(
-            feed(&mut asm, client_frame(true, OP_TEXT, &[0xff, 0xfe])),
-            Err(CloseCode::INVALID_DATA)
-        );
-        assert_eq!(
-            feed(&mut asm, client_frame(true, OP_CLOSE, &[0x03])),
-            Err(CloseCode::PROTOCOL)
-        );
-        assert_eq!(
-            feed(
-                &mut asm,
-                client_frame(true, OP_CLOSE, &1005u16.to_be_bytes())
-            ),
-            Err(CloseCode::PROTOCOL)
-        );
-        assert_eq!(
-            feed(
-                &mut asm,
-                client_frame(true, OP_CLOSE, &1000u16.to_be_bytes())
-            ),
+            feed(&mut asm, client_frame(true, OP_CLOSE, &1000u16.to_be_bytes())),
             Ok(Some("Close(Some(1000))".into()))
         );
     }

@@ -58,16 +58,12 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     let mut req = httparse::Request::new(&mut headers);
     let used = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD_BYTES => n,
-        Ok(httparse::Status::Complete(_)) => {
-            return Parsed::Refused(Refusal::new(431, "request headers too large"))
-        }
+        Ok(httparse::Status::Complete(_)) => return Parsed::Refused(Refusal::new(431, "request headers too large")),
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
             return Parsed::Refused(Refusal::new(431, "request headers too large"))
         }
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(httparse::Error::TooManyHeaders) => {
-            return Parsed::Refused(Refusal::new(431, "too many request headers"))
-        }
+        Err(httparse::Error::TooManyHeaders) => return Parsed::Refused(Refusal::new(431, "too many request headers")),
         Err(_) => return Parsed::Refused(Refusal::new(400, "malformed HTTP request")),
     };
     if req.version != Some(1) {
@@ -75,11 +71,8 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
     }
     let target = req.path.unwrap_or("/");
     let path = target.split('?').next().unwrap_or("/");
-    let mut head = RequestHead {
-        method: req.method.unwrap_or("").to_owned(),
-        path: path.to_owned(),
-        ..RequestHead::default()
-    };
+    let mut head =
+        RequestHead { method: req.method.unwrap_or("").to_owned(), path: path.to_owned(), ..RequestHead::default() };
     for h in req.headers.iter() {
         let Ok(value) = std::str::from_utf8(h.value) else {
             continue;
@@ -97,12 +90,7 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
-            head.forwarded_for.extend(
-                value
-                    .split(',')
-                    .map(|s| s.trim().to_owned())
-                    .filter(|s| !s.is_empty()),
-            );
+            head.forwarded_for.extend(value.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()));
         } else if name.eq_ignore_ascii_case("authorization") {
             head.authorization = Some(value.to_owned());
         }
@@ -111,9 +99,7 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
 }
 
 fn has_token(value: &str, token: &str) -> bool {
-    value
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    value.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Where a complete request goes.
@@ -135,19 +121,13 @@ pub fn route(head: &RequestHead) -> Route {
         return Route::Http;
     }
     if head.path != "/ws" {
-        return Route::Refused(Refusal::new(
-            404,
-            "not found: WebSocket upgrades are served on /ws",
-        ));
+        return Route::Refused(Refusal::new(404, "not found: WebSocket upgrades are served on /ws"));
     }
     if head.method != "GET" {
         return Route::Refused(Refusal::new(400, "WebSocket upgrade requires GET"));
     }
     if !head.upgrade_websocket || !head.connection_upgrade {
-        return Route::Refused(Refusal::new(
-            400,
-            "missing Upgrade: websocket or Connection: Upgrade",
-        ));
+        return Route::Refused(Refusal::new(400, "missing Upgrade: websocket or Connection: Upgrade"));
     }
     if head.ws_version.as_deref() != Some("13") {
         return Route::Refused(Refusal::new(426, "unsupported Sec-WebSocket-Version"));
@@ -164,36 +144,27 @@ fn is_valid_key(key: &str) -> bool {
     b.len() == 24
         && b[22] == b'='
         && b[23] == b'='
-        && b[..22]
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        && b[..22].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
 }
 
 /// The bearer token of an `Authorization` header, if it is one.
 pub fn bearer_token(authorization: &str) -> Option<&str> {
     let (scheme, token) = authorization.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 /// Appends the `101 Switching Protocols` response for `key`.
 pub fn write_switching_protocols(key: &str, out: &mut Vec<u8>) {
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
     out.extend_from_slice(accept.as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
 }
 
 /// Appends a complete HTTP response that closes the connection.
-pub fn write_response(
-    status: u16,
-    content_type: &str,
-    extra_headers: &[(&str, &str)],
-    body: &[u8],
-    out: &mut Vec<u8>,
-) {
+pub fn write_response(status: u16, content_type: &str, extra_headers: &[(&str, &str)], body: &[u8], out: &mut Vec<u8>) {
     use std::io::Write;
     let _ = write!(
         out,
@@ -211,18 +182,8 @@ pub fn write_response(
 /// Appends a refusal: the status with a `{"error": "..."}` body.
 pub fn write_refusal(refusal: Refusal, out: &mut Vec<u8>) {
     let body = serde_json::json!({ "error": refusal.message }).to_string();
-    let extra: &[(&str, &str)] = if refusal.status == 426 {
-        &[("Sec-WebSocket-Version", "13")]
-    } else {
-        &[]
-    };
-    write_response(
-        refusal.status,
-        "application/json",
-        extra,
-        body.as_bytes(),
-        out,
-    );
+    let extra: &[(&str, &str)] = if refusal.status == 426 { &[("Sec-WebSocket-Version", "13")] } else { &[] };
+    write_response(refusal.status, "application/json", extra, body.as_bytes(), out);
 }
 
 fn reason_phrase(status: u16) -> &'static str {
@@ -264,38 +225,22 @@ mod tests {
         assert_eq!(h.path, "/ws");
         assert_eq!(h.origin.as_deref(), Some("https://app.example"));
         assert_eq!(h.forwarded_for, ["1.1.1.1", "2.2.2.2", "3.3.3.3"]);
-        assert_eq!(
-            route(&h),
-            Route::Upgrade {
-                key: "dGhlIHNhbXBsZSBub25jZQ==".into()
-            }
-        );
+        assert_eq!(route(&h), Route::Upgrade { key: "dGhlIHNhbXBsZSBub25jZQ==".into() });
         let mut out = Vec::new();
         write_switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", &mut out);
         // RFC 6455 §1.3's worked example.
-        assert!(String::from_utf8(out)
-            .unwrap()
-            .contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(String::from_utf8(out).unwrap().contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
     }
 
     #[test]
     fn partial_until_blank_line_then_431_past_8k() {
-        assert_eq!(
-            parse_head(b"GET /ws HTTP/1.1\r\nHost: a\r\n"),
-            Parsed::Partial
-        );
+        assert_eq!(parse_head(b"GET /ws HTTP/1.1\r\nHost: a\r\n"), Parsed::Partial);
         let mut big = b"GET /ws HTTP/1.1\r\nX-Pad: ".to_vec();
         big.resize(MAX_HEAD_BYTES + 1, b'a');
-        assert!(matches!(
-            parse_head(&big),
-            Parsed::Refused(Refusal { status: 431, .. })
-        ));
+        assert!(matches!(parse_head(&big), Parsed::Refused(Refusal { status: 431, .. })));
         let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
         let req = format!("GET /ws HTTP/1.1\r\n{many}\r\n");
-        assert!(matches!(
-            parse_head(req.as_bytes()),
-            Parsed::Refused(Refusal { status: 431, .. })
-        ));
+        assert!(matches!(parse_head(req.as_bytes()), Parsed::Refused(Refusal { status: 431, .. })));
     }
 
     #[test]
@@ -307,21 +252,12 @@ mod tests {
         assert_eq!(status(&UPGRADE.replace("/ws?x=1", "/other")), 404);
         assert_eq!(status(&UPGRADE.replace("GET", "POST")), 400);
         assert_eq!(status(&UPGRADE.replace("Upgrade: websocket\r\n", "")), 400);
-        assert_eq!(
-            status(&UPGRADE.replace("keep-alive, Upgrade", "keep-alive")),
-            400
-        );
+        assert_eq!(status(&UPGRADE.replace("keep-alive, Upgrade", "keep-alive")), 400);
         assert_eq!(status(&UPGRADE.replace("Version: 13", "Version: 8")), 426);
-        assert_eq!(
-            status(&UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "short")),
-            400
-        );
+        assert_eq!(status(&UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "short")), 400);
         assert_eq!(status("GET /ws HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(route(&head("GET /health HTTP/1.1\r\n\r\n")), Route::Http);
-        assert!(matches!(
-            parse_head(b"GARBAGE\r\n\r\n"),
-            Parsed::Refused(Refusal { status: 400, .. })
-        ));
+        assert!(matches!(parse_head(b"GARBAGE\r\n\r\n"), Parsed::Refused(Refusal { status: 400, .. })));
     }
 
     #[test]

@@ -25,12 +25,7 @@ pub enum Channel {
 }
 
 impl Channel {
-    pub const ALL: [Channel; 4] = [
-        Channel::Prices,
-        Channel::Orders,
-        Channel::Portfolio,
-        Channel::Trades,
-    ];
+    pub const ALL: [Channel; 4] = [Channel::Prices, Channel::Orders, Channel::Portfolio, Channel::Trades];
 
     pub fn parse(name: &str) -> Option<Channel> {
         Some(match name {
@@ -99,13 +94,8 @@ pub enum ChannelArg {
 /// A message refused before its own rules apply (§3 order).
 #[derive(Debug, PartialEq, Eq)]
 pub enum ParseError<'a> {
-    Invalid {
-        id: Option<Cow<'a, str>>,
-        reason: &'static str,
-    },
-    UnknownType {
-        id: Option<Cow<'a, str>>,
-    },
+    Invalid { id: Option<Cow<'a, str>>, reason: &'static str },
+    UnknownType { id: Option<Cow<'a, str>> },
 }
 
 impl ParseError<'_> {
@@ -142,12 +132,8 @@ struct ChannelData<'a> {
 /// Parses one client text message (already UTF-8 checked by the codec).
 pub fn parse_client(text: &[u8]) -> Result<ClientMessage<'_>, ParseError<'_>> {
     let invalid = |id, reason| ParseError::Invalid { id, reason };
-    let env: Envelope = serde_json::from_slice(text).map_err(|_| {
-        invalid(
-            None,
-            "expected a JSON object with string type, string id and object data",
-        )
-    })?;
+    let env: Envelope = serde_json::from_slice(text)
+        .map_err(|_| invalid(None, "expected a JSON object with string type, string id and object data"))?;
     if env.id.as_ref().is_some_and(|id| id.len() > MAX_ID_BYTES) {
         return Err(invalid(None, "id longer than 128 bytes"));
     }
@@ -156,21 +142,16 @@ pub fn parse_client(text: &[u8]) -> Result<ClientMessage<'_>, ParseError<'_>> {
         return Err(invalid(id, "missing type"));
     };
     if ty == "ping" {
-        return Ok(ClientMessage {
-            id,
-            kind: ClientKind::Ping,
-        });
+        return Ok(ClientMessage { id, kind: ClientKind::Ping });
     }
     let data = match env.data {
         Some(raw) if raw.get().starts_with('{') => raw,
         _ => return Err(invalid(id, "data must be an object")),
     };
     let kind = match &*ty {
-        "authenticate" => ClientKind::Authenticate {
-            token: serde_json::from_str::<TokenData>(data.get())
-                .ok()
-                .and_then(|d| d.token),
-        },
+        "authenticate" => {
+            ClientKind::Authenticate { token: serde_json::from_str::<TokenData>(data.get()).ok().and_then(|d| d.token) }
+        }
         "subscribe" | "unsubscribe" => {
             let Ok(d) = serde_json::from_str::<ChannelData>(data.get()) else {
                 return Err(invalid(id, "data.channel must be a string"));
@@ -223,35 +204,13 @@ pub struct UserView<'a> {
 /// ingest). `request_id` is the client's `id` being answered.
 #[derive(Debug, Clone)]
 pub enum Outgoing<'a> {
-    AuthRequired {
-        timeout_ms: u64,
-    },
-    AuthSuccess {
-        user: UserView<'a>,
-        request_id: Option<&'a str>,
-    },
-    AuthFailed {
-        error: &'a str,
-        request_id: Option<&'a str>,
-    },
-    Subscribed {
-        channel: Channel,
-        request_id: Option<&'a str>,
-    },
-    Unsubscribed {
-        channel: Channel,
-        request_id: Option<&'a str>,
-    },
-    Pong {
-        now_ms: u64,
-        request_id: Option<&'a str>,
-    },
-    Error {
-        code: ErrorCode,
-        message: &'a str,
-        request_id: Option<&'a str>,
-        retry_after_ms: Option<u64>,
-    },
+    AuthRequired { timeout_ms: u64 },
+    AuthSuccess { user: UserView<'a>, request_id: Option<&'a str> },
+    AuthFailed { error: &'a str, request_id: Option<&'a str> },
+    Subscribed { channel: Channel, request_id: Option<&'a str> },
+    Unsubscribed { channel: Channel, request_id: Option<&'a str> },
+    Pong { now_ms: u64, request_id: Option<&'a str> },
+    Error { code: ErrorCode, message: &'a str, request_id: Option<&'a str>, retry_after_ms: Option<u64> },
 }
 
 impl Outgoing<'_> {
@@ -315,58 +274,20 @@ struct ServerEnvelope<'a> {
 
 /// Appends `msg` as one complete text frame to `out`. `json` is a scratch
 /// buffer (cleared here) so the caller's allocations are reused.
-pub fn encode_outgoing(
-    msg: &Outgoing,
-    id: &str,
-    now_ms: u64,
-    json: &mut Vec<u8>,
-    out: &mut Vec<u8>,
-) {
+pub fn encode_outgoing(msg: &Outgoing, id: &str, now_ms: u64, json: &mut Vec<u8>, out: &mut Vec<u8>) {
     let data = match msg {
-        Outgoing::AuthRequired { timeout_ms } => Data::AuthRequired {
-            timeout: *timeout_ms,
-        },
-        Outgoing::AuthSuccess { user, request_id } => Data::User {
-            user,
-            request_id: *request_id,
-        },
-        Outgoing::AuthFailed { error, request_id } => Data::Failed {
-            error,
-            request_id: *request_id,
-        },
-        Outgoing::Subscribed {
-            channel,
-            request_id,
+        Outgoing::AuthRequired { timeout_ms } => Data::AuthRequired { timeout: *timeout_ms },
+        Outgoing::AuthSuccess { user, request_id } => Data::User { user, request_id: *request_id },
+        Outgoing::AuthFailed { error, request_id } => Data::Failed { error, request_id: *request_id },
+        Outgoing::Subscribed { channel, request_id } | Outgoing::Unsubscribed { channel, request_id } => {
+            Data::Channel { channel: channel.name(), request_id: *request_id }
         }
-        | Outgoing::Unsubscribed {
-            channel,
-            request_id,
-        } => Data::Channel {
-            channel: channel.name(),
-            request_id: *request_id,
-        },
-        Outgoing::Pong { now_ms, request_id } => Data::Pong {
-            timestamp: *now_ms,
-            request_id: *request_id,
-        },
-        Outgoing::Error {
-            code,
-            message,
-            request_id,
-            retry_after_ms,
-        } => Data::Error {
-            code: code.as_str(),
-            message,
-            request_id: *request_id,
-            retry_after_ms: *retry_after_ms,
-        },
+        Outgoing::Pong { now_ms, request_id } => Data::Pong { timestamp: *now_ms, request_id: *request_id },
+        Outgoing::Error { code, message, request_id, retry_after_ms } => {
+            Data::Error { code: code.as_str(), message, request_id: *request_id, retry_after_ms: *retry_after_ms }
+        }
     };
-    let env = ServerEnvelope {
-        id,
-        ty: msg.type_name(),
-        timestamp: now_ms,
-        data,
-    };
+    let env = ServerEnvelope { id, ty: msg.type_name(), timestamp: now_ms, data };
     json.clear();
     // Serializing plain structs of strings and integers into a Vec cannot fail.
     serde_json::to_writer(&mut *json, &env).expect("serialize server message");
@@ -392,18 +313,14 @@ mod tests {
     use super::*;
 
     fn kind(text: &str) -> Result<ClientKind<'_>, ErrorCode> {
-        parse_client(text.as_bytes())
-            .map(|m| m.kind)
-            .map_err(|e| e.code())
+        parse_client(text.as_bytes()).map(|m| m.kind).map_err(|e| e.code())
     }
 
     #[test]
     fn parses_each_client_type() {
         assert_eq!(
             kind(r#"{"id":"a","type":"authenticate","data":{"token":"t"}}"#),
-            Ok(ClientKind::Authenticate {
-                token: Some("t".into())
-            })
+            Ok(ClientKind::Authenticate { token: Some("t".into()) })
         );
         assert_eq!(
             kind(r#"{"type":"subscribe","data":{"channel":"prices"}}"#),
@@ -414,14 +331,8 @@ mod tests {
             Ok(ClientKind::Unsubscribe(ChannelArg::Unknown))
         );
         assert_eq!(kind(r#"{"type":"ping"}"#), Ok(ClientKind::Ping));
-        assert_eq!(
-            kind(r#"{"type":"ping","data":[1,2]}"#),
-            Ok(ClientKind::Ping)
-        );
-        assert_eq!(
-            kind(r#"{"type":"authenticate","data":{"token":5}}"#),
-            Ok(ClientKind::Authenticate { token: None })
-        );
+        assert_eq!(kind(r#"{"type":"ping","data":[1,2]}"#), Ok(ClientKind::Ping));
+        assert_eq!(kind(r#"{"type":"authenticate","data":{"token":5}}"#), Ok(ClientKind::Authenticate { token: None }));
     }
 
     #[test]
@@ -432,23 +343,14 @@ mod tests {
         assert_eq!(kind(r#"{"data":{}}"#), Err(InvalidMessage));
         assert_eq!(kind(r#"{"type":7,"data":{}}"#), Err(InvalidMessage));
         assert_eq!(kind(r#"{"type":"subscribe"}"#), Err(InvalidMessage));
-        assert_eq!(
-            kind(r#"{"type":"subscribe","data":[]}"#),
-            Err(InvalidMessage)
-        );
+        assert_eq!(kind(r#"{"type":"subscribe","data":[]}"#), Err(InvalidMessage));
         assert_eq!(kind(r#"{"type":"nope"}"#), Err(InvalidMessage));
         assert_eq!(kind(r#"{"type":"nope","data":{}}"#), Err(UnknownType));
-        assert_eq!(
-            kind(r#"{"type":"subscribe","data":{"channel":1}}"#),
-            Err(InvalidMessage)
-        );
+        assert_eq!(kind(r#"{"type":"subscribe","data":{"channel":1}}"#), Err(InvalidMessage));
         let long_id = format!(r#"{{"id":"{}","type":"ping"}}"#, "x".repeat(129));
         assert_eq!(kind(&long_id), Err(InvalidMessage));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-        assert_eq!(
-            kind(&format!(r#"{{"type":"ping","data":{deep}}}"#)),
-            Ok(ClientKind::Ping)
-        );
+        assert_eq!(kind(&format!(r#"{{"type":"ping","data":{deep}}}"#)), Ok(ClientKind::Ping));
         assert_eq!(kind(&deep), Err(InvalidMessage));
     }
 
@@ -487,16 +389,7 @@ mod tests {
     #[test]
     fn update_json_keeps_data_verbatim() {
         let mut out = Vec::new();
-        write_update_json(
-            "u1",
-            "price_update",
-            7,
-            br#"{"token":"ETH","x":[1]}"#,
-            &mut out,
-        );
-        assert_eq!(
-            out,
-            br#"{"id":"u1","type":"price_update","timestamp":7,"data":{"token":"ETH","x":[1]}}"#
-        );
+        write_update_json("u1", "price_update", 7, br#"{"token":"ETH","x":[1]}"#, &mut out);
+        assert_eq!(out, br#"{"id":"u1","type":"price_update","timestamp":7,"data":{"token":"ETH","x":[1]}}"#);
     }
 }

@@ -81,13 +81,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(now_ms: u64, timers: SessionTimers) -> Self {
-        Self {
-            stage: Stage::AwaitingAuth {
-                deadline_ms: now_ms + timers.auth_timeout_ms,
-            },
-            subs: 0,
-            timers,
-        }
+        Self { stage: Stage::AwaitingAuth { deadline_ms: now_ms + timers.auth_timeout_ms }, subs: 0, timers }
     }
 
     pub fn identity(&self) -> Option<&Identity> {
@@ -129,36 +123,25 @@ impl Session {
             ClientKind::Subscribe(ChannelArg::Known(channel)) => {
                 let bit = channel.bit();
                 if self.subs & bit != 0 {
-                    return Decision::Subscribed {
-                        channel: *channel,
-                        added: false,
-                    };
+                    return Decision::Subscribed { channel: *channel, added: false };
                 }
                 if self.subs.count_ones() >= self.timers.max_subscriptions {
-                    return Decision::Error(
-                        ErrorCode::TooManySubscriptions,
-                        "subscription limit reached",
-                    );
+                    return Decision::Error(ErrorCode::TooManySubscriptions, "subscription limit reached");
                 }
                 self.subs |= bit;
-                Decision::Subscribed {
-                    channel: *channel,
-                    added: true,
-                }
+                Decision::Subscribed { channel: *channel, added: true }
             }
             ClientKind::Unsubscribe(ChannelArg::Known(channel)) => {
                 let removed = self.subs & channel.bit() != 0;
                 self.subs &= !channel.bit();
-                Decision::Unsubscribed {
-                    channel: *channel,
-                    removed,
-                }
+                Decision::Unsubscribed { channel: *channel, removed }
             }
-            ClientKind::Subscribe(ChannelArg::Unknown)
-            | ClientKind::Unsubscribe(ChannelArg::Unknown) => Decision::Error(
-                ErrorCode::UnknownChannel,
-                "unknown channel: expected prices, orders, portfolio or trades",
-            ),
+            ClientKind::Subscribe(ChannelArg::Unknown) | ClientKind::Unsubscribe(ChannelArg::Unknown) => {
+                Decision::Error(
+                    ErrorCode::UnknownChannel,
+                    "unknown channel: expected prices, orders, portfolio or trades",
+                )
+            }
             ClientKind::Ping | ClientKind::Authenticate { .. } => unreachable!("handled above"),
         }
     }
@@ -190,9 +173,9 @@ impl Session {
     pub fn deadline_ms(&self) -> Option<u64> {
         match &self.stage {
             Stage::AwaitingAuth { deadline_ms } => Some(*deadline_ms),
-            Stage::Authenticated { identity } => identity
-                .expires_at_ms
-                .map(|exp| exp.saturating_add(self.timers.leeway_ms)),
+            Stage::Authenticated { identity } => {
+                identity.expires_at_ms.map(|exp| exp.saturating_add(self.timers.leeway_ms))
+            }
             Stage::Closing => None,
         }
     }
@@ -217,51 +200,23 @@ impl Session {
 mod tests {
     use super::*;
 
-    const TIMERS: SessionTimers = SessionTimers {
-        auth_timeout_ms: 10_000,
-        leeway_ms: 30_000,
-        max_subscriptions: 2,
-    };
+    const TIMERS: SessionTimers = SessionTimers { auth_timeout_ms: 10_000, leeway_ms: 30_000, max_subscriptions: 2 };
 
     fn ident(user: &str, exp: Option<u64>) -> Identity {
-        Identity {
-            user_id: user.into(),
-            email: None,
-            expires_at_ms: exp,
-        }
+        Identity { user_id: user.into(), email: None, expires_at_ms: exp }
     }
 
     #[test]
     fn requires_auth_before_subscribing() {
         let mut s = Session::new(0, TIMERS);
         let sub = ClientKind::Subscribe(ChannelArg::Known(Channel::Prices));
-        assert!(matches!(
-            s.on_message(&sub),
-            Decision::Error(ErrorCode::NotAuthenticated, _)
-        ));
+        assert!(matches!(s.on_message(&sub), Decision::Error(ErrorCode::NotAuthenticated, _)));
         assert_eq!(s.on_message(&ClientKind::Ping), Decision::Pong);
-        let auth = ClientKind::Authenticate {
-            token: Some("tok".into()),
-        };
+        let auth = ClientKind::Authenticate { token: Some("tok".into()) };
         assert_eq!(s.on_message(&auth), Decision::Verify("tok"));
-        assert_eq!(
-            s.on_verified(Ok(ident("u1", None))),
-            Verified::Authenticated
-        );
-        assert_eq!(
-            s.on_message(&sub),
-            Decision::Subscribed {
-                channel: Channel::Prices,
-                added: true
-            }
-        );
-        assert_eq!(
-            s.on_message(&sub),
-            Decision::Subscribed {
-                channel: Channel::Prices,
-                added: false
-            }
-        );
+        assert_eq!(s.on_verified(Ok(ident("u1", None))), Verified::Authenticated);
+        assert_eq!(s.on_message(&sub), Decision::Subscribed { channel: Channel::Prices, added: true });
+        assert_eq!(s.on_message(&sub), Decision::Subscribed { channel: Channel::Prices, added: false });
     }
 
     #[test]
@@ -281,10 +236,7 @@ mod tests {
         ));
         assert_eq!(
             s.on_message(&ClientKind::Unsubscribe(ChannelArg::Known(Channel::Orders))),
-            Decision::Unsubscribed {
-                channel: Channel::Orders,
-                removed: true
-            }
+            Decision::Unsubscribed { channel: Channel::Orders, removed: true }
         );
         assert_eq!(s.subscriptions(), Channel::Prices.bit());
     }
@@ -294,15 +246,9 @@ mod tests {
         let mut s = Session::new(0, TIMERS);
         s.on_verified(Ok(ident("u1", Some(1_000))));
         assert_eq!(s.deadline_ms(), Some(31_000));
-        assert_eq!(
-            s.on_verified(Ok(ident("u1", Some(90_000)))),
-            Verified::Refreshed
-        );
+        assert_eq!(s.on_verified(Ok(ident("u1", Some(90_000)))), Verified::Refreshed);
         assert_eq!(s.deadline_ms(), Some(120_000));
-        assert!(matches!(
-            s.on_verified(Ok(ident("u2", None))),
-            Verified::Failed(_)
-        ));
+        assert!(matches!(s.on_verified(Ok(ident("u2", None))), Verified::Failed(_)));
         assert!(s.is_closing());
     }
 
@@ -310,26 +256,17 @@ mod tests {
     fn deadlines() {
         let mut s = Session::new(100, TIMERS);
         assert_eq!(s.on_deadline(10_099), None);
-        assert_eq!(
-            s.on_deadline(10_100),
-            Some(("Authentication timeout", CloseCode::AUTH_TIMEOUT))
-        );
+        assert_eq!(s.on_deadline(10_100), Some(("Authentication timeout", CloseCode::AUTH_TIMEOUT)));
         let mut s = Session::new(0, TIMERS);
         s.on_verified(Ok(ident("u1", Some(5_000))));
         assert_eq!(s.on_deadline(34_999), None);
-        assert_eq!(
-            s.on_deadline(35_000),
-            Some(("Token expired", CloseCode::AUTH_FAILED))
-        );
+        assert_eq!(s.on_deadline(35_000), Some(("Token expired", CloseCode::AUTH_FAILED)));
         assert_eq!(s.on_deadline(99_999), None);
     }
 
     #[test]
     fn missing_token_fails_without_verification() {
         let mut s = Session::new(0, TIMERS);
-        assert_eq!(
-            s.on_message(&ClientKind::Authenticate { token: None }),
-            Decision::AuthFailed("Token required")
-        );
+        assert_eq!(s.on_message(&ClientKind::Authenticate { token: None }), Decision::AuthFailed("Token required"));
     }
 }

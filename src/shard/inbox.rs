@@ -50,24 +50,25 @@ pub struct Update {
     pub route: Route,
     pub frame: Box<[u8]>,
     pub published_at: Instant,
+    /// The Kafka message timestamp (ms since the epoch), 0 when unknown.
+    pub kafka_ts_ms: i64,
 }
 
 impl Update {
     /// Builds the envelope around `data` (kept verbatim) and frames it once.
     /// `id` must be unique within the instance.
     pub fn encode(route: Route, id: &str, now_ms: u64, data: &[u8]) -> Update {
-        let mut json = Vec::with_capacity(data.len() + 96);
-        write_update_json(id, route.channel().update_type(), now_ms, data, &mut json);
+        // One allocation: the JSON is written after room for the longest
+        // header, then the header goes right before it.
+        let mut frame = Vec::with_capacity(MAX_HEADER_LEN + data.len() + 96);
+        frame.resize(MAX_HEADER_LEN, 0);
+        write_update_json(id, route.channel().update_type(), now_ms, data, &mut frame);
         let mut header = [0u8; MAX_HEADER_LEN];
-        let n = encode_header(OP_TEXT, json.len(), &mut header);
-        let mut frame = Vec::with_capacity(n + json.len());
-        frame.extend_from_slice(&header[..n]);
-        frame.extend_from_slice(&json);
-        Update {
-            route,
-            frame: frame.into_boxed_slice(),
-            published_at: Instant::now(),
-        }
+        let n = encode_header(OP_TEXT, frame.len() - MAX_HEADER_LEN, &mut header);
+        let start = MAX_HEADER_LEN - n;
+        frame[start..MAX_HEADER_LEN].copy_from_slice(&header[..n]);
+        frame.drain(..start);
+        Update { route, frame: frame.into_boxed_slice(), published_at: Instant::now(), kafka_ts_ms: 0 }
     }
 }
 
@@ -80,11 +81,7 @@ pub struct Inbox {
 
 impl Inbox {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            queue: ArrayQueue::new(capacity),
-            waker: AtomicWaker::new(),
-            dropped: AtomicU64::new(0),
-        }
+        Self { queue: ArrayQueue::new(capacity), waker: AtomicWaker::new(), dropped: AtomicU64::new(0) }
     }
 
     pub fn dropped(&self) -> u64 {
@@ -158,11 +155,7 @@ impl Publisher {
         if inbox.queue.force_push(update).is_some() {
             inbox.dropped.fetch_add(1, Ordering::Relaxed);
             if let Some(suppressed) = self.overflow_log.allow() {
-                tracing::warn!(
-                    shard,
-                    suppressed,
-                    "shard inbox full: dropped its oldest update"
-                );
+                tracing::warn!(shard, suppressed, "shard inbox full: dropped its oldest update");
             }
         }
     }
@@ -190,9 +183,7 @@ mod tests {
         for shard in 0..2 {
             assert_eq!(p.inbox(shard).dropped(), 1);
             let first = p.inbox(shard).queue.pop().unwrap();
-            assert!(std::str::from_utf8(&first.frame[2..])
-                .unwrap()
-                .contains("\"timestamp\":1"));
+            assert!(std::str::from_utf8(&first.frame[2..]).unwrap().contains("\"timestamp\":1"));
         }
     }
 }

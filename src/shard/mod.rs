@@ -296,6 +296,8 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox) {
             let mut shard = shard.borrow_mut();
             let stats = shard.stats.clone();
             let mut hist = stats.fanout_latency_us.lock();
+            let mut e2e = stats.e2e_latency_us.lock();
+            let mut now_ms = None;
             while taken < FANOUT_BUDGET {
                 let Some(update) = inbox.queue.pop() else {
                     break;
@@ -304,6 +306,11 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox) {
                 taken += 1;
                 let us = update.published_at.elapsed().as_micros() as u64;
                 hist.saturating_record(us.max(1));
+                if update.kafka_ts_ms > 0 {
+                    let now = *now_ms.get_or_insert_with(epoch_ms);
+                    let us = (now as i64 - update.kafka_ts_ms).max(0) as u64 * 1000;
+                    e2e.saturating_record(us.max(1));
+                }
             }
             stats.updates_processed.add(taken as u64);
         }
@@ -323,6 +330,10 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox) {
     }
 }
 
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Milliseconds on a monotonic clock shared by the process.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
@@ -332,13 +343,9 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Self {
-        let epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        Self {
-            start: Instant::now(),
-            epoch_ms_at_start: epoch,
-        }
+        let epoch =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Self { start: Instant::now(), epoch_ms_at_start: epoch }
     }
 
     /// Monotonic ms since start (deadlines).
@@ -398,15 +405,7 @@ mod tests {
             s.subscribe(k, Channel::Orders);
         }
         s.subscribe(a2, Channel::Trades);
-        let u = Update::encode(
-            Route::User {
-                channel: Channel::Orders,
-                user: "alice".into(),
-            },
-            "u1",
-            0,
-            b"{}",
-        );
+        let u = Update::encode(Route::User { channel: Channel::Orders, user: "alice".into() }, "u1", 0, b"{}");
         assert_eq!(s.fanout(&u), 1);
         assert!(!s.slot(a).pending.is_empty());
         assert!(s.slot(b).pending.is_empty());

@@ -32,6 +32,7 @@ impl TestServer {
             ("WS_SHARDS", "2"),
             ("JWT_SECRET", SECRET),
             ("LOG_LEVEL", "warn"),
+            ("DEMO_FEED", "false"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -43,14 +44,10 @@ impl TestServer {
                 map.insert(k.to_string(), v.to_string());
             }
         }
-        let config =
-            Config::from_sources(["moonx-ws"], |k| map.get(k).cloned()).expect("test config");
+        let config = Config::from_sources(["moonx-ws"], |k| map.get(k).cloned()).expect("test config");
         let handle = server::start(config).expect("server starts");
         let addr = handle.local_addr();
-        TestServer {
-            handle: Some(handle),
-            addr,
-        }
+        TestServer { handle: Some(handle), addr }
     }
 
     pub fn handle(&self) -> &ServerHandle {
@@ -60,20 +57,27 @@ impl TestServer {
     pub fn url(&self) -> String {
         format!("ws://{}/ws", self.addr)
     }
+
+    /// Waits (bounded) until `/health/ready` says the consumer is consuming.
+    pub fn wait_ready(&self) {
+        let ok = (0..600).any(|_| {
+            if get(self.addr, "/health/ready").0 == 200 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+            false
+        });
+        assert!(ok, "server never became ready");
+    }
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 /// An HS256 token for `user` expiring `ttl` seconds from now (may be negative).
 pub fn token(user: &str, ttl: i64) -> String {
-    token_with(
-        json!({ "sub": user, "email": format!("{user}@example.com"), "exp": now_secs() as i64 + ttl }),
-    )
+    token_with(json!({ "sub": user, "email": format!("{user}@example.com"), "exp": now_secs() as i64 + ttl }))
 }
 
 pub fn token_with(claims: Value) -> String {
@@ -92,10 +96,7 @@ pub fn connect_with(addr: SocketAddr, headers: &[(&str, &str)]) -> Result<Ws, tu
     use tungstenite::client::IntoClientRequest;
     let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
     for (k, v) in headers {
-        req.headers_mut().insert(
-            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
+        req.headers_mut().insert(tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
     }
     let stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -154,20 +155,14 @@ pub fn expect_close(ws: &mut Ws) -> u16 {
 pub fn authed(addr: SocketAddr, user: &str) -> Ws {
     let mut ws = connect(addr);
     assert_eq!(recv(&mut ws)["type"], "auth_required");
-    send(
-        &mut ws,
-        json!({"id": "a1", "type": "authenticate", "data": {"token": token(user, 3600)}}),
-    );
+    send(&mut ws, json!({"id": "a1", "type": "authenticate", "data": {"token": token(user, 3600)}}));
     let reply = recv(&mut ws);
     assert_eq!(reply["type"], "auth_success", "{reply}");
     ws
 }
 
 pub fn subscribe(ws: &mut Ws, channel: &str) {
-    send(
-        ws,
-        json!({"id": "s1", "type": "subscribe", "data": {"channel": channel}}),
-    );
+    send(ws, json!({"id": "s1", "type": "subscribe", "data": {"channel": channel}}));
     let reply = recv(ws);
     assert_eq!(reply["type"], "subscribed", "{reply}");
 }
@@ -185,11 +180,7 @@ pub fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, head.to_owned(), body.to_owned())
 }
 
@@ -244,11 +235,7 @@ impl Raw {
                 break p + 4;
             }
         };
-        assert!(
-            buf.starts_with(b"HTTP/1.1 101"),
-            "{}",
-            String::from_utf8_lossy(&buf)
-        );
+        assert!(buf.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf));
         buf.drain(..end);
         Raw { s, buf }
     }
@@ -287,13 +274,10 @@ impl Raw {
             if self.buf.len() >= 2 {
                 let op = self.buf[0] & 0x0f;
                 let (len, off) = match self.buf[1] & 0x7f {
-                    126 if self.buf.len() >= 4 => {
-                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
+                    127 if self.buf.len() >= 10 => {
+                        (u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize, 10)
                     }
-                    127 if self.buf.len() >= 10 => (
-                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
-                        10,
-                    ),
                     n if n < 126 => (n as usize, 2),
                     _ => (usize::MAX, 0),
                 };

@@ -1,0 +1,255 @@
+//! PROTOCOL.md §6: Kafka -> shards -> subscribers through the real Kafka
+//! protocol (librdkafka's mock cluster, owned by each test) and real sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::ClientConfig;
+use serde_json::json;
+
+const TOPICS: [&str; 4] = ["price.updates", "order.updates", "portfolio.updates", "trade.updates"];
+
+struct Kafka {
+    cluster: MockCluster<'static, DefaultProducerContext>,
+    producer: BaseProducer,
+}
+
+impl Kafka {
+    fn new(partitions: i32) -> Kafka {
+        let cluster = MockCluster::new(1).unwrap();
+        for t in TOPICS {
+            cluster.create_topic(t, partitions, 1).unwrap();
+        }
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", "60000")
+            .create()
+            .unwrap();
+        Kafka { cluster, producer }
+    }
+
+    fn bootstrap(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+
+    fn produce(&self, topic: &str, partition: Option<i32>, value: &[u8]) {
+        let mut rec = BaseRecord::<(), [u8]>::to(topic).payload(value);
+        if let Some(p) = partition {
+            rec = rec.partition(p);
+        }
+        let mut rec = rec;
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    self.producer.poll(Duration::from_millis(10));
+                    rec = back;
+                }
+            }
+        }
+        self.producer.poll(Duration::ZERO);
+    }
+
+    fn flush(&self) {
+        self.producer.flush(Duration::from_secs(30)).unwrap();
+    }
+}
+
+fn server(kafka: &Kafka, shards: &str) -> TestServer {
+    let srv = TestServer::start(&[("KAFKA_BROKERS", &kafka.bootstrap()), ("WS_SHARDS", shards)]);
+    srv.wait_ready();
+    srv
+}
+
+#[test]
+fn a_produced_price_reaches_every_subscriber_verbatim() {
+    let kafka = Kafka::new(4);
+    let srv = server(&kafka, "2");
+    let mut subs: Vec<Ws> = (0..12).map(|i| authed(srv.addr, &format!("k{i}"))).collect();
+    for ws in subs.iter_mut() {
+        subscribe(ws, "prices");
+    }
+    let shards = get_json(srv.addr, "/connections")["shards"].clone();
+    assert!(shards.as_array().unwrap().iter().all(|s| s["connections"].as_u64().unwrap() > 0), "{shards}");
+    let value =
+        br#"{"token":"ETH","chainId":8453,"price":"2150.45","nested":{"unknown":[true,null,1.5e3]},"s":"\u00e9\"q"}"#;
+    kafka.produce("price.updates", None, value);
+    kafka.flush();
+    for ws in subs.iter_mut() {
+        let text = recv_text(ws);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["type"], "price_update");
+        assert!(v["id"].is_string() && v["timestamp"].is_u64());
+        let data_start = text.find(r#""data":"#).unwrap() + 7;
+        assert_eq!(&text.as_bytes()[data_start..text.len() - 1], value, "data is the produced value, byte for byte");
+    }
+    assert_eq!(metric(srv.addr, "moonx_ws_kafka_messages_consumed_total{channel=\"prices\"}"), 1.0);
+}
+
+#[test]
+fn private_updates_reach_only_their_user() {
+    let kafka = Kafka::new(3);
+    let srv = server(&kafka, "2");
+    let users: Vec<String> = (0..8).map(|i| format!("user-{i}")).collect();
+    let mut conns: Vec<(usize, Ws)> = Vec::new();
+    for (u, user) in users.iter().enumerate() {
+        for _ in 0..2 {
+            let mut ws = authed(srv.addr, user);
+            for ch in ["orders", "portfolio", "trades"] {
+                subscribe(&mut ws, ch);
+            }
+            conns.push((u, ws));
+        }
+    }
+    // Bystanders: authenticated but unsubscribed, and not authenticated.
+    let mut quiet = authed(srv.addr, "user-0");
+    let mut anon = connect(srv.addr);
+    recv(&mut anon);
+    let per_user = 150; // 8 users x 150 x 3 topics = 3600 messages
+    let topics = ["order.updates", "portfolio.updates", "trade.updates"];
+    for i in 0..per_user {
+        for (u, user) in users.iter().enumerate() {
+            let topic = topics[i % 3];
+            // userId as a string for some users and as an integer-like string for others.
+            let value = json!({"userId": user, "owner": u, "seq": i, "topic": topic}).to_string();
+            kafka.produce(topic, Some(0), value.as_bytes());
+        }
+    }
+    kafka.flush();
+    for (u, ws) in conns.iter_mut() {
+        let mut last_seq_per_topic = std::collections::HashMap::new();
+        for _ in 0..per_user {
+            let m = recv(ws);
+            assert_eq!(m["data"]["owner"], *u, "a private update reached another user: {m}");
+            let topic = m["data"]["topic"].as_str().unwrap().to_owned();
+            let want_type = match topic.as_str() {
+                "order.updates" => "order_update",
+                "portfolio.updates" => "portfolio_update",
+                _ => "trade_update",
+            };
+            assert_eq!(m["type"], want_type);
+            let seq = m["data"]["seq"].as_i64().unwrap();
+            let last = last_seq_per_topic.insert(topic, seq);
+            assert!(last.is_none_or(|l| l < seq), "partition order kept");
+        }
+        send(ws, json!({"type":"ping"}));
+        assert_eq!(recv(ws)["type"], "pong", "exactly their own updates");
+    }
+    for ws in [&mut quiet, &mut anon] {
+        send(ws, json!({"type":"ping"}));
+        assert_eq!(recv(ws)["type"], "pong", "unsubscribed and unauthenticated receive nothing");
+    }
+}
+
+#[test]
+fn integer_user_ids_match_by_decimal_text() {
+    let kafka = Kafka::new(1);
+    let srv = server(&kafka, "1");
+    let mut ws = authed(srv.addr, "12345");
+    subscribe(&mut ws, "orders");
+    kafka.produce("order.updates", None, br#"{"userId":12345,"orderId":"o1","status":"filled"}"#);
+    kafka.flush();
+    let m = recv(&mut ws);
+    assert_eq!(m["type"], "order_update");
+    assert_eq!(m["data"]["orderId"], "o1");
+}
+
+#[test]
+fn invalid_values_are_counted_and_skipped() {
+    let kafka = Kafka::new(1);
+    let srv = server(&kafka, "1");
+    let mut ws = authed(srv.addr, "inv");
+    subscribe(&mut ws, "prices");
+    subscribe(&mut ws, "orders");
+    for bad in [&b"not json"[..], b"[1,2]", b"", b"{\"chainId\":1}", b"{\"token\":\"ETH\",\"chainId\":\"1\"}"] {
+        kafka.produce("price.updates", None, bad);
+    }
+    kafka.produce("order.updates", None, br#"{"status":"filled"}"#);
+    kafka.produce("price.updates", None, br#"{"token":"OK","chainId":1}"#);
+    kafka.flush();
+    let m = recv(&mut ws);
+    assert_eq!(m["data"]["token"], "OK", "valid values after invalid ones still arrive");
+    let invalid = metric(srv.addr, "moonx_ws_kafka_messages_invalid_total");
+    assert_eq!(invalid, 6.0);
+    assert_eq!(metric(srv.addr, "moonx_ws_kafka_messages_invalid_total{channel=\"prices\",reason=\"not_json\"}"), 1.0);
+    assert_eq!(
+        metric(srv.addr, "moonx_ws_kafka_messages_invalid_total{channel=\"orders\",reason=\"missing_routing_fields\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn partition_order_holds_over_a_thousand_messages() {
+    let kafka = Kafka::new(2);
+    let srv = server(&kafka, "2");
+    let mut subs: Vec<Ws> = (0..4).map(|i| authed(srv.addr, &format!("o{i}"))).collect();
+    for ws in subs.iter_mut() {
+        subscribe(ws, "prices");
+    }
+    for i in 0..1000 {
+        kafka.produce("price.updates", Some(1), format!(r#"{{"token":"T","chainId":1,"seq":{i}}}"#).as_bytes());
+    }
+    kafka.flush();
+    for ws in subs.iter_mut() {
+        for i in 0..1000 {
+            assert_eq!(recv(ws)["data"]["seq"], i);
+        }
+    }
+    // librdkafka reports statistics every second: wait (bounded) for them.
+    let lag = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        get(srv.addr, "/metrics").1.contains("moonx_ws_kafka_consumer_lag{topic=\"price.updates\",partition=\"1\"} 0")
+    });
+    assert!(lag, "lag exported per partition, caught up");
+    assert_eq!(metric(srv.addr, "moonx_ws_kafka_to_socket_latency_seconds_count"), 2000.0, "1000 updates x 2 shards");
+}
+
+#[test]
+fn delivery_resumes_after_the_broker_comes_back() {
+    let kafka = Kafka::new(1);
+    let srv = server(&kafka, "2");
+    let mut ws = authed(srv.addr, "bk");
+    subscribe(&mut ws, "prices");
+    kafka.produce("price.updates", None, br#"{"token":"before","chainId":1}"#);
+    kafka.flush();
+    assert_eq!(recv(&mut ws)["data"]["token"], "before");
+
+    kafka.cluster.broker_down(1).unwrap();
+    let degraded = (0..400).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        let h = get_json(srv.addr, "/health");
+        h["services"]["kafka"] == false && h["status"] == "degraded"
+    });
+    assert!(degraded, "health reports the broker outage");
+    // The service keeps serving clients meanwhile.
+    send(&mut ws, json!({"type":"ping"}));
+    assert_eq!(recv(&mut ws)["type"], "pong");
+
+    kafka.cluster.broker_up(1).unwrap();
+    kafka.produce("price.updates", None, br#"{"token":"after","chainId":1}"#);
+    kafka.flush();
+    assert_eq!(recv(&mut ws)["data"]["token"], "after", "delivery resumed without a restart");
+    let healthy = (0..400).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        get_json(srv.addr, "/health")["services"]["kafka"] == true
+    });
+    assert!(healthy);
+}
+
+#[test]
+fn embedded_mode_demo_feed_reaches_a_subscriber() {
+    let srv = TestServer::start(&[("DEMO_FEED", "true"), ("WS_SHARDS", "1")]);
+    srv.wait_ready();
+    let mut ws = authed(srv.addr, "newcomer");
+    subscribe(&mut ws, "prices");
+    let m = recv(&mut ws);
+    assert_eq!(m["type"], "price_update");
+    assert!(m["data"]["token"].is_string() && m["data"]["chainId"].is_number() && m["data"]["price"].is_string());
+    let h = get_json(srv.addr, "/health");
+    assert_eq!(h["services"]["kafka"], true);
+}

@@ -526,15 +526,15 @@ impl Conn {
                 if slot.pending.is_empty() {
                     slot.inflight = 0;
                     // Fully written: an idle connection keeps no write buffer.
-                    self.sending = Vec::new();
+                    shard.recycle(std::mem::take(&mut self.sending));
                     self.sent = 0;
                     return Ok(());
                 }
-                self.sending.clear();
-                std::mem::swap(&mut self.sending, &mut slot.pending);
+                let next = std::mem::take(&mut slot.pending);
+                slot.inflight = next.len();
+                shard.recycle(std::mem::replace(&mut self.sending, next));
                 self.sent = 0;
                 self.frames_from = 0;
-                slot.inflight = self.sending.len();
             }
             match Pin::new(&mut self.stream).poll_write(cx, &self.sending[self.sent..]) {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),

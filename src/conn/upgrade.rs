@@ -97,8 +97,10 @@ pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
     let mut greeting = Vec::with_capacity(256);
     write_switching_protocols(&key, &mut greeting);
     let leftover = buf[used..].to_vec();
-    drop(buf);
-    driver::run(Start { stream, ctx, ip, admission, identity, greeting, leftover }).await;
+    // The WebSocket phase runs as a task of its own, so the memory of this
+    // HTTP phase (request head, timers, read state) is freed now rather
+    // than held for the connection's lifetime.
+    glommio::spawn_local(driver::run(Start { stream, ctx, ip, admission, identity, greeting, leftover })).detach();
 }
 
 /// Reads until a complete head; `Err(None)` when the peer left.

@@ -31,7 +31,10 @@ use inbox::{Inbox, Route, Update};
 /// Updates a fan-out pass takes from the inbox before yielding.
 const FANOUT_BUDGET: usize = 256;
 /// Capacity reserved when an empty outbox first receives bytes.
-const OUTBOX_INITIAL: usize = 4096;
+const OUTBOX_INITIAL: usize = 1024;
+/// Outbox buffers kept for reuse per shard, and the largest kept.
+const SPARE_BUFFERS: usize = 1024;
+const SPARE_MAX_CAPACITY: usize = 64 * 1024;
 const NOT_LISTED: u32 = u32::MAX;
 
 /// A connection's state as the shard sees it.
@@ -61,6 +64,8 @@ pub struct Shard {
     conns: Slab<Slot>,
     prices: Vec<usize>,
     users: HashMap<Arc<str>, Vec<usize>>,
+    /// Empty outbox buffers for reuse: idle connections hold none.
+    spare: Vec<Vec<u8>>,
     max_buffered: usize,
     pub stats: Arc<ShardStats>,
     shutting_down: bool,
@@ -73,6 +78,7 @@ impl Shard {
             conns: Slab::new(),
             prices: Vec::new(),
             users: HashMap::new(),
+            spare: Vec::new(),
             max_buffered,
             stats,
             shutting_down: false,
@@ -182,12 +188,20 @@ impl Shard {
         }
     }
 
+    /// Takes back a written-out buffer for reuse by any connection.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() > 0 && buf.capacity() <= SPARE_MAX_CAPACITY && self.spare.len() < SPARE_BUFFERS {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
     /// Queues bytes for one connection (a reply or control frame),
     /// applying the slow-consumer rule. Returns false if they were dropped.
     pub fn queue(&mut self, key: usize, bytes: &[u8]) -> bool {
         let max = self.max_buffered;
         let slot = &mut self.conns[key];
-        let ok = append(slot, bytes, max);
+        let ok = append(slot, &mut self.spare, bytes, max);
         if !ok {
             self.stop_updates(key);
         }
@@ -203,7 +217,7 @@ impl Shard {
             Route::Prices => {
                 for &key in &self.prices {
                     let slot = &mut self.conns[key];
-                    if append(slot, &update.frame, max) {
+                    if append(slot, &mut self.spare, &update.frame, max) {
                         delivered += 1;
                     } else {
                         slow.push(key);
@@ -219,7 +233,7 @@ impl Shard {
                     if slot.subs & channel.bit() == 0 {
                         continue;
                     }
-                    if append(slot, &update.frame, max) {
+                    if append(slot, &mut self.spare, &update.frame, max) {
                         delivered += 1;
                     } else {
                         slow.push(key);
@@ -263,7 +277,7 @@ impl Shard {
 
 /// Appends `bytes` to a slot's outbox unless that would make it a slow
 /// consumer, in which case the backlog is dropped and the slot flagged.
-fn append(slot: &mut Slot, bytes: &[u8], max_buffered: usize) -> bool {
+fn append(slot: &mut Slot, spare: &mut Vec<Vec<u8>>, bytes: &[u8], max_buffered: usize) -> bool {
     if slot.pending.len() + slot.inflight + bytes.len() > max_buffered {
         slot.slow = true;
         slot.pending = Vec::new();
@@ -271,6 +285,7 @@ fn append(slot: &mut Slot, bytes: &[u8], max_buffered: usize) -> bool {
         return false;
     }
     if slot.pending.capacity() == 0 {
+        slot.pending = spare.pop().unwrap_or_default();
         slot.pending.reserve(OUTBOX_INITIAL.max(bytes.len()));
     }
     slot.pending.extend_from_slice(bytes);

@@ -177,7 +177,17 @@ pub fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.write_all(request.as_bytes()).unwrap();
     let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
+    let mut chunk = [0u8; 8192];
+    // Read to EOF, except after a 101: the upgraded connection stays open.
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+        if out.starts_with(b"HTTP/1.1 101") && out.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);

@@ -15,7 +15,7 @@ fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("shard_fanout");
     for n in [100usize, 1000, 5000] {
         let mut shard = Shard::new(0, 1 << 20, Arc::new(ShardStats::default()));
-        let keys: Vec<usize> = (0..n).map(|_| shard.insert()).collect();
+        let keys: Vec<usize> = (0..n).map(|_| shard.insert(-1, 0)).collect();
         for &k in &keys {
             shard.subscribe(k, Channel::Prices);
         }

@@ -138,6 +138,11 @@ pub struct Config {
     /// Time a client has to send its complete request head, in ms.
     #[arg(long, env = "WS_HANDSHAKE_TIMEOUT_MS", default_value = "5000", value_parser = parse_ms)]
     pub ws_handshake_timeout_ms: Duration,
+    /// Fan-out write coalescing, in µs: queued frames are written to each
+    /// socket at most once per interval (more frames per write, less CPU per
+    /// delivery, up to one interval of added latency). 0: write at once.
+    #[arg(long, env = "WS_FLUSH_INTERVAL_US", default_value = "0", value_parser = parse_us)]
+    pub ws_flush_interval_us: Duration,
     /// Updates each shard's inbox holds before the oldest is dropped (and counted).
     #[arg(long, env = "WS_SHARD_QUEUE_CAPACITY", default_value = "65536")]
     pub ws_shard_queue_capacity: NonZeroUsize,
@@ -176,6 +181,11 @@ fn parse_ms(s: &str) -> Result<Duration, String> {
         return Err("must be greater than 0".into());
     }
     Ok(Duration::from_millis(ms))
+}
+
+fn parse_us(s: &str) -> Result<Duration, String> {
+    let us: u64 = s.trim().parse().map_err(|e| format!("expected microseconds: {e}"))?;
+    Ok(Duration::from_micros(us))
 }
 
 fn parse_net(s: &str) -> Result<IpNet, String> {

@@ -86,6 +86,8 @@ pub struct ShardStats {
     pub protocol_closes: Counter,
     pub updates_processed: Counter,
     pub deliveries: Counter,
+    /// Socket writes done by the fan-out itself (no connection wake-up).
+    pub direct_writes: Counter,
     pub subscribers: [Counter; 4],
     /// Publish -> queued in every subscriber's outbox, in µs.
     pub fanout_latency_us: Mutex<Histogram<u64>>,
@@ -115,6 +117,7 @@ impl Default for ShardStats {
             protocol_closes: Counter::default(),
             updates_processed: Counter::default(),
             deliveries: Counter::default(),
+            direct_writes: Counter::default(),
             subscribers: Default::default(),
             // 1 µs .. 60 s at 3 significant figures; these bounds are valid.
             fanout_latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
@@ -200,6 +203,12 @@ pub fn render_prometheus(shards: &[std::sync::Arc<ShardStats>], extra: &Extra) -
         "moonx_ws_deliveries_total",
         "Update frames queued to subscribers.",
         sum(&|s| s.deliveries.get()),
+    );
+    counter(
+        &mut out,
+        "moonx_ws_direct_writes_total",
+        "Socket writes made by the shard fan-out directly, without waking the connection's task.",
+        sum(&|s| s.direct_writes.get()),
     );
 
     let _ = writeln!(

@@ -16,6 +16,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -102,7 +103,7 @@ struct Conn {
 
 pub async fn run(start: Start) {
     let Start { stream, ctx, ip, admission, identity, greeting, leftover } = start;
-    let key = ctx.shard.borrow_mut().insert();
+    let key = ctx.shard.borrow_mut().insert(stream.as_raw_fd(), greeting.len());
     ctx.stats.connections_accepted.inc();
     ctx.stats.connections_active.inc();
     let mono = ctx.global.clock.mono_ms();
@@ -143,7 +144,7 @@ pub async fn run(start: Start) {
         conn.on_bytes(&mut bytes, now);
     }
     std::future::poll_fn(|cx| conn.poll_pump(cx)).await;
-    conn.finish();
+    drop(conn); // see `Drop for Conn`
     drop(admission);
 }
 
@@ -531,9 +532,10 @@ impl Conn {
                     return Ok(());
                 }
                 let next = std::mem::take(&mut slot.pending);
-                slot.inflight = next.len();
+                // A direct write by the fan-out may have sent a prefix already.
+                self.sent = std::mem::take(&mut slot.pre_sent);
+                slot.inflight = next.len() - self.sent;
                 shard.recycle(std::mem::replace(&mut self.sending, next));
-                self.sent = 0;
                 self.frames_from = 0;
             }
             match Pin::new(&mut self.stream).poll_write(cx, &self.sending[self.sent..]) {
@@ -565,8 +567,14 @@ impl Conn {
         };
         self.ctx.shard.borrow_mut().slot(self.key).deadline_ms = next;
     }
+}
 
-    fn finish(mut self) {
+impl Drop for Conn {
+    /// Unregisters the connection. Runs before the fields (the socket among
+    /// them) are dropped, so the shard never holds the fd of a closed socket,
+    /// which the fan-out's direct writes rely on; and it runs on every exit,
+    /// also when the executor drops the task at shutdown.
+    fn drop(&mut self) {
         self.ctx.shard.borrow_mut().remove(self.key);
         self.ctx.stats.connections_active.sub(1);
         if let Some((user, counter)) = self.user_rate.take() {

@@ -126,7 +126,8 @@ pub async fn run_shard(
     let accept = spawn_local(accept_loop(listener, ctx.clone()));
     let publisher = global.publisher.clone();
     let shard = ctx.shard.clone();
-    let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id)).await });
+    let interval = global.config.ws_flush_interval_us;
+    let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id), interval).await });
     let tick = spawn_local(tick_loop(ctx.clone()));
 
     std::future::poll_fn(|cx| {

@@ -17,10 +17,11 @@ pub mod inbox;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use slab::Slab;
 
@@ -57,6 +58,13 @@ pub struct Slot {
     pub shutdown: bool,
     /// Monotonic ms at which the tick must wake the driver.
     pub deadline_ms: u64,
+    /// The connection's socket, for direct writes by the fan-out.
+    pub fd: RawFd,
+    /// Bytes at the front of `pending` already written by a direct write
+    /// that stopped part-way (the driver continues from there).
+    pub pre_sent: usize,
+    /// Listed in the shard's dirty list (bytes queued since the last flush).
+    dirty: bool,
 }
 
 pub struct Shard {
@@ -66,6 +74,8 @@ pub struct Shard {
     users: HashMap<Arc<str>, Vec<usize>>,
     /// Empty outbox buffers for reuse: idle connections hold none.
     spare: Vec<Vec<u8>>,
+    /// Connections the fan-out queued bytes for since the last flush.
+    dirty: Vec<usize>,
     max_buffered: usize,
     pub stats: Arc<ShardStats>,
     shutting_down: bool,
@@ -79,18 +89,22 @@ impl Shard {
             prices: Vec::new(),
             users: HashMap::new(),
             spare: Vec::new(),
+            dirty: Vec::new(),
             max_buffered,
             stats,
             shutting_down: false,
         }
     }
 
-    /// Adds a connection; returns its key.
-    pub fn insert(&mut self) -> usize {
+    /// Adds a connection; returns its key. `inflight` is what its driver
+    /// has yet to write (the 101 response), so direct writes wait for it.
+    pub fn insert(&mut self, fd: RawFd, inflight: usize) -> usize {
         self.conns.insert(Slot {
             prices_pos: NOT_LISTED,
             shutdown: self.shutting_down,
             deadline_ms: u64::MAX,
+            fd,
+            inflight,
             ..Slot::default()
         })
     }
@@ -202,6 +216,9 @@ impl Shard {
         let max = self.max_buffered;
         let slot = &mut self.conns[key];
         let ok = append(slot, &mut self.spare, bytes, max);
+        if ok {
+            wake(slot);
+        }
         if !ok {
             self.stop_updates(key);
         }
@@ -218,6 +235,7 @@ impl Shard {
                 for &key in &self.prices {
                     let slot = &mut self.conns[key];
                     if append(slot, &mut self.spare, &update.frame, max) {
+                        mark_dirty(slot, key, &mut self.dirty);
                         delivered += 1;
                     } else {
                         slow.push(key);
@@ -234,6 +252,7 @@ impl Shard {
                         continue;
                     }
                     if append(slot, &mut self.spare, &update.frame, max) {
+                        mark_dirty(slot, key, &mut self.dirty);
                         delivered += 1;
                     } else {
                         slow.push(key);
@@ -248,6 +267,39 @@ impl Shard {
         self.stats.sent[idx].add(delivered as u64);
         self.stats.deliveries.add(delivered as u64);
         delivered
+    }
+
+    /// Writes what the fan-out queued, straight to each socket: one
+    /// non-blocking `send` per connection for all its queued frames, with
+    /// no task wake-up when the socket takes it all (the common case). A
+    /// connection whose driver is mid-write, whose socket is full or short,
+    /// or that is closing is left to its driver, which is woken.
+    pub fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for key in dirty.drain(..) {
+            let Some(slot) = self.conns.get_mut(key) else { continue };
+            slot.dirty = false;
+            if slot.pending.is_empty() {
+                continue;
+            }
+            if slot.inflight > 0 || slot.closing || slot.pre_sent > 0 {
+                wake(slot);
+                continue;
+            }
+            match crate::sys::send_nonblocking(slot.fd, &slot.pending) {
+                Ok(n) if n == slot.pending.len() => {
+                    let buf = std::mem::take(&mut slot.pending);
+                    self.stats.direct_writes.inc();
+                    self.recycle(buf);
+                }
+                Ok(n) => {
+                    slot.pre_sent = n;
+                    wake(slot);
+                }
+                Err(_) => wake(slot), // full (EAGAIN) or broken: the driver handles it
+            }
+        }
+        self.dirty = dirty;
     }
 
     /// Wakes every connection whose deadline has passed.
@@ -289,8 +341,14 @@ fn append(slot: &mut Slot, spare: &mut Vec<Vec<u8>>, bytes: &[u8], max_buffered:
         slot.pending.reserve(OUTBOX_INITIAL.max(bytes.len()));
     }
     slot.pending.extend_from_slice(bytes);
-    wake(slot);
     true
+}
+
+fn mark_dirty(slot: &mut Slot, key: usize, dirty: &mut Vec<usize>) {
+    if !slot.dirty {
+        slot.dirty = true;
+        dirty.push(key);
+    }
 }
 
 fn wake(slot: &mut Slot) {
@@ -304,7 +362,13 @@ fn wake(slot: &mut Slot) {
 
 /// The shard's fan-out task: drains its inbox in budgeted batches and
 /// parks on the inbox's waker when it is empty.
-pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox) {
+///
+/// `flush_interval` is the latency/CPU trade (`WS_FLUSH_INTERVAL_US`): queued
+/// frames are written at most once per interval, so under load each socket
+/// write carries more frames (fewer syscalls per delivery) at the price of up
+/// to one interval of added latency. Zero writes after every batch.
+pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval: Duration) {
+    let mut last_flush = Instant::now();
     loop {
         let mut taken = 0;
         {
@@ -328,9 +392,21 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox) {
                 }
             }
             stats.updates_processed.add(taken as u64);
+            drop((hist, e2e));
+            if flush_interval.is_zero() || last_flush.elapsed() >= flush_interval {
+                shard.flush_dirty();
+                last_flush = Instant::now();
+            }
         }
         if taken == FANOUT_BUDGET {
             glommio::yield_if_needed().await;
+            continue;
+        }
+        if !shard.borrow().dirty.is_empty() {
+            // Frames are waiting for the next flush: sleep until it is due
+            // (updates arriving meanwhile join the same writes).
+            let due = flush_interval.saturating_sub(last_flush.elapsed());
+            glommio::timer::sleep(due).await;
             continue;
         }
         std::future::poll_fn(|cx| {
@@ -397,7 +473,7 @@ mod tests {
     #[test]
     fn prices_reach_subscribers_only() {
         let mut s = shard(1 << 20);
-        let (a, b, c) = (s.insert(), s.insert(), s.insert());
+        let (a, b, c) = (s.insert(-1, 0), s.insert(-1, 0), s.insert(-1, 0));
         s.subscribe(a, Channel::Prices);
         s.subscribe(c, Channel::Prices);
         let u = price("{}");
@@ -412,7 +488,7 @@ mod tests {
     #[test]
     fn private_updates_reach_only_their_user_and_channel() {
         let mut s = shard(1 << 20);
-        let (a, b, a2) = (s.insert(), s.insert(), s.insert());
+        let (a, b, a2) = (s.insert(-1, 0), s.insert(-1, 0), s.insert(-1, 0));
         s.set_user(a, "alice".into());
         s.set_user(a2, "alice".into());
         s.set_user(b, "bob".into());
@@ -431,7 +507,7 @@ mod tests {
     fn slow_consumer_is_dropped_and_others_still_served() {
         let u = price(&format!("{{\"pad\":\"{}\"}}", "x".repeat(100)));
         let mut s = shard(u.frame.len() * 3);
-        let (slow, fast) = (s.insert(), s.insert());
+        let (slow, fast) = (s.insert(-1, 0), s.insert(-1, 0));
         s.subscribe(slow, Channel::Prices);
         s.subscribe(fast, Channel::Prices);
         s.slot(slow).inflight = u.frame.len();
@@ -448,7 +524,7 @@ mod tests {
     #[test]
     fn removal_keeps_the_price_list_consistent() {
         let mut s = shard(1 << 20);
-        let keys: Vec<_> = (0..5).map(|_| s.insert()).collect();
+        let keys: Vec<_> = (0..5).map(|_| s.insert(-1, 0)).collect();
         for &k in &keys {
             s.subscribe(k, Channel::Prices);
         }

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Side-by-side measurement of moonx-ws and the peer servers, in one run.
+#
+# Server pinned to core 0; load client and the mock Kafka broker on core 1.
+# Every step is bounded in time. Results: one JSON line per measurement in
+# perf/out/<stamp>/, and a summary table on stdout.
+#
+# Usage: perf/compare.sh [servers...]   (default: moonx-ws rust-tokio)
+#   PEERS_DIR   where the peers were copied and built (default /tmp/peers)
+#   RUNS        repetitions of each measurement (default 3; the median is reported)
+#   FANOUT_SECS measured seconds per fan-out run (default 10)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEERS_DIR=${PEERS_DIR:-/tmp/peers}
+RUNS=${RUNS:-3}
+FANOUT_SECS=${FANOUT_SECS:-10}
+SECRET=loadtest-secret
+PORT=3101
+servers=("${@:-moonx-ws rust-tokio}")
+read -r -a servers <<< "${servers[*]}"
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+out=perf/out/$stamp
+mkdir -p "$out"
+
+cargo build --release --quiet -p moonx-ws -p moonx-loadtest
+LT=target/release/moonx-loadtest
+
+cleanup() { pkill -P $$ 2>/dev/null || true; [ -n "${SERVER_PID:-}" ] && kill "$SERVER_PID" 2>/dev/null || true; }
+trap cleanup EXIT
+
+taskset -c 1 "$LT" broker --duration 3600 --address-file "$out/broker" > /dev/null 2>&1 &
+for _ in $(seq 100); do [ -s "$out/broker" ] && break; sleep 0.1; done
+BROKERS=$(cat "$out/broker")
+
+start_server() {
+  local name=$1
+  case "$name" in
+    moonx-ws)
+      env KAFKA_BROKERS="$BROKERS" KAFKA_FETCH_WAIT_MAX_MS=5 JWT_SECRET=$SECRET WS_SHARDS=${WS_SHARDS:-1} \
+        WEBSOCKET_SERVICE_HOST=127.0.0.1 WEBSOCKET_SERVICE_PORT=$PORT RATE_LIMIT_MAX_CONNECTIONS_PER_IP=100000 \
+        WS_MAX_CONNECTIONS=19000 WS_FLUSH_INTERVAL_US=${WS_FLUSH_INTERVAL_US:-0} LOG_LEVEL=warn taskset -c "${SERVER_CPUS:-0}" target/release/moonx-ws > "$out/$name.log" 2>&1 &
+      ;;
+    rust-tokio)
+      env PORT=$PORT JWT_SECRET=$SECRET KAFKA_BROKERS="$BROKERS" \
+        taskset -c 0 "$PEERS_DIR/rust-tokio/target/release/rust-tokio-peer" > "$out/$name.log" 2>&1 &
+      ;;
+    go-gorilla)
+      env PORT=$PORT JWT_SECRET=$SECRET KAFKA_BROKERS="$BROKERS" GOMAXPROCS=1 \
+        taskset -c 0 "$PEERS_DIR/go-gorilla/go-gorilla-peer" > "$out/$name.log" 2>&1 &
+      ;;
+    node-ws)
+      (cd "$PEERS_DIR/node-ws" && env PORT=$PORT JWT_SECRET=$SECRET KAFKA_BROKERS="$BROKERS" \
+        taskset -c 0 node server.js > "../../$out/$name.log" 2>&1) &
+      ;;
+    *) echo "unknown server $name" >&2; exit 2 ;;
+  esac
+  SERVER_PID=$!
+  for _ in $(seq 200); do
+    (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break
+    sleep 0.05
+  done
+  # env and taskset exec the server, so $! is its PID; node runs under a subshell.
+  if [ "$name" = node-ws ]; then SERVER_PID=$(pgrep -n -P "$SERVER_PID" node || echo "$SERVER_PID"); fi
+  sleep 3 # let the consumer join and position
+}
+
+stop_server() {
+  kill "$SERVER_PID" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=
+  sleep 1
+}
+
+measure() { # name label args...
+  local name=$1 label=$2; shift 2
+  taskset -c 1 timeout 300 "$LT" "$@" --server 127.0.0.1:$PORT --jwt-secret $SECRET --server-pid "$SERVER_PID" --json \
+    | tee -a "$out/$name.$label.jsonl" > /dev/null || echo "{\"error\":\"$name $label failed\"}" >> "$out/$name.$label.jsonl"
+}
+
+for name in "${servers[@]}"; do
+  for run in $(seq "$RUNS"); do
+    echo "== $name run $run/$RUNS" >&2
+    start_server "$name"
+    measure "$name" connect10k connect -c 10000 --sources 64 --hold 3
+    stop_server
+    start_server "$name"
+    measure "$name" fanout200 fanout --brokers "$BROKERS" -c 5000 -r 200 -d "$FANOUT_SECS" --sources 64
+    measure "$name" fanout10 fanout --brokers "$BROKERS" -c 5000 -r 10 -d "$FANOUT_SECS" --sources 64
+    stop_server
+  done
+done
+
+python3 perf/summarize.py "$out"
+echo "raw results: $out" >&2

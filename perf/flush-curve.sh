@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The latency/CPU trade of WS_FLUSH_INTERVAL_US under 5000 subscribers x
+# 200 updates/s: one fan-out run per interval, then perf/flush-curve.png
+# (p99 latency against server CPU per delivery) and a table.
+# Usage: perf/flush-curve.sh [intervals in µs...]   (bounded: ~25 s per point)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+intervals=("${@:-0 1000 2000 5000 10000 20000}")
+read -r -a intervals <<< "${intervals[*]}"
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+out=perf/out/curve-$stamp
+mkdir -p "$out"
+cargo build --release --quiet -p moonx-ws -p moonx-loadtest
+LT=target/release/moonx-loadtest
+trap 'pkill -P $$ 2>/dev/null || true' EXIT
+taskset -c 1 "$LT" broker --duration 3600 --address-file "$out/broker" > /dev/null 2>&1 &
+for _ in $(seq 100); do [ -s "$out/broker" ] && break; sleep 0.1; done
+BROKERS=$(cat "$out/broker")
+for us in "${intervals[@]}"; do
+  env KAFKA_BROKERS="$BROKERS" KAFKA_FETCH_WAIT_MAX_MS=5 JWT_SECRET=loadtest-secret WS_SHARDS=1 \
+    WEBSOCKET_SERVICE_HOST=127.0.0.1 WEBSOCKET_SERVICE_PORT=3102 RATE_LIMIT_MAX_CONNECTIONS_PER_IP=100000 \
+    WS_MAX_CONNECTIONS=19000 WS_FLUSH_INTERVAL_US="$us" LOG_LEVEL=warn taskset -c 0 target/release/moonx-ws > "$out/server-$us.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/3102) 2>/dev/null && break; sleep 0.05; done
+  sleep 2
+  taskset -c 1 timeout 300 "$LT" fanout --server 127.0.0.1:3102 --brokers "$BROKERS" -c 5000 -r 200 -d "${FANOUT_SECS:-10}" \
+    --sources 64 --jwt-secret loadtest-secret --server-pid "$pid" --json | sed "s/^{/{\"flush_interval_us\":$us,/" >> "$out/curve.jsonl"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+done
+python3 - "$out" <<'PY'
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+rows = [json.loads(l) for l in (out / "curve.jsonl").read_text().splitlines() if l.strip()]
+print("| WS_FLUSH_INTERVAL_US | CPU µs/delivery | p50 ms | p99 ms | p99.9 ms | delivered/s | gaps |")
+print("|---|---|---|---|---|---|---|")
+for r in rows:
+    l = r["latency"]
+    print(f"| {r['flush_interval_us']} | {r['server']['cpu_us_per_delivery']:.3f} | {l['p50_us']/1e3:.1f} | {l['p99_us']/1e3:.1f} | {l['p999_us']/1e3:.1f} | {r['deliveries_per_s']:,.0f} | {r['gaps']} |")
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    xs = [r["server"]["cpu_us_per_delivery"] for r in rows]
+    ys = [r["latency"]["p99_us"] / 1e3 for r in rows]
+    plt.figure(figsize=(6, 4))
+    plt.plot(xs, ys, "o-")
+    for r, x, y in zip(rows, xs, ys):
+        plt.annotate(f"{r['flush_interval_us']} µs", (x, y), textcoords="offset points", xytext=(5, 5))
+    plt.xlabel("server CPU per delivery (µs)")
+    plt.ylabel("p99 publish→receive latency (ms)")
+    plt.title("5000 subscribers × 200 updates/s, one core")
+    plt.grid(True, alpha=0.3)
+    plt.tight_layout()
+    plt.savefig(out / "flush-curve.png", dpi=120)
+    print(f"plot: {out / 'flush-curve.png'}")
+except ImportError:
+    print("(matplotlib not installed: no plot)")
+PY

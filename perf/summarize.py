@@ -1,0 +1,33 @@
+#!/usr/bin/env python3
+"""Median-of-runs table from perf/compare.sh output (one JSONL per server and scenario)."""
+import json, pathlib, statistics, sys
+
+out = pathlib.Path(sys.argv[1])
+rows = {}
+for f in sorted(out.glob("*.jsonl")):
+    name, label = f.stem.split(".", 1)
+    runs = [json.loads(l) for l in f.read_text().splitlines() if l.strip().startswith("{")]
+    runs = [r for r in runs if "error" not in r]
+    if runs:
+        rows.setdefault(name, {})[label] = runs
+
+def med(runs, *path):
+    vals = []
+    for r in runs:
+        v = r
+        for p in path:
+            v = v.get(p) if isinstance(v, dict) else None
+        if isinstance(v, (int, float)):
+            vals.append(v)
+    return statistics.median(vals) if vals else float("nan")
+
+print("| server | fanout 5000x200/s delivered/s | CPU µs/delivery | p50 / p99 / p99.9 ms | gaps | fanout 5000x10/s CPU µs/delivery | p50 / p99 ms | 10k idle RSS B/conn | CPU µs/conn | conn/s |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for name, s in rows.items():
+    f2, f1, c = s.get("fanout200", []), s.get("fanout10", []), s.get("connect10k", [])
+    print(f"| {name} | {med(f2,'deliveries_per_s'):,.0f} | {med(f2,'server','cpu_us_per_delivery'):.3f} | "
+          f"{med(f2,'latency','p50_us')/1000:.1f} / {med(f2,'latency','p99_us')/1000:.1f} / {med(f2,'latency','p999_us')/1000:.1f} | "
+          f"{med(f2,'gaps'):.0f} | {med(f1,'server','cpu_us_per_delivery'):.2f} | "
+          f"{med(f1,'latency','p50_us')/1000:.1f} / {med(f1,'latency','p99_us')/1000:.1f} | "
+          f"{med(c,'server','rss_bytes_per_connection'):,.0f} | {med(c,'server','cpu_us_per_connection'):.0f} | {med(c,'connections_per_s'):,.0f} |")
+print(f"\n(median of {max((len(v) for s in rows.values() for v in s.values()), default=0)} runs each)")

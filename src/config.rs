@@ -67,6 +67,13 @@ pub struct Config {
     /// Prefix of every Redis key this service writes.
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "moonx:ws:")]
     pub redis_key_prefix: String,
+    /// Longest a new connection waits for Redis' per-IP answer, in ms
+    /// (then the local count decides).
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value = "100", value_parser = parse_ms)]
+    pub redis_timeout_ms: Duration,
+    /// How often message counts and the registry are reconciled with Redis, in ms.
+    #[arg(long, env = "REDIS_SYNC_INTERVAL_MS", default_value = "1000", value_parser = parse_ms)]
+    pub redis_sync_interval_ms: Duration,
 
     /// Kafka bootstrap servers (unset: an embedded broker on loopback).
     #[arg(long, env = "KAFKA_BROKERS")]

@@ -16,7 +16,7 @@
 //!
 //! Module map: [`protocol`] is sans-IO (frames, HTTP upgrade, messages,
 //! session state machine); [`config`] the typed settings; [`auth`] token
-//! verification; [`ingest`] Kafka -> validated, pre-encoded updates; [`limits`] connection and message limits; [`shard`] the
+//! verification; [`cluster`] Redis: cluster-wide limits and registry; [`ingest`] Kafka -> validated, pre-encoded updates; [`limits`] connection and message limits; [`shard`] the
 //! per-core registry, inbox and fan-out; [`conn`] the per-connection driver;
 //! [`http`] the HTTP endpoints; [`telemetry`] counters, histograms, logs;
 //! [`server`] starts and stops it all.
@@ -25,6 +25,7 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod http;

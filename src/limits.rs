@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
@@ -33,7 +33,12 @@ pub struct Limits {
     ips: Stripes<IpAddr, u32>,
     users: Stripes<Arc<str>, Arc<RateCounter>>,
     hasher: std::collections::hash_map::RandomState,
+    /// Tells Redis an IP's new local count when a connection closes.
+    remote_release: OnceLock<RemoteRelease>,
 }
+
+/// Called with an IP and this instance's new count of its connections.
+pub type RemoteRelease = Box<dyn Fn(IpAddr, u32) + Send + Sync>;
 
 /// What a client message may do under the message limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,17 +56,33 @@ pub enum RateDecision {
 pub struct Admission {
     limits: Arc<Limits>,
     ip: IpAddr,
+    local: u32,
+}
+
+impl Admission {
+    /// This instance's connections from the IP, this one included, at admission.
+    pub fn local_count(&self) -> u32 {
+        self.local
+    }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
         self.limits.total.fetch_sub(1, Ordering::Relaxed);
         let mut ips = self.limits.stripe(&self.limits.ips, &self.ip).lock();
-        if let Some(n) = ips.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                ips.remove(&self.ip);
+        let left = match ips.get_mut(&self.ip) {
+            Some(n) => {
+                *n -= 1;
+                *n
             }
+            None => 0,
+        };
+        if left == 0 {
+            ips.remove(&self.ip);
+        }
+        drop(ips);
+        if let Some(release) = self.limits.remote_release.get() {
+            release(self.ip, left);
         }
     }
 }
@@ -77,7 +98,26 @@ impl Limits {
             ips: Default::default(),
             users: Default::default(),
             hasher: Default::default(),
+            remote_release: OnceLock::new(),
         }
+    }
+
+    /// Installs the Redis hook (once, at start).
+    pub fn set_remote_release(&self, f: RemoteRelease) {
+        let _ = self.remote_release.set(f);
+    }
+
+    /// This instance's open connections per IP (for Redis heartbeats).
+    pub fn ip_counts(&self) -> Vec<(IpAddr, u32)> {
+        self.ips.iter().flat_map(|s| s.lock().iter().map(|(ip, n)| (*ip, *n)).collect::<Vec<_>>()).collect()
+    }
+
+    /// Every user with an open connection here, with their counter.
+    pub fn user_counters(&self) -> Vec<(Arc<str>, Arc<RateCounter>)> {
+        self.users
+            .iter()
+            .flat_map(|s| s.lock().iter().map(|(u, c)| (u.clone(), c.clone())).collect::<Vec<_>>())
+            .collect()
     }
 
     fn stripe<'a, K: Hash, V>(&self, stripes: &'a Stripes<K, V>, key: &K) -> &'a Mutex<HashMap<K, V>> {
@@ -102,7 +142,7 @@ impl Limits {
             return Err(Refusal::new(503, "server at connection capacity"));
         }
         *count += 1;
-        Ok(Admission { limits: self.clone(), ip })
+        Ok(Admission { limits: self.clone(), ip, local: *count })
     }
 
     /// Open WebSocket connections on this instance.
@@ -131,7 +171,9 @@ impl Limits {
         if !self.enabled {
             return RateDecision::Allowed;
         }
-        let count = counter.hit(now_ms, 1);
+        // Local count plus what other instances reported for this user's
+        // window at the last Redis reconciliation (0 without Redis).
+        let count = counter.hit(now_ms, 1).saturating_add(counter.others(now_ms / WINDOW_MS));
         self.judge(count, now_ms)
     }
 
@@ -151,6 +193,10 @@ impl Limits {
 #[derive(Debug, Default)]
 pub struct RateCounter {
     state: AtomicU64,
+    /// Other instances' count for a window (window << 32 | count).
+    others: AtomicU64,
+    /// How much of this instance's count was pushed to Redis (window << 32 | count).
+    pushed: AtomicU64,
 }
 
 impl RateCounter {
@@ -169,12 +215,37 @@ impl RateCounter {
 
     /// This window's count (0 if the stored window is over).
     pub fn current(&self, now_ms: u64) -> u32 {
-        let s = self.state.load(Ordering::Relaxed);
-        if (s >> 32) as u32 == (now_ms / WINDOW_MS) as u32 {
-            s as u32
-        } else {
-            0
-        }
+        unpack(self.state.load(Ordering::Relaxed), now_ms / WINDOW_MS)
+    }
+
+    /// Other instances' count for `window` (a minute number).
+    pub fn others(&self, window: u64) -> u32 {
+        unpack(self.others.load(Ordering::Relaxed), window)
+    }
+
+    pub fn set_others(&self, window: u64, n: u32) {
+        self.others.store(pack(window, n), Ordering::Relaxed);
+    }
+
+    /// How much of `window`'s local count Redis already has.
+    pub fn pushed(&self, window: u64) -> u32 {
+        unpack(self.pushed.load(Ordering::Relaxed), window)
+    }
+
+    pub fn set_pushed(&self, window: u64, n: u32) {
+        self.pushed.store(pack(window, n), Ordering::Relaxed);
+    }
+}
+
+fn pack(window: u64, n: u32) -> u64 {
+    ((window as u32 as u64) << 32) | n as u64
+}
+
+fn unpack(v: u64, window: u64) -> u32 {
+    if (v >> 32) as u32 == window as u32 {
+        v as u32
+    } else {
+        0
     }
 }
 

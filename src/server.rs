@@ -15,6 +15,7 @@ use atomic_waker::AtomicWaker;
 use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 
 use crate::auth::{Auth, DevToken};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::ingest::{self, Ingest, IngestStats};
 use crate::limits::Limits;
@@ -30,6 +31,8 @@ pub struct Global {
     pub publisher: Publisher,
     pub stats: Vec<Arc<ShardStats>>,
     pub ingest: Arc<IngestStats>,
+    /// Redis: cluster-wide limits and registry (None without REDIS_URL).
+    pub cluster: Option<Arc<Cluster>>,
     pub clock: Clock,
     /// Unique name of this instance (host + pid + start time).
     pub instance_id: String,
@@ -110,6 +113,9 @@ impl ServerHandle {
         if let Some(ingest) = self.ingest.take() {
             ingest.stop();
         }
+        if let Some(cluster) = &self.global.cluster {
+            cluster.stop();
+        }
     }
 }
 
@@ -134,13 +140,18 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     let placeholder = reserve_port(requested).with_context(|| format!("cannot bind {requested}"))?;
     let addr = placeholder.local_addr()?;
 
+    let limits = Arc::new(Limits::new(&config));
+    let stats: Vec<Arc<ShardStats>> = (0..shards).map(|_| Arc::new(ShardStats::default())).collect();
+    let instance_id = instance_id();
+    let cluster = Cluster::start(&config, &instance_id, limits.clone(), stats.clone())?;
     let global = Arc::new(Global {
-        limits: Arc::new(Limits::new(&config)),
+        limits,
         publisher: Publisher::new(shards, config.ws_shard_queue_capacity.get()),
-        stats: (0..shards).map(|_| Arc::new(ShardStats::default())).collect(),
+        stats,
+        cluster,
         ingest: Arc::new(IngestStats::default()),
         clock: Clock::new(),
-        instance_id: instance_id(),
+        instance_id,
         listening: AtomicUsize::new(0),
         shutting_down: AtomicBool::new(false),
         stop_wakers: (0..shards).map(|_| AtomicWaker::new()).collect(),

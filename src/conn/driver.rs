@@ -28,6 +28,7 @@ use glommio::net::TcpStream;
 
 use super::ShardCtx;
 use crate::auth::{AuthFailure, Identity, Verification};
+use crate::cluster::RegistryEvent;
 use crate::limits::{Admission, RateCounter, RateDecision};
 use crate::protocol::frame::{
     decode_frame, encode_close, encode_frame, server_frame_len, Assembler, Message, OP_PING, OP_PONG,
@@ -130,6 +131,9 @@ pub async fn run(start: Start) {
         ctx,
     };
     tracing::debug!(conn = conn.id, %ip, "connection upgraded");
+    if let Some(cluster) = &conn.ctx.global.cluster {
+        cluster.event(RegistryEvent::Open { id: conn.id, ip, at_ms: now });
+    }
     match identity {
         Some(identity) => conn.on_verified(Ok(identity), None, now),
         None => {
@@ -353,12 +357,14 @@ impl Conn {
             Decision::Subscribed { channel, added } => {
                 if added {
                     self.ctx.shard.borrow_mut().subscribe(self.key, channel);
+                    self.registry(RegistryEvent::Subscriptions { id: self.id, subs: self.session.subscriptions() });
                 }
                 self.reply(&Outgoing::Subscribed { channel, request_id });
             }
             Decision::Unsubscribed { channel, removed } => {
                 if removed {
                     self.ctx.shard.borrow_mut().unsubscribe(self.key, channel);
+                    self.registry(RegistryEvent::Subscriptions { id: self.id, subs: self.session.subscriptions() });
                 }
                 self.reply(&Outgoing::Unsubscribed { channel, request_id });
             }
@@ -388,6 +394,7 @@ impl Conn {
                 let counter = self.ctx.global.limits.user_counter(&identity.user_id);
                 counter.hit(now, self.pre_auth.current(now));
                 self.user_rate = Some((identity.user_id.clone(), counter));
+                self.registry(RegistryEvent::Auth { id: self.id, user: identity.user_id.clone() });
                 self.auth_success(&identity, request_id);
                 tracing::debug!(conn = self.id, user = %identity.user_id, "authenticated");
             }
@@ -409,6 +416,13 @@ impl Conn {
             user: UserView { id: &identity.user_id, email: identity.email.as_deref() },
             request_id,
         });
+    }
+
+    /// Reports a registry change to Redis' sync worker (when configured).
+    fn registry(&self, e: RegistryEvent) {
+        if let Some(cluster) = &self.ctx.global.cluster {
+            cluster.event(e);
+        }
     }
 
     fn reply(&mut self, msg: &Outgoing) {
@@ -580,6 +594,7 @@ impl Drop for Conn {
         if let Some((user, counter)) = self.user_rate.take() {
             self.ctx.global.limits.release_user(&user, counter);
         }
+        self.registry(RegistryEvent::Close { id: self.id });
         tracing::debug!(conn = self.id, code = ?self.close_code.map(|c| c.0), "connection closed");
     }
 }

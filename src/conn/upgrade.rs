@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use super::driver::{self, Start};
 use super::ShardCtx;
 use crate::auth::Verification;
+use crate::cluster::IpVerdict;
 use crate::protocol::handshake::{
     bearer_token, parse_head, route, write_refusal, write_switching_protocols, Parsed, Refusal, RequestHead, Route,
     MAX_HEAD_BYTES,
@@ -68,6 +69,13 @@ pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
         Ok(a) => a,
         Err(r) => return refuse(&mut stream, &ctx, r).await,
     };
+    if let (Some(cluster), true) = (&ctx.global.cluster, cfg.rate_limit_enabled) {
+        // The one Redis round trip a new connection may make (bounded wait).
+        if cluster.admit_ip(ip, admission.local_count()).await == IpVerdict::OverLimit {
+            drop(admission);
+            return refuse(&mut stream, &ctx, Refusal::new(429, "too many connections from this IP")).await;
+        }
+    }
     let identity = match &head.authorization {
         None => None,
         Some(value) => {

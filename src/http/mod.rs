@@ -32,6 +32,20 @@ pub fn respond(head: &RequestHead, ctx: &ShardCtx, out: &mut Vec<u8>) {
             let dropped: Vec<u64> = (0..g.publisher.shard_count()).map(|i| g.publisher.inbox(i).dropped()).collect();
             let mut body = render_prometheus(&g.stats, &Extra { queue_dropped: &dropped });
             crate::ingest::render_metrics(&g.ingest, &mut body);
+            if let Some(c) = &g.cluster {
+                use std::fmt::Write as _;
+                use std::sync::atomic::Ordering::Relaxed;
+                let s = &c.state;
+                let _ = write!(
+                    body,
+                    "# HELP moonx_ws_redis_up Whether Redis answered the last sync.\n# TYPE moonx_ws_redis_up gauge\nmoonx_ws_redis_up {}\n\
+                     # HELP moonx_ws_redis_fallbacks_total New connections admitted on local counts because Redis did not answer.\n# TYPE moonx_ws_redis_fallbacks_total counter\nmoonx_ws_redis_fallbacks_total {}\n\
+                     # HELP moonx_ws_redis_registry_events_dropped_total Registry events dropped (queue full).\n# TYPE moonx_ws_redis_registry_events_dropped_total counter\nmoonx_ws_redis_registry_events_dropped_total {}\n",
+                    c.is_up() as u8,
+                    s.fallbacks.load(Relaxed),
+                    s.events_dropped.load(Relaxed)
+                );
+            }
             write_response(200, "text/plain; version=0.0.4", &[], body.as_bytes(), out)
         }
         "/connections" => connections(ctx, out),
@@ -48,7 +62,7 @@ fn health(ctx: &ShardCtx, out: &mut Vec<u8>) {
     let g = &ctx.global;
     let stats = &g.stats;
     let auth = g.auth.is_reachable();
-    let redis = true;
+    let redis = g.cluster.as_ref().is_none_or(|c| c.is_up());
     let kafka = g.ingest.broker_up.load(std::sync::atomic::Ordering::Relaxed);
     let status = if !g.is_listening() {
         "unhealthy"
@@ -95,6 +109,7 @@ fn connections(ctx: &ShardCtx, out: &mut Vec<u8>) {
         "authenticated": total(&g.stats, |s| s.connections_authenticated.get()),
         "shards": shards,
         "channels": channels,
+        "cluster": g.cluster.as_ref().map(|c| c.state.view.lock().clone()),
     });
     json_response(200, &body, out)
 }

@@ -11,7 +11,7 @@ use moonx_ws::shard::inbox::{Route, Update};
 use std::hint::black_box;
 
 const PRICE: &[u8] = br#"{"token":"ETH","chainId":8453,"price":"2150.45","priceUsd":"2150.45","change24h":"5.2","volume24h":"1250000","timestamp":1701234567890,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
-const LIMITS: Limits = Limits { max_message_bytes: 16384, max_fragments: 64 };
+const LIMITS: Limits = Limits { max_message_bytes: 16384, max_fragments: 64, accept_binary: false };
 
 fn masked(payload: &[u8]) -> Vec<u8> {
     let mask = [0x12, 0x34, 0x56, 0x78];

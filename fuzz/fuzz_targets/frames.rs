@@ -5,7 +5,7 @@ use libfuzzer_sys::fuzz_target;
 use moonx_ws::protocol::frame::{decode_frame, Assembler, Limits};
 
 fuzz_target!(|data: &[u8]| {
-    let limits = Limits { max_message_bytes: 16384, max_fragments: 64 };
+    let limits = Limits { max_message_bytes: 16384, max_fragments: 64, accept_binary: data.first() == Some(&0) };
     let mut buf = data.to_vec();
     let mut asm = Assembler::default();
     let mut pos = 0;

@@ -272,7 +272,7 @@ impl Conn {
     fn on_message(&mut self, msg: Message<'_>, now: u64) {
         match msg {
             Message::Text(text) if self.phase == Phase::Open => self.on_text(text, now),
-            Message::Text(_) | Message::Pong => {}
+            Message::Text(_) | Message::Pong | Message::Binary(_) => {}
             Message::Ping(payload) => {
                 if self.phase == Phase::Open {
                     // Answer only the latest ping of a burst (RFC 6455 §5.5.3).

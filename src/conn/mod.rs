@@ -52,6 +52,7 @@ impl ShardCtx {
             frame_limits: frame::Limits {
                 max_message_bytes: cfg.ws_max_message_bytes.get(),
                 max_fragments: cfg.ws_max_fragments.get(),
+                accept_binary: false,
             },
             timers: SessionTimers {
                 auth_timeout_ms: cfg.auth_timeout_ms.as_millis() as u64,

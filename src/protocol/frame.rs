@@ -29,6 +29,10 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Most frames one fragmented message may span (fragment floods).
     pub max_fragments: u32,
+    /// Binary messages are delivered instead of refused with 1003. The
+    /// service refuses them (PROTOCOL.md §3); the conformance echo build,
+    /// which exercises the codec itself, accepts them.
+    pub accept_binary: bool,
 }
 
 /// One frame located in the input: its header fields and where its
@@ -120,6 +124,8 @@ pub fn unmask(data: &mut [u8], mask: [u8; 4]) {
 pub enum Message<'a> {
     /// A whole text message, UTF-8 already checked.
     Text(&'a [u8]),
+    /// A whole binary message (only with [`Limits::accept_binary`]).
+    Binary(&'a [u8]),
     Ping(&'a [u8]),
     Pong,
     /// The peer's close frame: its status code, if it sent one.
@@ -135,6 +141,8 @@ pub struct Assembler {
     partial: Vec<u8>,
     /// Fragments seen of the current message; 0 when none is in progress.
     fragments: u32,
+    /// The message being reassembled is binary.
+    binary: bool,
 }
 
 impl Assembler {
@@ -149,19 +157,16 @@ impl Assembler {
             OP_PING => Ok(Some(Message::Ping(payload))),
             OP_PONG => Ok(Some(Message::Pong)),
             OP_CLOSE => parse_close(payload).map(|c| Some(Message::Close(c))),
-            OP_BINARY => {
-                if self.fragments > 0 {
-                    return Err(CloseCode::PROTOCOL);
-                }
-                Err(CloseCode::UNSUPPORTED)
-            }
-            OP_TEXT if self.fragments > 0 => Err(CloseCode::PROTOCOL),
+            OP_TEXT | OP_BINARY if self.fragments > 0 => Err(CloseCode::PROTOCOL),
+            OP_BINARY if !limits.accept_binary => Err(CloseCode::UNSUPPORTED),
+            OP_BINARY if frame.fin => Ok(Some(Message::Binary(payload))),
             OP_TEXT if frame.fin => {
                 check_utf8(payload)?;
                 Ok(Some(Message::Text(payload)))
             }
-            OP_TEXT => {
+            OP_TEXT | OP_BINARY => {
                 self.fragments = 1;
+                self.binary = frame.opcode == OP_BINARY;
                 self.partial.clear();
                 self.partial.extend_from_slice(payload);
                 Ok(None)
@@ -183,6 +188,9 @@ impl Assembler {
                     return Ok(None);
                 }
                 self.fragments = 0;
+                if self.binary {
+                    return Ok(Some(Message::Binary(&self.partial)));
+                }
                 check_utf8(&self.partial)?;
                 Ok(Some(Message::Text(&self.partial)))
             }
@@ -273,7 +281,7 @@ pub fn encode_close(code: CloseCode, reason: &str, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_message_bytes: 16384, max_fragments: 4 };
+    const LIMITS: Limits = Limits { max_message_bytes: 16384, max_fragments: 4, accept_binary: false };
 
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mask = [0x37, 0xfa, 0x21, 0x3d];
@@ -360,6 +368,20 @@ mod tests {
         assert_eq!(feed(&mut asm, client_frame(true, OP_TEXT, b"y")), Err(CloseCode::PROTOCOL));
         let mut asm = Assembler::default();
         assert_eq!(feed(&mut asm, client_frame(true, OP_BINARY, b"y")), Err(CloseCode::UNSUPPORTED));
+    }
+
+    #[test]
+    fn binary_only_where_accepted() {
+        let open = Limits { accept_binary: true, ..LIMITS };
+        let mut asm = Assembler::default();
+        let mut b = client_frame(false, OP_BINARY, &[1, 2]);
+        let f = decode_frame(&mut b, &open).unwrap().unwrap();
+        let p = b[f.payload.clone()].to_vec();
+        assert_eq!(asm.push(&f, &p, &open), Ok(None));
+        let mut c = client_frame(true, OP_CONTINUATION, &[0xff]);
+        let f = decode_frame(&mut c, &open).unwrap().unwrap();
+        let p = c[f.payload.clone()].to_vec();
+        assert_eq!(asm.push(&f, &p, &open), Ok(Some(Message::Binary(&[1, 2, 0xff]))), "not UTF-8 checked");
     }
 
     #[test]

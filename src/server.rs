@@ -34,6 +34,8 @@ pub struct Global {
     /// Redis: cluster-wide limits and registry (None without REDIS_URL).
     pub cluster: Option<Arc<Cluster>>,
     pub clock: Clock,
+    /// The `/docs` page, rendered once at start.
+    pub docs_html: String,
     /// Unique name of this instance (host + pid + start time).
     pub instance_id: String,
     /// Shards that have bound their listener.
@@ -151,6 +153,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         cluster,
         ingest: Arc::new(IngestStats::default()),
         clock: Clock::new(),
+        docs_html: crate::http::docs::render(dev_token.as_ref().map(|d| d.token.as_str())),
         instance_id,
         listening: AtomicUsize::new(0),
         shutting_down: AtomicBool::new(false),

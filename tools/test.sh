@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Runs every test. The Redis tests start a real redis-server on a free port,
-# so it is installed from Debian's packages first when missing.
+# Runs every test. The Redis tests start a real redis-server on a free port
+# and the browser test a headless Chromium, so both are installed from
+# Debian's packages first when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "installing redis-server (Debian package) for the Redis tests"
+# The browser test drives Debian's headless Chromium.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} (Debian packages) for the tests"
   export DEBIAN_FRONTEND=noninteractive
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 exec cargo test "$@"

@@ -5,14 +5,14 @@
 //! per-shard state (summed here, on the shard that serves the request); none
 //! of them touches another shard's connections.
 
+pub mod docs;
+
 use serde_json::json;
 
 use crate::conn::ShardCtx;
 use crate::protocol::handshake::{write_refusal, write_response, Refusal, RequestHead};
 use crate::protocol::message::Channel;
 use crate::telemetry::{render_prometheus, total, Extra};
-
-const DOCS_HTML: &str = include_str!("docs.html");
 
 /// Writes the response to an HTTP (non-upgrade) request.
 pub fn respond(head: &RequestHead, ctx: &ShardCtx, out: &mut Vec<u8>) {
@@ -49,7 +49,9 @@ pub fn respond(head: &RequestHead, ctx: &ShardCtx, out: &mut Vec<u8>) {
             write_response(200, "text/plain; version=0.0.4", &[], body.as_bytes(), out)
         }
         "/connections" => connections(ctx, out),
-        "/docs" | "/docs/" => write_response(200, "text/html; charset=utf-8", &[], DOCS_HTML.as_bytes(), out),
+        "/docs" | "/docs/" => {
+            write_response(200, "text/html; charset=utf-8", &[], ctx.global.docs_html.as_bytes(), out)
+        }
         _ => write_refusal(Refusal::new(404, "not found"), out),
     }
 }

@@ -1,0 +1,104 @@
+//! The `/docs` page: the protocol reference and live console
+//! (`docs.html`, no external assets), with examples rendered by the
+//! server's own encoders at start-up so they cannot drift from what it
+//! sends, and the dev token filled in when running in embedded mode.
+
+use crate::protocol::message::{encode_outgoing, Channel, ErrorCode, Outgoing, UserView};
+use crate::shard::inbox::{Route, Update};
+
+const TEMPLATE: &str = include_str!("docs.html");
+const EXAMPLE_TS: u64 = 1_701_234_567_890;
+
+/// Builds the page once; `dev_token` is set only in embedded-auth mode.
+pub fn render(dev_token: Option<&str>) -> String {
+    let token = dev_token.map(escape).unwrap_or_default();
+    TEMPLATE.replace("__DEV_TOKEN__", &token).replace("<!--EXAMPLES-->", &examples())
+}
+
+fn examples() -> String {
+    let user = UserView { id: "user_123", email: Some("user@example.com") };
+    let rid = Some("msg_1");
+    let server: Vec<Outgoing> = vec![
+        Outgoing::AuthRequired { timeout_ms: 10_000 },
+        Outgoing::AuthSuccess { user, request_id: rid },
+        Outgoing::AuthFailed { error: "Token expired", request_id: None },
+        Outgoing::Subscribed { channel: Channel::Prices, request_id: rid },
+        Outgoing::Unsubscribed { channel: Channel::Orders, request_id: rid },
+        Outgoing::Pong { now_ms: EXAMPLE_TS, request_id: rid },
+        Outgoing::Error {
+            code: ErrorCode::RateLimited,
+            message: "message rate limit exceeded",
+            request_id: rid,
+            retry_after_ms: Some(42_000),
+        },
+    ];
+    let mut out = String::from("<h3>Client to server</h3>\n");
+    for text in [
+        r#"{"id":"msg_1","type":"authenticate","timestamp":1701234567890,"data":{"token":"<JWT>"}}"#,
+        r#"{"id":"msg_2","type":"subscribe","timestamp":1701234567890,"data":{"channel":"prices"}}"#,
+        r#"{"id":"msg_3","type":"unsubscribe","data":{"channel":"prices"}}"#,
+        r#"{"id":"msg_4","type":"ping"}"#,
+    ] {
+        // Checked by the real parser: an example the server would refuse is a bug.
+        debug_assert!(crate::protocol::message::parse_client(text.as_bytes()).is_ok());
+        out.push_str(&format!("<pre>{}</pre>\n", escape(text)));
+    }
+    out.push_str("<h3>Server to client</h3>\n");
+    let (mut json, mut frame) = (Vec::new(), Vec::new());
+    for (i, msg) in server.iter().enumerate() {
+        frame.clear();
+        encode_outgoing(msg, &format!("s0-{}", i + 1), EXAMPLE_TS, &mut json, &mut frame);
+        out.push_str(&format!("<pre>{}</pre>\n", escape(&String::from_utf8_lossy(&json))));
+    }
+    let updates = [
+        (
+            Route::Prices,
+            r#"{"token":"ETH","chainId":8453,"price":"2150.45","priceUsd":"2150.45","change24h":"5.2","volume24h":"1250000","timestamp":1701234567890}"#,
+        ),
+        (
+            Route::User { channel: Channel::Orders, user: "user_123".into() },
+            r#"{"orderId":"order_123","userId":"user_123","status":"filled","tokenIn":"ETH","tokenOut":"USDC","amountIn":"1.0","amountOut":"2150.45","chainId":8453}"#,
+        ),
+        (
+            Route::User { channel: Channel::Portfolio, user: "user_123".into() },
+            r#"{"userId":"user_123","totalValue":10500.25,"tokens":[{"token":"ETH","balance":"2.5","valueUsd":5375.25}],"chainId":8453}"#,
+        ),
+        (
+            Route::User { channel: Channel::Trades, user: "user_123".into() },
+            r#"{"tradeId":"trade_123","userId":"user_123","tokenIn":"ETH","tokenOut":"USDC","amountIn":"1.0","amountOut":"2150.45","txHash":"0x123...","chainId":8453}"#,
+        ),
+    ];
+    for (i, (route, data)) in updates.into_iter().enumerate() {
+        let u = Update::encode(route, &format!("u{}", i + 1), EXAMPLE_TS, data.as_bytes());
+        let body_start = frame_header_len(&u.frame);
+        out.push_str(&format!("<pre>{}</pre>\n", escape(&String::from_utf8_lossy(&u.frame[body_start..]))));
+    }
+    out
+}
+
+fn frame_header_len(frame: &[u8]) -> usize {
+    match frame.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_examples_and_the_token() {
+        let page = render(Some("tok<en>"));
+        assert!(page.contains(r#"value="tok&lt;en&gt;""#));
+        assert!(page.contains("&quot;type&quot;:&quot;auth_required&quot;"));
+        assert!(page.contains("&quot;type&quot;:&quot;trade_update&quot;"));
+        assert!(!page.contains("<!--EXAMPLES-->"));
+        assert!(render(None).contains(r#"value="""#));
+    }
+}

@@ -16,7 +16,8 @@ fn main() -> anyhow::Result<()> {
     };
     moonx_ws::telemetry::init_logging(&config.log_format, &config.log_level);
     // Installed before anything listens, so an early SIGTERM is a graceful stop too.
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let server = moonx_ws::server::start(config)?;
     let addr = server.local_addr();
     if let Some(dev) = server.dev_token() {
@@ -31,8 +32,16 @@ fn main() -> anyhow::Result<()> {
             dev.token
         );
     }
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            match server.reload_tls() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded (when configured)"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificate"),
+            }
+            continue;
+        }
         tracing::info!(signal = sig, "shutdown requested");
+        break;
     }
     server.shutdown();
     server.join();

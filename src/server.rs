@@ -17,6 +17,7 @@ use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 use crate::auth::{Auth, DevToken};
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::conn::stream::Tls;
 use crate::ingest::{self, Ingest, IngestStats};
 use crate::limits::Limits;
 use crate::shard::inbox::Publisher;
@@ -36,6 +37,8 @@ pub struct Global {
     pub clock: Clock,
     /// The `/docs` page, rendered once at start.
     pub docs_html: String,
+    /// TLS settings when serving wss:// (reloadable).
+    pub tls: Option<Arc<Tls>>,
     /// Unique name of this instance (host + pid + start time).
     pub instance_id: String,
     /// Shards that have bound their listener.
@@ -98,6 +101,15 @@ impl ServerHandle {
         self.dev_token.as_ref()
     }
 
+    /// Re-reads the TLS certificate and key (as SIGHUP does): new
+    /// connections use them, open ones are untouched.
+    pub fn reload_tls(&self) -> anyhow::Result<()> {
+        match &self.global.tls {
+            Some(tls) => Ok(tls.reload()?),
+            None => Ok(()),
+        }
+    }
+
     /// Begins a graceful shutdown (as SIGTERM does).
     pub fn shutdown(&self) {
         self.global.begin_shutdown();
@@ -130,9 +142,7 @@ impl Drop for ServerHandle {
 
 /// Binds the port, starts the shards and returns once all are listening.
 pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
-    if config.tls_cert_file.is_some() || config.tls_key_file.is_some() {
-        anyhow::bail!("TLS_CERT_FILE/TLS_KEY_FILE: TLS termination is not built into this version yet; terminate TLS in front of the service");
-    }
+    let tls = Tls::from_files(config.tls_cert_file.as_deref(), config.tls_key_file.as_deref())?;
     let (auth, dev_token) = Auth::from_config(&config)?;
     let shards = config.shard_count();
     let requested = SocketAddr::new(config.websocket_service_host, config.websocket_service_port);
@@ -153,6 +163,7 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         cluster,
         ingest: Arc::new(IngestStats::default()),
         clock: Clock::new(),
+        tls,
         docs_html: crate::http::docs::render(dev_token.as_ref().map(|d| d.token.as_str())),
         instance_id,
         listening: AtomicUsize::new(0),

@@ -16,7 +16,6 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -24,8 +23,8 @@ use std::task::{Context, Poll};
 
 use futures_channel::oneshot;
 use futures_lite::io::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
 
+use super::stream::Stream;
 use super::ShardCtx;
 use crate::auth::{AuthFailure, Identity, Verification};
 use crate::cluster::RegistryEvent;
@@ -50,7 +49,7 @@ thread_local! {
 
 /// What `upgrade.rs` hands over.
 pub struct Start {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub ctx: Rc<ShardCtx>,
     pub ip: IpAddr,
     pub admission: Admission,
@@ -82,7 +81,7 @@ struct Conn {
     ctx: Rc<ShardCtx>,
     key: usize,
     id: u64,
-    stream: TcpStream,
+    stream: Stream,
     rbuf: Vec<u8>,
     asm: Assembler,
     session: Session,
@@ -104,7 +103,7 @@ struct Conn {
 
 pub async fn run(start: Start) {
     let Start { stream, ctx, ip, admission, identity, greeting, leftover } = start;
-    let key = ctx.shard.borrow_mut().insert(stream.as_raw_fd(), greeting.len());
+    let key = ctx.shard.borrow_mut().insert(stream.direct_fd(), greeting.len());
     ctx.stats.connections_accepted.inc();
     ctx.stats.connections_active.inc();
     let mono = ctx.global.clock.mono_ms();
@@ -543,7 +542,12 @@ impl Conn {
                     // Fully written: an idle connection keeps no write buffer.
                     shard.recycle(std::mem::take(&mut self.sending));
                     self.sent = 0;
-                    return Ok(());
+                    drop(shard);
+                    // TLS may hold encrypted bytes the socket did not take yet.
+                    return match Pin::new(&mut self.stream).poll_flush(cx) {
+                        Poll::Ready(r) => r,
+                        Poll::Pending => Ok(()),
+                    };
                 }
                 let next = std::mem::take(&mut slot.pending);
                 // A direct write by the fan-out may have sent a prefix already.

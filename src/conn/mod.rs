@@ -8,6 +8,7 @@
 //! up to `SHUTDOWN_GRACE_MS`).
 
 mod driver;
+pub mod stream;
 mod upgrade;
 
 use std::cell::{Cell, RefCell};

@@ -15,6 +15,7 @@ use glommio::net::TcpStream;
 use ipnet::IpNet;
 
 use super::driver::{self, Start};
+use super::stream::Stream;
 use super::ShardCtx;
 use crate::auth::Verification;
 use crate::cluster::IpVerdict;
@@ -26,20 +27,26 @@ use crate::protocol::handshake::{
 /// Bytes read per call while the head is incomplete.
 const HEAD_READ: usize = 2048;
 
-pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
-    let _ = stream.set_nodelay(true);
-    let Ok(peer) = stream.peer_addr() else { return };
+pub async fn serve(tcp: TcpStream, ctx: Rc<ShardCtx>) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(peer) = tcp.peer_addr() else { return };
     let mut buf = Vec::new();
     let timeout = ctx.global.config.ws_handshake_timeout_ms;
-    let read = future::or(read_head(&mut stream, &mut buf), async {
+    // The TLS handshake (if any) and the request head share one deadline;
+    // past it the socket is closed.
+    let opened = future::or(async { Some(open(tcp, &ctx, &mut buf).await) }, async {
         glommio::timer::sleep(timeout).await;
-        Err(Some(Refusal::new(408, "request head not received in time")))
+        None
     })
     .await;
-    let (head, used) = match read {
-        Ok(h) => h,
-        Err(Some(refusal)) => return refuse(&mut stream, &ctx, refusal).await,
-        Err(None) => return, // the peer went away
+    let (mut stream, head, used) = match opened {
+        Some(Ok(o)) => o,
+        Some(Err(Opening::Refused(mut stream, refusal))) => return refuse(&mut stream, &ctx, refusal).await,
+        Some(Err(Opening::Gone)) => return, // the peer went away or failed TLS
+        None => {
+            ctx.stats.refused(408);
+            return;
+        }
     };
     let key = match route(&head) {
         Route::Http => {
@@ -47,6 +54,7 @@ pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
             let mut out = Vec::new();
             crate::http::respond(&head, &ctx, &mut out);
             let _ = stream.write_all(&out).await;
+            let _ = stream.close().await; // flushes TLS and sends close_notify
             return;
         }
         Route::Refused(r) => return refuse(&mut stream, &ctx, r).await,
@@ -97,6 +105,7 @@ pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
                     crate::protocol::handshake::write_response(401, "application/json", &[], body.as_bytes(), &mut out);
                     ctx.stats.refused(401);
                     let _ = stream.write_all(&out).await;
+                    let _ = stream.close().await; // flushes TLS and sends close_notify
                     return;
                 }
             }
@@ -111,8 +120,32 @@ pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
     glommio::spawn_local(driver::run(Start { stream, ctx, ip, admission, identity, greeting, leftover })).detach();
 }
 
+enum Opening {
+    Gone,
+    Refused(Stream, Refusal),
+}
+
+/// Completes the TLS handshake when configured, then reads the request head.
+async fn open(tcp: TcpStream, ctx: &ShardCtx, buf: &mut Vec<u8>) -> Result<(Stream, RequestHead, usize), Opening> {
+    let mut stream = match &ctx.global.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => match tls.acceptor().accept(tcp).await {
+            Ok(s) => Stream::Tls(Box::new(s)),
+            Err(e) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return Err(Opening::Gone);
+            }
+        },
+    };
+    match read_head(&mut stream, buf).await {
+        Ok((head, used)) => Ok((stream, head, used)),
+        Err(Some(r)) => Err(Opening::Refused(stream, r)),
+        Err(None) => Err(Opening::Gone),
+    }
+}
+
 /// Reads until a complete head; `Err(None)` when the peer left.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(RequestHead, usize), Option<Refusal>> {
+async fn read_head(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<(RequestHead, usize), Option<Refusal>> {
     loop {
         let len = buf.len();
         buf.resize(len + HEAD_READ, 0);
@@ -130,11 +163,12 @@ async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(Request
     }
 }
 
-async fn refuse(stream: &mut TcpStream, ctx: &ShardCtx, refusal: Refusal) {
+async fn refuse(stream: &mut Stream, ctx: &ShardCtx, refusal: Refusal) {
     ctx.stats.refused(refusal.status);
     let mut out = Vec::new();
     write_refusal(refusal, &mut out);
     let _ = stream.write_all(&out).await;
+    let _ = stream.close().await; // flushes TLS and sends close_notify
 }
 
 /// The client's address: the TCP peer, or, when the peer is a trusted

@@ -58,7 +58,8 @@ pub struct Slot {
     pub shutdown: bool,
     /// Monotonic ms at which the tick must wake the driver.
     pub deadline_ms: u64,
-    /// The connection's socket, for direct writes by the fan-out.
+    /// The connection's socket, for direct writes by the fan-out; -1 when
+    /// its bytes must go through its driver (TLS).
     pub fd: RawFd,
     /// Bytes at the front of `pending` already written by a direct write
     /// that stopped part-way (the driver continues from there).
@@ -282,7 +283,7 @@ impl Shard {
             if slot.pending.is_empty() {
                 continue;
             }
-            if slot.inflight > 0 || slot.closing || slot.pre_sent > 0 {
+            if slot.inflight > 0 || slot.closing || slot.pre_sent > 0 || slot.fd < 0 {
                 wake(slot);
                 continue;
             }

@@ -84,3 +84,56 @@ fn sigterm_exits_zero_after_closing_clients() {
     };
     assert_eq!(exit.code(), Some(0));
 }
+
+#[test]
+fn shutdown_under_load_closes_thousands_with_1001_and_no_cut_frames() {
+    let mut srv = TestServer::start(&[
+        ("WS_SHARDS", "2"),
+        ("SHUTDOWN_GRACE_MS", "3000"),
+        ("RATE_LIMIT_MAX_CONNECTIONS_PER_IP", "5000"),
+    ]);
+    let n = 2000;
+    let mut clients: Vec<Raw> = (0..n).map(|i| raw_authed(srv.addr, &format!("load{i}"))).collect();
+    for c in clients.iter_mut() {
+        c.send_text(r#"{"type":"subscribe","data":{"channel":"prices"}}"#);
+    }
+    for c in clients.iter_mut() {
+        assert_eq!(c.recv()["type"], "subscribed");
+    }
+    let publisher = srv.handle().publisher();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 400 {
+                publisher.publish_data(Route::Prices, 0, format!(r#"{{"token":"T","chainId":1,"i":{i}}}"#).as_bytes());
+                i += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100)); // fan-out in progress
+    let handle = srv.handle.take().unwrap();
+    handle.shutdown();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    feeder.join().unwrap();
+    for (k, c) in clients.iter_mut().enumerate() {
+        let mut last = None;
+        let code = loop {
+            match c.read_frame() {
+                Some((1, payload)) => {
+                    let v: serde_json::Value = serde_json::from_slice(&payload).expect("whole frames only");
+                    let i = v["data"]["i"].as_u64().unwrap();
+                    assert!(last.is_none_or(|l| i == l + 1), "client {k}: in order, no gap");
+                    last = Some(i);
+                }
+                Some((8, payload)) => break u16::from_be_bytes([payload[0], payload[1]]),
+                Some(_) => {}
+                None => panic!("client {k}: connection ended without a close frame (or mid-frame)"),
+            }
+        };
+        assert_eq!(code, 1001, "client {k}");
+    }
+    handle.join();
+}

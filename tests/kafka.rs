@@ -253,3 +253,40 @@ fn embedded_mode_demo_feed_reaches_a_subscriber() {
     let h = get_json(srv.addr, "/health");
     assert_eq!(h["services"]["kafka"], true);
 }
+
+#[test]
+fn private_updates_survive_a_broker_outage_exactly_once_in_order() {
+    let kafka = Kafka::new(1);
+    let srv = server(&kafka, "2");
+    let mut ws = authed(srv.addr, "ledger");
+    subscribe(&mut ws, "orders");
+    let total = 300u64;
+    let produce =
+        |i: u64| kafka.produce("order.updates", Some(0), format!(r#"{{"userId":"ledger","seq":{i}}}"#).as_bytes());
+    for i in 0..100 {
+        produce(i);
+    }
+    kafka.flush();
+    // Broker down mid-stream: the producer buffers, the consumer reconnects.
+    kafka.cluster.broker_down(1).unwrap();
+    for i in 100..200 {
+        produce(i);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Requests failing with a retriable error while it comes back.
+    kafka.cluster.broker_up(1).unwrap();
+    kafka.cluster.request_errors(
+        rdkafka::types::RDKafkaApiKey::Fetch,
+        &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 3],
+    );
+    for i in 200..total {
+        produce(i);
+    }
+    kafka.flush();
+    for i in 0..total {
+        let m = recv(&mut ws);
+        assert_eq!(m["data"]["seq"], i, "every private update once, in order");
+    }
+    send(&mut ws, json!({"type":"ping"}));
+    assert_eq!(recv(&mut ws)["type"], "pong", "and no duplicate after them");
+}

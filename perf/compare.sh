@@ -22,23 +22,20 @@ stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out=perf/out/$stamp
 mkdir -p "$out"
 
-cargo build --release --quiet -p moonx-ws -p moonx-loadtest
-LT=target/release/moonx-loadtest
+source perf/common.sh
+build_release
 
 cleanup() { pkill -P $$ 2>/dev/null || true; [ -n "${SERVER_PID:-}" ] && kill "$SERVER_PID" 2>/dev/null || true; }
 trap cleanup EXIT
 
-taskset -c 1 "$LT" broker --duration 3600 --address-file "$out/broker" > /dev/null 2>&1 &
-for _ in $(seq 100); do [ -s "$out/broker" ] && break; sleep 0.1; done
-BROKERS=$(cat "$out/broker")
+start_broker "$out"
 
 start_server() {
   local name=$1
   case "$name" in
     moonx-ws)
-      env KAFKA_BROKERS="$BROKERS" KAFKA_FETCH_WAIT_MAX_MS=5 JWT_SECRET=$SECRET WS_SHARDS=${WS_SHARDS:-1} \
-        WEBSOCKET_SERVICE_HOST=127.0.0.1 WEBSOCKET_SERVICE_PORT=$PORT RATE_LIMIT_MAX_CONNECTIONS_PER_IP=100000 \
-        WS_MAX_CONNECTIONS=19000 WS_FLUSH_INTERVAL_US=${WS_FLUSH_INTERVAL_US:-0} LOG_LEVEL=warn taskset -c "${SERVER_CPUS:-0}" target/release/moonx-ws > "$out/$name.log" 2>&1 &
+      start_moonx $PORT "$out/$name.log" WS_FLUSH_INTERVAL_US="${WS_FLUSH_INTERVAL_US:-0}"
+      return
       ;;
     rust-tokio)
       env PORT=$PORT JWT_SECRET=$SECRET KAFKA_BROKERS="$BROKERS" \

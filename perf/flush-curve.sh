@@ -10,19 +10,13 @@ read -r -a intervals <<< "${intervals[*]}"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out=perf/out/curve-$stamp
 mkdir -p "$out"
-cargo build --release --quiet -p moonx-ws -p moonx-loadtest
-LT=target/release/moonx-loadtest
+source perf/common.sh
+build_release
 trap 'pkill -P $$ 2>/dev/null || true' EXIT
-taskset -c 1 "$LT" broker --duration 3600 --address-file "$out/broker" > /dev/null 2>&1 &
-for _ in $(seq 100); do [ -s "$out/broker" ] && break; sleep 0.1; done
-BROKERS=$(cat "$out/broker")
+start_broker "$out"
 for us in "${intervals[@]}"; do
-  env KAFKA_BROKERS="$BROKERS" KAFKA_FETCH_WAIT_MAX_MS=5 JWT_SECRET=loadtest-secret WS_SHARDS=1 \
-    WEBSOCKET_SERVICE_HOST=127.0.0.1 WEBSOCKET_SERVICE_PORT=3102 RATE_LIMIT_MAX_CONNECTIONS_PER_IP=100000 \
-    WS_MAX_CONNECTIONS=19000 WS_FLUSH_INTERVAL_US="$us" LOG_LEVEL=warn taskset -c 0 target/release/moonx-ws > "$out/server-$us.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/3102) 2>/dev/null && break; sleep 0.05; done
-  sleep 2
+  start_moonx 3102 "$out/server-$us.log" WS_FLUSH_INTERVAL_US="$us"
+  pid=$SERVER_PID
   taskset -c 1 timeout 300 "$LT" fanout --server 127.0.0.1:3102 --brokers "$BROKERS" -c 5000 -r 200 -d "${FANOUT_SECS:-10}" \
     --sources 64 --jwt-secret loadtest-secret --server-pid "$pid" --json | sed "s/^{/{\"flush_interval_us\":$us,/" >> "$out/curve.jsonl"
   kill "$pid"; wait "$pid" 2>/dev/null || true

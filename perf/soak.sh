@@ -2,24 +2,20 @@
 # Soak: connection churn plus a bounded-rate fan-out for SOAK_SECS (default
 # 3600), sampling the server's RSS, open file descriptors, threads and
 # connection count every 10 s into perf/out/soak-*/samples.csv, then checking
-# that they return to their baseline once the load stops and that the
-# fan-out saw zero gaps. Not in CI. Usage: SOAK_SECS=3600 perf/soak.sh
+# that fds and connections return to their baseline, threads stay put, RSS
+# stops growing, and the fan-out saw zero gaps and duplicates. Not in CI.
+# Usage: SOAK_SECS=3600 perf/soak.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${SOAK_SECS:-3600}
 out=perf/out/soak-$(date -u +%Y%m%dT%H%M%SZ); mkdir -p "$out"
-cargo build --release --quiet -p moonx-ws -p moonx-loadtest
-LT=target/release/moonx-loadtest
+source perf/common.sh
+build_release
 trap 'pkill -P $$ 2>/dev/null || true' EXIT
-taskset -c 1 "$LT" broker --duration $((secs + 600)) --address-file "$out/broker" > /dev/null 2>&1 &
-for _ in $(seq 100); do [ -s "$out/broker" ] && break; sleep 0.1; done
-B=$(cat "$out/broker")
-env KAFKA_BROKERS="$B" KAFKA_FETCH_WAIT_MAX_MS=5 JWT_SECRET=loadtest-secret WS_SHARDS=1 WEBSOCKET_SERVICE_HOST=127.0.0.1 \
-  WEBSOCKET_SERVICE_PORT=3106 RATE_LIMIT_MAX_CONNECTIONS_PER_IP=100000 WS_MAX_CONNECTIONS=19000 LOG_LEVEL=warn \
-  taskset -c 0 target/release/moonx-ws > "$out/server.log" 2>&1 &
-pid=$!
-for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/3106) 2>/dev/null && break; sleep 0.05; done
-sleep 2
+BROKER_SECS=$((secs + 600)) start_broker "$out"
+B=$BROKERS
+start_moonx 3106 "$out/server.log"
+pid=$SERVER_PID
 sample() {
   local rss fds thr conns
   rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
@@ -56,7 +52,16 @@ print(f"soak: {len(churn)} churn rounds ({sum(c['connections'] for c in churn)} 
 print(f"  baseline rss {base['rss_kb']} KB, fds {base['fds']}, threads {base['threads']}, connections {base['connections']}")
 print(f"  peak rss {peak_rss} KB")
 print(f"  after    rss {after['rss_kb']} KB, fds {after['fds']}, threads {after['threads']}, connections {after['connections']}")
-ok = fan["gaps"] == 0 and fan["duplicates"] == 0 and after["fds"] == base["fds"] and after["threads"] == base["threads"] and after["connections"] == base["connections"]
+# fds and connections must return exactly; librdkafka may add a broker
+# thread after start; RSS keeps allocator caches, so the check is that it
+# stops growing: the second half of the load adds < 5% over the first half.
+load = [int(r["rss_kb"]) for r in rows if r["phase"] == "load"]
+half = len(load) // 2
+growth = (max(load[half:]) / max(load[:half]) - 1) if half else 0.0
+print(f"  RSS growth over the second half of the load: {growth * 100:.1f}%")
+ok = (fan["gaps"] == 0 and fan["duplicates"] == 0 and after["fds"] == base["fds"]
+      and after["connections"] == base["connections"] and int(after["threads"]) <= int(base["threads"]) + 2
+      and growth < 0.05)
 print("  result:", "OK" if ok else "CHECK")
 sys.exit(0 if ok else 1)
 PY

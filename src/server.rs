@@ -92,10 +92,6 @@ impl ServerHandle {
         self.global.publisher.clone()
     }
 
-    pub fn global(&self) -> &Arc<Global> {
-        &self.global
-    }
-
     /// The generated dev token in embedded-auth mode.
     pub fn dev_token(&self) -> Option<&DevToken> {
         self.dev_token.as_ref()

@@ -76,11 +76,6 @@ impl Auth {
         }
     }
 
-    /// Whether an external dependency is involved (for `/health`).
-    pub fn is_remote(&self) -> bool {
-        matches!(self, Auth::Remote(_))
-    }
-
     /// Whether the remote service answered its last request (true when local).
     pub fn is_reachable(&self) -> bool {
         match self {

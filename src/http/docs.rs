@@ -3,8 +3,7 @@
 //! server's own encoders at start-up so they cannot drift from what it
 //! sends, and the dev token filled in when running in embedded mode.
 
-use crate::protocol::message::{encode_outgoing, Channel, ErrorCode, Outgoing, UserView};
-use crate::shard::inbox::{Route, Update};
+use crate::protocol::message::{encode_outgoing, write_update_json, Channel, ErrorCode, Outgoing, UserView};
 
 const TEMPLATE: &str = include_str!("docs.html");
 const EXAMPLE_TS: u64 = 1_701_234_567_890;
@@ -52,36 +51,28 @@ fn examples() -> String {
     }
     let updates = [
         (
-            Route::Prices,
+            Channel::Prices,
             r#"{"token":"ETH","chainId":8453,"price":"2150.45","priceUsd":"2150.45","change24h":"5.2","volume24h":"1250000","timestamp":1701234567890}"#,
         ),
         (
-            Route::User { channel: Channel::Orders, user: "user_123".into() },
+            Channel::Orders,
             r#"{"orderId":"order_123","userId":"user_123","status":"filled","tokenIn":"ETH","tokenOut":"USDC","amountIn":"1.0","amountOut":"2150.45","chainId":8453}"#,
         ),
         (
-            Route::User { channel: Channel::Portfolio, user: "user_123".into() },
+            Channel::Portfolio,
             r#"{"userId":"user_123","totalValue":10500.25,"tokens":[{"token":"ETH","balance":"2.5","valueUsd":5375.25}],"chainId":8453}"#,
         ),
         (
-            Route::User { channel: Channel::Trades, user: "user_123".into() },
+            Channel::Trades,
             r#"{"tradeId":"trade_123","userId":"user_123","tokenIn":"ETH","tokenOut":"USDC","amountIn":"1.0","amountOut":"2150.45","txHash":"0x123...","chainId":8453}"#,
         ),
     ];
-    for (i, (route, data)) in updates.into_iter().enumerate() {
-        let u = Update::encode(route, &format!("u{}", i + 1), EXAMPLE_TS, data.as_bytes());
-        let body_start = frame_header_len(&u.frame);
-        out.push_str(&format!("<pre>{}</pre>\n", escape(&String::from_utf8_lossy(&u.frame[body_start..]))));
+    for (i, (channel, data)) in updates.into_iter().enumerate() {
+        json.clear();
+        write_update_json(&format!("u{}", i + 1), channel.update_type(), EXAMPLE_TS, data.as_bytes(), &mut json);
+        out.push_str(&format!("<pre>{}</pre>\n", escape(&String::from_utf8_lossy(&json))));
     }
     out
-}
-
-fn frame_header_len(frame: &[u8]) -> usize {
-    match frame.get(1).map(|b| b & 0x7F) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    }
 }
 
 fn escape(s: &str) -> String {

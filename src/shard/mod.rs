@@ -321,11 +321,6 @@ impl Shard {
             wake(slot);
         }
     }
-
-    /// Connections per channel and authenticated, for `/connections`.
-    pub fn counts(&self) -> (usize, usize) {
-        (self.conns.len(), self.users.values().map(Vec::len).sum())
-    }
 }
 
 /// Appends `bytes` to a slot's outbox unless that would make it a slow

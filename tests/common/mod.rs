@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use moonx_ws::config::Config;
 use moonx_ws::server::{self, ServerHandle};
 use serde_json::{json, Value};
-use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
 pub const SECRET: &str = "test-secret";
@@ -52,10 +51,6 @@ impl TestServer {
 
     pub fn handle(&self) -> &ServerHandle {
         self.handle.as_ref().unwrap()
-    }
-
-    pub fn url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
     }
 
     /// Waits (bounded) until `/health/ready` says the consumer is consuming.
@@ -165,10 +160,6 @@ pub fn subscribe(ws: &mut Ws, channel: &str) {
     send(ws, json!({"id": "s1", "type": "subscribe", "data": {"channel": channel}}));
     let reply = recv(ws);
     assert_eq!(reply["type"], "subscribed", "{reply}");
-}
-
-pub fn close_code(code: u16) -> CloseCode {
-    CloseCode::from(code)
 }
 
 /// A plain HTTP exchange: returns (status, raw head, body).

@@ -1,0 +1,33 @@
+# Shared by the perf scripts (sourced): build, broker, server start.
+# The server runs on core 0, the broker and the load on core 1.
+
+LT=target/release/moonx-loadtest
+
+build_release() {
+  cargo build --release --quiet -p moonx-ws -p moonx-loadtest
+}
+
+# start_broker OUTDIR: a mock Kafka broker on core 1; sets BROKERS.
+start_broker() {
+  taskset -c 1 "$LT" broker --duration "${BROKER_SECS:-3600}" --address-file "$1/broker" > /dev/null 2>&1 &
+  for _ in $(seq 100); do [ -s "$1/broker" ] && break; sleep 0.1; done
+  BROKERS=$(cat "$1/broker")
+}
+
+# wait_port PORT: until something accepts on 127.0.0.1:PORT (bounded).
+wait_port() {
+  for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
+  return 1
+}
+
+# start_moonx PORT LOG [VAR=value...]: moonx-ws on core 0 (one shard) with
+# the perf settings; sets SERVER_PID.
+start_moonx() {
+  local port=$1 log=$2; shift 2
+  env KAFKA_BROKERS="$BROKERS" KAFKA_FETCH_WAIT_MAX_MS=5 JWT_SECRET=loadtest-secret WS_SHARDS="${WS_SHARDS:-1}" \
+    WEBSOCKET_SERVICE_HOST=127.0.0.1 WEBSOCKET_SERVICE_PORT="$port" RATE_LIMIT_MAX_CONNECTIONS_PER_IP=100000 \
+    WS_MAX_CONNECTIONS=19000 LOG_LEVEL=warn "$@" taskset -c "${SERVER_CPUS:-0}" target/release/moonx-ws > "$log" 2>&1 &
+  SERVER_PID=$!
+  wait_port "$port"
+  sleep 2 # partitions assigned at their high watermark
+}

@@ -161,11 +161,15 @@ fn consume(
     let error_log = LogLimiter::new(Duration::from_secs(5));
     let mut batch: Vec<Update> = Vec::with_capacity(batch_size);
     let mut ids = itoa::Buffer::new();
-    let mut assignment = Assignment::default();
+    let mut assignment = Assignment {
+        log: LogLimiter::new(Duration::from_secs(10)),
+        partitions: BTreeSet::new(),
+        started: BTreeSet::new(),
+    };
     let mut next_refresh = Instant::now();
     while !stop.load(Ordering::Acquire) {
         if Instant::now() >= next_refresh {
-            let complete = assignment.refresh(&consumer, &topics);
+            let complete = assignment.refresh(&consumer, &topics, &stop);
             if complete {
                 stats.assigned.store(true, Ordering::Release);
             }
@@ -224,11 +228,13 @@ fn consume(
 
 /// How often partition metadata is re-read to find new partitions.
 const ASSIGNMENT_REFRESH: Duration = Duration::from_secs(10);
-const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds each metadata call, so a stop request waits at most this long.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The partitions this consumer reads, grown as metadata shows new ones.
-#[derive(Default)]
 struct Assignment {
+    /// Retry warnings are logged at most every 10 s.
+    log: LogLimiter,
     partitions: BTreeSet<(String, i32)>,
     /// Topics whose partitions were first assigned at their high watermark.
     started: BTreeSet<String>,
@@ -237,21 +243,28 @@ struct Assignment {
 impl Assignment {
     /// Assigns partitions not yet assigned; true when every topic exists
     /// and all its partitions are assigned.
-    fn refresh(&mut self, consumer: &BaseConsumer<Ctx>, topics: &[(String, Channel); 4]) -> bool {
+    fn refresh(&mut self, consumer: &BaseConsumer<Ctx>, topics: &[(String, Channel); 4], stop: &AtomicBool) -> bool {
         let mut complete = true;
         let mut add = TopicPartitionList::new();
         for (topic, _) in topics {
+            if stop.load(Ordering::Acquire) {
+                return false;
+            }
             let md = match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
                 Ok(md) => md,
                 Err(e) => {
-                    tracing::warn!(topic, error = %e, "kafka metadata unavailable; will retry");
+                    if let Some(suppressed) = self.log.allow() {
+                        tracing::warn!(topic, error = %e, suppressed, "kafka metadata unavailable; will retry");
+                    }
                     complete = false;
                     continue;
                 }
             };
             let Some(t) = md.topics().iter().find(|t| t.name() == topic) else { continue };
             if t.error().is_some() || t.partitions().is_empty() {
-                tracing::warn!(topic, "kafka topic not found; will retry");
+                if let Some(suppressed) = self.log.allow() {
+                    tracing::warn!(topic, suppressed, "kafka topic not found; /health/ready waits for it; will retry");
+                }
                 complete = false;
                 continue;
             }
@@ -264,7 +277,9 @@ impl Assignment {
                     match consumer.fetch_watermarks(topic, p.id(), METADATA_TIMEOUT) {
                         Ok((_, high)) => Offset::Offset(high),
                         Err(e) => {
-                            tracing::warn!(topic, partition = p.id(), error = %e, "kafka watermarks unavailable; will retry");
+                            if let Some(suppressed) = self.log.allow() {
+                                tracing::warn!(topic, partition = p.id(), error = %e, suppressed, "kafka watermarks unavailable; will retry");
+                            }
                             complete = false;
                             continue;
                         }

@@ -9,6 +9,7 @@
 //! (a standalone Kafka-protocol broker for the server and the peers to
 //! share). Every run is bounded in count and time.
 
+mod private;
 mod procstat;
 mod ws;
 
@@ -39,39 +40,43 @@ enum Scenario {
     Connect(ConnectArgs),
     /// N subscribers + an open-loop Kafka producer of R updates/s for T s.
     Fanout(FanoutArgs),
+    /// Many users with private streams: each gets exactly its own, in order.
+    Private(private::PrivateArgs),
+    /// A fan-out while connections are opened and dropped at a steady rate.
+    Churn(FanoutArgs),
     /// Run a standalone embedded Kafka-protocol broker and print its address.
     Broker(BrokerArgs),
 }
 
 #[derive(Args, Clone)]
-struct Common {
+pub(crate) struct Common {
     /// Server address (host:port); the WebSocket path is /ws.
     #[arg(long, default_value = "127.0.0.1:3008")]
-    server: SocketAddr,
+    pub(crate) server: SocketAddr,
     /// HMAC secret used to mint HS256 tokens for the test users.
     #[arg(long, env = "JWT_SECRET", default_value = "loadtest-secret")]
-    jwt_secret: String,
+    pub(crate) jwt_secret: String,
     /// Connections to open.
     #[arg(long, short = 'c', default_value_t = 1000)]
-    connections: usize,
+    pub(crate) connections: usize,
     /// Connection attempts per second (0: as fast as `--concurrency` allows).
     #[arg(long, default_value_t = 0)]
-    connect_rate: u64,
+    pub(crate) connect_rate: u64,
     /// Connection set-ups in flight at once.
     #[arg(long, default_value_t = 256)]
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Source addresses 127.0.0.1..=127.0.0.N to spread ephemeral ports over.
     #[arg(long, default_value_t = 32)]
-    sources: u8,
+    pub(crate) sources: u8,
     /// PID of the server, to report its CPU time and RSS.
     #[arg(long)]
-    server_pid: Option<u32>,
+    pub(crate) server_pid: Option<u32>,
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Give up on the whole run after this many seconds.
     #[arg(long, default_value_t = 300)]
-    deadline: u64,
+    pub(crate) deadline: u64,
 }
 
 #[derive(Args)]
@@ -82,7 +87,7 @@ struct ConnectArgs {
     #[arg(long, default_value_t = 2)]
     hold: u64,
     /// Channel to subscribe to.
-    #[arg(long, default_value = "prices")]
+    #[arg(long, default_value = "prices", value_parser = ["prices", "orders", "portfolio", "trades"])]
     channel: String,
 }
 
@@ -110,6 +115,13 @@ struct FanoutArgs {
     /// Seconds to wait for stragglers after the producer stops.
     #[arg(long, default_value_t = 5)]
     drain: u64,
+    /// Extra connections opened (auth + subscribe) and dropped per second
+    /// during the run (`churn` defaults to 100).
+    #[arg(long, default_value_t = 0)]
+    churn_rate: u64,
+    /// How long each churned connection stays open, in ms.
+    #[arg(long, default_value_t = 500)]
+    churn_hold_ms: u64,
 }
 
 #[derive(Args)]
@@ -131,6 +143,13 @@ fn main() -> anyhow::Result<()> {
         Scenario::Broker(a) => broker(a),
         Scenario::Connect(a) => run_local(connect(a)),
         Scenario::Fanout(a) => run_local(fanout(a)),
+        Scenario::Private(a) => run_local(private::run(a)),
+        Scenario::Churn(mut a) => {
+            if a.churn_rate == 0 {
+                a.churn_rate = 100;
+            }
+            run_local(fanout(a))
+        }
     }
 }
 
@@ -169,11 +188,11 @@ fn source(common: &Common, i: usize) -> Option<IpAddr> {
     (common.sources > 1).then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % common.sources as usize) as u8)))
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram bounds")
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
@@ -185,7 +204,7 @@ struct Setup {
     subscribe_us: u64,
 }
 
-async fn set_up(common: &Common, i: usize, channel: &str) -> anyhow::Result<Setup> {
+async fn set_up(common: &Common, i: usize, user: &str, channels: &[&str]) -> anyhow::Result<Setup> {
     let t0 = Instant::now();
     let mut ws = Ws::connect(common.server, source(common, i), "").await?;
     let first = ws.next_text().await.context("auth_required")?;
@@ -194,8 +213,7 @@ async fn set_up(common: &Common, i: usize, channel: &str) -> anyhow::Result<Setu
     }
     let connect_us = t0.elapsed().as_micros() as u64;
     let t1 = Instant::now();
-    let user = format!("lt-{i}");
-    let auth = json!({"id":"a","type":"authenticate","data":{"token": token(&common.jwt_secret, &user)}}).to_string();
+    let auth = json!({"id":"a","type":"authenticate","data":{"token": token(&common.jwt_secret, user)}}).to_string();
     ws.send_text(&auth).await?;
     let reply = ws.next_text().await.context("auth reply")?;
     if memchr::memmem::find(&reply, b"auth_success").is_none() {
@@ -203,16 +221,32 @@ async fn set_up(common: &Common, i: usize, channel: &str) -> anyhow::Result<Setu
     }
     let auth_us = t1.elapsed().as_micros() as u64;
     let t2 = Instant::now();
-    ws.send_text(&json!({"id":"s","type":"subscribe","data":{"channel": channel}}).to_string()).await?;
-    let reply = ws.next_text().await.context("subscribe reply")?;
-    if memchr::memmem::find(&reply, b"subscribed").is_none() {
-        bail!("subscribe refused");
+    for channel in channels {
+        ws.send_text(&json!({"id":"s","type":"subscribe","data":{"channel": channel}}).to_string()).await?;
+        let reply = ws.next_text().await.context("subscribe reply")?;
+        if memchr::memmem::find(&reply, b"subscribed").is_none() {
+            bail!("subscribe refused");
+        }
     }
     Ok(Setup { ws, connect_us, auth_us, subscribe_us: t2.elapsed().as_micros() as u64 })
 }
 
 /// Opens `n` connections with the pacing and concurrency asked for.
-async fn open_all(common: &Common, channel: &str) -> (Vec<Setup>, BTreeMap<String, u64>) {
+/// The user of connection `i`: `lt-{i}`, or `lt-u{i / per_user}` when
+/// several connections share a user.
+fn user_of(i: usize, per_user: usize) -> String {
+    if per_user <= 1 {
+        format!("lt-{i}")
+    } else {
+        format!("lt-u{}", i / per_user)
+    }
+}
+
+pub(crate) async fn open_all(
+    common: &Common,
+    channels: &[&str],
+    per_user: usize,
+) -> (Vec<Setup>, BTreeMap<String, u64>) {
     let sem = Arc::new(tokio::sync::Semaphore::new(common.concurrency.max(1)));
     let mut tasks = Vec::with_capacity(common.connections);
     let start = Instant::now();
@@ -222,9 +256,11 @@ async fn open_all(common: &Common, channel: &str) -> (Vec<Setup>, BTreeMap<Strin
             tokio::time::sleep_until(at.into()).await;
         }
         let permit = sem.clone().acquire_owned().await.expect("semaphore open");
-        let (c, ch) = (common.clone(), channel.to_owned());
+        let (c, chs): (Common, Vec<String>) = (common.clone(), channels.iter().map(|s| s.to_string()).collect());
         tasks.push(tokio::task::spawn_local(async move {
-            let r = tokio::time::timeout(Duration::from_secs(30), set_up(&c, i, &ch)).await;
+            let user = user_of(i, per_user);
+            let chs: Vec<&str> = chs.iter().map(String::as_str).collect();
+            let r = tokio::time::timeout(Duration::from_secs(30), set_up(&c, i, &user, &chs)).await;
             drop(permit);
             match r {
                 Ok(r) => r,
@@ -244,7 +280,7 @@ async fn open_all(common: &Common, channel: &str) -> (Vec<Setup>, BTreeMap<Strin
     (ok, failures)
 }
 
-fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+pub(crate) fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
     let q = |p: f64| h.value_at_quantile(p);
     json!({
         "count": h.len(), "min_us": h.min(), "p50_us": q(0.5), "p75_us": q(0.75), "p90_us": q(0.9),
@@ -252,7 +288,7 @@ fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
-fn print_table(title: &str, h: &Histogram<u64>) {
+pub(crate) fn print_table(title: &str, h: &Histogram<u64>) {
     println!("  {title} latency ({} samples)", h.len());
     for (label, p) in [
         ("50.000%", 0.5),
@@ -272,9 +308,10 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     let me = procstat::Sample::own();
     let server_before = c.server_pid.map(procstat::Sample::of);
     let t0 = Instant::now();
-    let (setups, failures) = tokio::time::timeout(Duration::from_secs(c.deadline), open_all(c, &a.channel))
-        .await
-        .context("deadline passed while connecting")?;
+    let (setups, failures) =
+        tokio::time::timeout(Duration::from_secs(c.deadline), open_all(c, &[a.channel.as_str()], 1))
+            .await
+            .context("deadline passed while connecting")?;
     let elapsed = t0.elapsed();
     let server_after = c.server_pid.map(procstat::Sample::of);
     let (mut hc, mut ha, mut hs, mut ht) = (histogram(), histogram(), histogram(), histogram());
@@ -358,7 +395,7 @@ struct Tally {
 
 async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let c = &a.common;
-    let (setups, failures) = tokio::time::timeout(Duration::from_secs(c.deadline), open_all(c, "prices"))
+    let (setups, failures) = tokio::time::timeout(Duration::from_secs(c.deadline), open_all(c, &["prices"], 1))
         .await
         .context("deadline passed while connecting")?;
     if setups.is_empty() {
@@ -422,7 +459,31 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let received_before = tally.borrow().received;
     let window_start = Instant::now();
     let end = start + Duration::from_secs(a.warmup + a.duration);
-    tokio::time::sleep_until(end.into()).await;
+    let churn =
+        (a.churn_rate > 0).then(|| tokio::task::spawn_local(churn(c.clone(), a.churn_rate, a.churn_hold_ms, end)));
+    // A live progress line on a terminal.
+    let live = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !c.json;
+    while Instant::now() < end {
+        let before = tally.borrow().received;
+        tokio::time::sleep(Duration::from_secs(1).min(end.saturating_duration_since(Instant::now()))).await;
+        if live {
+            let t = tally.borrow();
+            eprint!(
+                "\r  {:>4.0}s  {:>10} deliveries/s  gaps {}  p99 {:.1} ms   ",
+                window_start.elapsed().as_secs_f64(),
+                t.received - before,
+                t.gaps,
+                t.latency.value_at_quantile(0.99) as f64 / 1000.0
+            );
+        }
+    }
+    if live {
+        eprintln!();
+    }
+    let churn = match churn {
+        Some(task) => task.await.unwrap_or_default(),
+        None => ChurnTally::default(),
+    };
     // Stragglers: wait until every subscriber has every measured update, or the drain time.
     let expected_measured = (total - warm) * subscribers as u64;
     let drain_deadline = Instant::now() + Duration::from_secs(a.drain);
@@ -462,6 +523,7 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         "gaps": t.gaps, "duplicates": t.dups, "latency": percentiles(&t.latency), "server": server,
         "client_cpu_ms": mine.as_secs_f64() * 1e3,
         "client_cpu_utilisation": mine.as_secs_f64() / window.as_secs_f64(),
+        "churn": {"opened": churn.opened, "failed": churn.failed, "setup": percentiles(&churn.setup)},
     });
     if c.json {
         println!("{report}");
@@ -476,6 +538,15 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             t.dups
         );
         print_table("publish -> receive (from intended send time)", &t.latency);
+        if churn.opened + churn.failed > 0 {
+            println!(
+                "  churn: {} connections opened and dropped ({} failed), set-up p50 {:.1} ms p99 {:.1} ms",
+                churn.opened,
+                churn.failed,
+                churn.setup.value_at_quantile(0.5) as f64 / 1000.0,
+                churn.setup.value_at_quantile(0.99) as f64 / 1000.0
+            );
+        }
         if !server.is_null() {
             println!(
                 "  server: {:.3} µs CPU per delivery ({:.0}% of a core)",
@@ -486,6 +557,61 @@ async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         println!("  client: {:.0}% of a core", mine.as_secs_f64() / window.as_secs_f64() * 100.0);
     }
     Ok(())
+}
+
+struct ChurnTally {
+    opened: u64,
+    failed: u64,
+    setup: Histogram<u64>,
+}
+
+impl Default for ChurnTally {
+    fn default() -> Self {
+        ChurnTally { opened: 0, failed: 0, setup: histogram() }
+    }
+}
+
+/// Opens `rate` connections per second until `end`, each authenticated,
+/// subscribed to prices, held for `hold_ms` (answering pings) and dropped.
+async fn churn(common: Common, rate: u64, hold_ms: u64, end: Instant) -> ChurnTally {
+    let tally = Rc::new(RefCell::new(ChurnTally::default()));
+    let start = Instant::now();
+    let mut k = 0u64;
+    let mut tasks = Vec::new();
+    loop {
+        let at = start + Duration::from_secs_f64(k as f64 / rate as f64);
+        if at >= end {
+            break;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        let (c, tally) = (common.clone(), tally.clone());
+        let i = 10_000_000 + k as usize;
+        tasks.push(tokio::task::spawn_local(async move {
+            let t0 = Instant::now();
+            match tokio::time::timeout(Duration::from_secs(10), set_up(&c, i, &format!("lt-churn-{i}"), &["prices"]))
+                .await
+            {
+                Ok(Ok(s)) => {
+                    {
+                        let mut t = tally.borrow_mut();
+                        t.opened += 1;
+                        t.setup.saturating_record((t0.elapsed().as_micros() as u64).max(1));
+                    }
+                    let mut ws = s.ws;
+                    let _ = tokio::time::timeout(Duration::from_millis(hold_ms), async {
+                        while let Ok(Some(_)) = ws.next_frame().await {}
+                    })
+                    .await;
+                }
+                _ => tally.borrow_mut().failed += 1,
+            }
+        }));
+        k += 1;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Rc::try_unwrap(tally).map(RefCell::into_inner).unwrap_or_default()
 }
 
 /// The open-loop producer: update `i` is due at `start + i / rate`; its

@@ -91,7 +91,8 @@ pub struct ShardStats {
     pub subscribers: [Counter; 4],
     /// Publish -> queued in every subscriber's outbox, in µs.
     pub fanout_latency_us: Mutex<Histogram<u64>>,
-    /// Kafka message timestamp -> queued for the sockets, in µs.
+    /// Kafka message timestamp -> written to the sockets by the fan-out's
+    /// flush (connections whose driver writes follow within its next poll), in µs.
     pub e2e_latency_us: Mutex<Histogram<u64>>,
 }
 
@@ -268,7 +269,7 @@ pub fn render_prometheus(shards: &[std::sync::Arc<ShardStats>], extra: &Extra) -
     histogram(
         &mut out,
         "moonx_ws_kafka_to_socket_latency_seconds",
-        "Time from the Kafka message timestamp to the frame being queued for its subscribers' sockets.",
+        "Time from the Kafka message timestamp to the fan-out's write of the frame to its subscribers' sockets.",
         shards.iter().map(|s| &s.e2e_latency_us),
     );
     out

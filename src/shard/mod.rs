@@ -365,14 +365,15 @@ fn wake(slot: &mut Slot) {
 /// to one interval of added latency. Zero writes after every batch.
 pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval: Duration) {
     let mut last_flush = Instant::now();
+    // Kafka timestamps of updates queued since the last flush: the
+    // end-to-end latency is recorded when their frames are written.
+    let mut unflushed: Vec<i64> = Vec::new();
     loop {
         let mut taken = 0;
         {
             let mut shard = shard.borrow_mut();
             let stats = shard.stats.clone();
             let mut hist = stats.fanout_latency_us.lock();
-            let mut e2e = stats.e2e_latency_us.lock();
-            let mut now_ms = None;
             while taken < FANOUT_BUDGET {
                 let Some(update) = inbox.queue.pop() else {
                     break;
@@ -382,16 +383,21 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval
                 let us = update.published_at.elapsed().as_micros() as u64;
                 hist.saturating_record(us.max(1));
                 if update.kafka_ts_ms > 0 {
-                    let now = *now_ms.get_or_insert_with(epoch_ms);
-                    let us = (now as i64 - update.kafka_ts_ms).max(0) as u64 * 1000;
-                    e2e.saturating_record(us.max(1));
+                    unflushed.push(update.kafka_ts_ms);
                 }
             }
             stats.updates_processed.add(taken as u64);
-            drop((hist, e2e));
+            drop(hist);
             if flush_interval.is_zero() || last_flush.elapsed() >= flush_interval {
                 shard.flush_dirty();
                 last_flush = Instant::now();
+                if !unflushed.is_empty() {
+                    let now = epoch_ms() as i64;
+                    let mut e2e = stats.e2e_latency_us.lock();
+                    for ts in unflushed.drain(..) {
+                        e2e.saturating_record(((now - ts).max(0) as u64 * 1000).max(1));
+                    }
+                }
             }
         }
         if taken == FANOUT_BUDGET {

@@ -235,6 +235,18 @@ fn redis_outage_degrades_to_local_limits_and_recovers() {
     // Still serving, with the limit enforced on local counts.
     let mut held = vec![authed(a.addr, "o1"), authed(a.addr, "o2")];
     assert_eq!(upgrade_status(&a), 429, "local per-IP limit during the outage");
+    // Updates keep flowing: Redis is not on the fan-out path.
+    subscribe(&mut held[1], "prices");
+    for i in 0..50 {
+        a.handle().publisher().publish_data(
+            moonx_ws::shard::inbox::Route::Prices,
+            0,
+            format!(r#"{{"token":"R","chainId":1,"i":{i}}}"#).as_bytes(),
+        );
+    }
+    for i in 0..50 {
+        assert_eq!(recv(&mut held[1])["data"]["i"], i);
+    }
     held.push(authed(b.addr, "o3"));
     send(&mut held[0], json!({"type":"ping"}));
     assert_eq!(recv(&mut held[0])["type"], "pong");
@@ -251,11 +263,24 @@ fn redis_outage_degrades_to_local_limits_and_recovers() {
 fn paused_redis_never_blocks_new_connections() {
     let redis = Redis::start();
     let a = instance(&redis, &[]);
+    let mut before = authed(a.addr, "before-pause");
+    subscribe(&mut before, "prices");
     redis.signal("-STOP");
     // The upgrade waits at most REDIS_TIMEOUT_MS for Redis, then counts locally.
     let mut ws = authed(a.addr, "paused");
     send(&mut ws, json!({"type":"ping"}));
     assert_eq!(recv(&mut ws)["type"], "pong");
+    // Messages and updates never wait for Redis.
+    for i in 0..20 {
+        send(&mut ws, json!({"type":"ping"}));
+        assert_eq!(recv(&mut ws)["type"], "pong");
+        a.handle().publisher().publish_data(
+            moonx_ws::shard::inbox::Route::Prices,
+            0,
+            format!(r#"{{"token":"P","chainId":1,"i":{i}}}"#).as_bytes(),
+        );
+        assert_eq!(recv(&mut before)["data"]["i"], i);
+    }
     assert!(wait_until(Duration::from_secs(10), || get_json(a.addr, "/health")["status"] == "degraded"));
     redis.signal("-CONT");
     assert!(wait_until(Duration::from_secs(10), || get_json(a.addr, "/health")["status"] == "healthy"));

@@ -3,8 +3,8 @@
 //!
 //! Owns: reading (into the shard's scratch buffer, so an idle connection
 //! holds no read buffer), writing everything queued in one `write` per
-//! wake-up, ping/pong liveness, close handshakes, and the glue that turns
-//! session decisions into replies and registry changes.
+//! wake-up, ping/pong liveness, close handshakes and deadlines. What a
+//! decoded client message leads to is `messages.rs`.
 //!
 //! One task per connection, polled by hand: each wake-up reads what is
 //! there, acts on it, checks deadlines, and flushes the outbox. It is woken
@@ -13,7 +13,6 @@
 //! verification returns.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -21,19 +20,19 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_channel::oneshot;
 use futures_lite::io::{AsyncRead, AsyncWrite};
 
+use super::messages::PendingAuth;
 use super::stream::Stream;
 use super::ShardCtx;
-use crate::auth::{AuthFailure, Identity, Verification};
+use crate::auth::Identity;
 use crate::cluster::RegistryEvent;
-use crate::limits::{Admission, RateCounter, RateDecision};
+use crate::limits::{Admission, RateCounter};
 use crate::protocol::frame::{
     decode_frame, encode_close, encode_frame, server_frame_len, Assembler, Message, OP_PING, OP_PONG,
 };
-use crate::protocol::message::{parse_client, ClientKind, ErrorCode, Outgoing, ParseError, UserView};
-use crate::protocol::session::{Decision, Session, Verified};
+use crate::protocol::message::Outgoing;
+use crate::protocol::session::Session;
 use crate::protocol::CloseCode;
 
 /// Shared read buffer per shard thread: borrowed only inside one poll.
@@ -61,13 +60,8 @@ pub struct Start {
     pub leftover: Vec<u8>,
 }
 
-struct PendingAuth {
-    rx: oneshot::Receiver<Result<Identity, AuthFailure>>,
-    request_id: Option<Box<str>>,
-}
-
 #[derive(Debug, PartialEq, Eq)]
-enum Phase {
+pub(super) enum Phase {
     Open,
     /// Our close frame is queued; waiting for the peer's until the deadline.
     Closing {
@@ -77,28 +71,28 @@ enum Phase {
     Done,
 }
 
-struct Conn {
-    ctx: Rc<ShardCtx>,
-    key: usize,
-    id: u64,
-    stream: Stream,
-    rbuf: Vec<u8>,
-    asm: Assembler,
-    session: Session,
-    sending: Vec<u8>,
-    sent: usize,
+pub(super) struct Conn {
+    pub(super) ctx: Rc<ShardCtx>,
+    pub(super) key: usize,
+    pub(super) id: u64,
+    pub(super) stream: Stream,
+    pub(super) rbuf: Vec<u8>,
+    pub(super) asm: Assembler,
+    pub(super) session: Session,
+    pub(super) sending: Vec<u8>,
+    pub(super) sent: usize,
     /// Where frames start in `sending` (after the 101 response at first).
-    frames_from: usize,
-    pre_auth: RateCounter,
+    pub(super) frames_from: usize,
+    pub(super) pre_auth: RateCounter,
     /// The user's shared message counter, once authenticated.
-    user_rate: Option<(Arc<str>, Arc<RateCounter>)>,
-    pending_auth: Option<Box<PendingAuth>>,
-    pong: Option<Box<[u8]>>,
-    next_ping_ms: u64,
-    ping_sent_ms: Option<u64>,
-    peer_closed: bool,
-    phase: Phase,
-    close_code: Option<CloseCode>,
+    pub(super) user_rate: Option<(Arc<str>, Arc<RateCounter>)>,
+    pub(super) pending_auth: Option<Box<PendingAuth>>,
+    pub(super) pong: Option<Box<[u8]>>,
+    pub(super) next_ping_ms: u64,
+    pub(super) ping_sent_ms: Option<u64>,
+    pub(super) peer_closed: bool,
+    pub(super) phase: Phase,
+    pub(super) close_code: Option<CloseCode>,
 }
 
 pub async fn run(start: Start) {
@@ -288,146 +282,6 @@ impl Conn {
         }
     }
 
-    fn on_text(&mut self, text: &[u8], now: u64) {
-        let parsed = parse_client(text);
-        let ctx = self.ctx.clone();
-        let stats = &ctx.stats;
-        let (id, received_idx) = match &parsed {
-            Ok(m) => (
-                m.id.as_deref(),
-                match m.kind {
-                    ClientKind::Authenticate { .. } => 0,
-                    ClientKind::Subscribe(_) => 1,
-                    ClientKind::Unsubscribe(_) => 2,
-                    ClientKind::Ping => 3,
-                },
-            ),
-            Err(ParseError::Invalid { id, .. }) => (id.as_deref(), 4),
-            Err(ParseError::UnknownType { id }) => (id.as_deref(), 5),
-        };
-        stats.received[received_idx].inc();
-        let counter = self.user_rate.as_ref().map_or(&self.pre_auth, |(_, c)| &**c);
-        match self.ctx.global.limits.check_message(counter, now) {
-            RateDecision::Allowed => {}
-            RateDecision::Limited { retry_after_ms } => {
-                stats.rate_limited.inc();
-                self.reply(&Outgoing::Error {
-                    code: ErrorCode::RateLimited,
-                    message: "message rate limit exceeded",
-                    request_id: id,
-                    retry_after_ms: Some(retry_after_ms),
-                });
-                return;
-            }
-            RateDecision::Close => {
-                stats.rate_limited.inc();
-                stats.rate_limit_closes.inc();
-                self.begin_close(CloseCode::RATE_LIMITED);
-                return;
-            }
-        }
-        let msg = match &parsed {
-            Ok(m) => m,
-            Err(e) => {
-                let message = match e {
-                    ParseError::Invalid { reason, .. } => *reason,
-                    ParseError::UnknownType { .. } => "unknown message type",
-                };
-                return self.reply(&Outgoing::Error { code: e.code(), message, request_id: id, retry_after_ms: None });
-            }
-        };
-        let request_id = msg.id.as_deref();
-        match self.session.on_message(&msg.kind) {
-            Decision::Pong => self.reply(&Outgoing::Pong { now_ms: now, request_id }),
-            Decision::Error(code, message) => {
-                self.reply(&Outgoing::Error { code, message, request_id, retry_after_ms: None })
-            }
-            Decision::AuthFailed(reason) => {
-                self.ctx.stats.auth_failure.inc();
-                self.reply(&Outgoing::AuthFailed { error: reason, request_id });
-                self.begin_close(CloseCode::AUTH_FAILED);
-            }
-            Decision::Verify(token) => match self.ctx.global.auth.verify(token) {
-                Verification::Done(result) => self.on_verified(result, request_id, now),
-                Verification::Pending(rx) => {
-                    self.pending_auth = Some(Box::new(PendingAuth { rx, request_id: request_id.map(Into::into) }));
-                }
-            },
-            Decision::Subscribed { channel, added } => {
-                if added {
-                    self.ctx.shard.borrow_mut().subscribe(self.key, channel);
-                    self.registry(RegistryEvent::Subscriptions { id: self.id, subs: self.session.subscriptions() });
-                }
-                self.reply(&Outgoing::Subscribed { channel, request_id });
-            }
-            Decision::Unsubscribed { channel, removed } => {
-                if removed {
-                    self.ctx.shard.borrow_mut().unsubscribe(self.key, channel);
-                    self.registry(RegistryEvent::Subscriptions { id: self.id, subs: self.session.subscriptions() });
-                }
-                self.reply(&Outgoing::Unsubscribed { channel, request_id });
-            }
-        }
-    }
-
-    fn poll_auth(&mut self, cx: &mut Context<'_>, now: u64) {
-        let Some(pending) = self.pending_auth.as_mut() else {
-            return;
-        };
-        let result = match Pin::new(&mut pending.rx).poll(cx) {
-            Poll::Pending => return,
-            Poll::Ready(Ok(r)) => r,
-            Poll::Ready(Err(_)) => Err(AuthFailure("Authentication service unavailable".into())),
-        };
-        let pending = self.pending_auth.take().expect("checked above");
-        if self.phase == Phase::Open {
-            self.on_verified(result, pending.request_id.as_deref(), now);
-        }
-    }
-
-    fn on_verified(&mut self, result: Result<Identity, AuthFailure>, request_id: Option<&str>, now: u64) {
-        match self.session.on_verified(result) {
-            Verified::Authenticated => {
-                let identity = self.session.identity().expect("just authenticated").clone();
-                self.ctx.shard.borrow_mut().set_user(self.key, identity.user_id.clone());
-                let counter = self.ctx.global.limits.user_counter(&identity.user_id);
-                counter.hit(now, self.pre_auth.current(now));
-                self.user_rate = Some((identity.user_id.clone(), counter));
-                self.registry(RegistryEvent::Auth { id: self.id, user: identity.user_id.clone() });
-                self.auth_success(&identity, request_id);
-                tracing::debug!(conn = self.id, user = %identity.user_id, "authenticated");
-            }
-            Verified::Refreshed => {
-                let identity = self.session.identity().expect("refreshed").clone();
-                self.auth_success(&identity, request_id);
-            }
-            Verified::Failed(reason) => {
-                self.ctx.stats.auth_failure.inc();
-                self.reply(&Outgoing::AuthFailed { error: &reason, request_id });
-                self.begin_close(CloseCode::AUTH_FAILED);
-            }
-        }
-    }
-
-    fn auth_success(&mut self, identity: &Identity, request_id: Option<&str>) {
-        self.ctx.stats.auth_success.inc();
-        self.reply(&Outgoing::AuthSuccess {
-            user: UserView { id: &identity.user_id, email: identity.email.as_deref() },
-            request_id,
-        });
-    }
-
-    /// Reports a registry change to Redis' sync worker (when configured).
-    fn registry(&self, e: RegistryEvent) {
-        if let Some(cluster) = &self.ctx.global.cluster {
-            cluster.event(e);
-        }
-    }
-
-    fn reply(&mut self, msg: &Outgoing) {
-        self.ctx.queue(self.key, msg);
-    }
-
     /// Reacts to what the shard flagged: slow consumer, shutdown.
     fn check_flags(&mut self, mono: u64) {
         let (slow, shutdown) = {
@@ -489,7 +343,7 @@ impl Conn {
 
     /// Queues our close frame after everything already queued and stops
     /// further updates.
-    fn begin_close(&mut self, code: CloseCode) {
+    pub(super) fn begin_close(&mut self, code: CloseCode) {
         if self.phase != Phase::Open {
             return;
         }

@@ -8,6 +8,7 @@
 //! up to `SHUTDOWN_GRACE_MS`).
 
 mod driver;
+mod messages;
 pub mod stream;
 mod upgrade;
 

@@ -2,8 +2,9 @@
 //! connection driver on the shard shares ([`ShardCtx`]).
 //!
 //! Owns: binding this shard's SO_REUSEPORT listener, spawning one task per
-//! accepted socket (`upgrade.rs` for the HTTP phase, `driver.rs` for the
-//! WebSocket phase), the coarse deadline tick, and the shard's part of the
+//! accepted socket (`upgrade.rs` for the HTTP phase and TLS via
+//! `stream.rs`; `driver.rs` and `messages.rs` for the WebSocket phase),
+//! the coarse deadline tick, and the shard's part of the
 //! shutdown sequence (stop accepting, close every connection with 1001, wait
 //! up to `SHUTDOWN_GRACE_MS`).
 

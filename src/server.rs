@@ -169,6 +169,9 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         config,
     });
 
+    // From here on, an early return drops the handle, which stops whatever
+    // was started (shards, Redis workers, ingest).
+    let mut handle = ServerHandle { global: global.clone(), addr, pool: None, ingest: None, dev_token };
     let (ready_tx, ready_rx) = crossbeam::channel::bounded::<Result<(), String>>(shards);
     let next_shard = Arc::new(AtomicUsize::new(0));
     let g = global.clone();
@@ -182,39 +185,25 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
             crate::conn::run_shard(g, id, addr, ready_tx).await
         })
         .map_err(|e| anyhow::anyhow!("cannot start shard executors: {e}"))?;
-    let pool = std::thread::Builder::new().name("moonx-pool".into()).spawn(move || {
+    handle.pool = Some(std::thread::Builder::new().name("moonx-pool".into()).spawn(move || {
         for r in handles.join_all() {
             if let Err(e) = r {
                 tracing::error!(error = %e, "shard executor failed");
             }
         }
-    })?;
+    })?);
     for _ in 0..shards {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                global.begin_shutdown();
-                let _ = pool.join();
-                anyhow::bail!("cannot listen on {addr}: {e}");
-            }
-            Err(_) => {
-                let _ = pool.join();
-                anyhow::bail!("a shard exited during start-up");
-            }
+            Ok(Err(e)) => anyhow::bail!("cannot listen on {addr}: {e}"),
+            Err(_) => anyhow::bail!("a shard exited during start-up"),
         }
     }
     drop(placeholder);
     tracing::info!(%addr, shards, instance = %global.instance_id, "listening");
-    let ingest =
-        match ingest::start(&global.config, global.publisher.clone(), &global.instance_id, global.ingest.clone()) {
-            Ok(i) => i,
-            Err(e) => {
-                global.begin_shutdown();
-                let _ = pool.join();
-                return Err(e.into());
-            }
-        };
-    Ok(ServerHandle { global, addr, pool: Some(pool), ingest: Some(ingest), dev_token })
+    handle.ingest =
+        Some(ingest::start(&global.config, global.publisher.clone(), &global.instance_id, global.ingest.clone())?);
+    Ok(handle)
 }
 
 fn reserve_port(addr: SocketAddr) -> std::io::Result<StdListener> {

@@ -288,6 +288,19 @@ mod tests {
     }
 
     #[test]
+    fn other_instances_counts_join_the_local_one() {
+        let l = limits(&[("RATE_LIMIT_MAX_MESSAGES_PER_MINUTE", "5")]);
+        let c = RateCounter::default();
+        let t = 600_000;
+        c.set_others(t / WINDOW_MS, 4);
+        assert_eq!(l.check_message(&c, t), RateDecision::Allowed, "4 elsewhere + 1 here");
+        assert!(matches!(l.check_message(&c, t), RateDecision::Limited { .. }), "6th in the cluster");
+        c.set_pushed(t / WINDOW_MS, 2);
+        assert_eq!(c.pushed(t / WINDOW_MS), 2);
+        assert_eq!(c.others(t / WINDOW_MS + 1), 0, "a new window starts from zero");
+    }
+
+    #[test]
     fn disabled_limits_allow_everything_but_capacity() {
         let l = limits(&[
             ("RATE_LIMIT_ENABLED", "false"),

@@ -171,25 +171,15 @@ fn connections_endpoint_shows_the_cluster_and_dead_instances_expire() {
     let _anon = connect(a.addr);
 
     // A second instance as a separate process, to be killed without cleanup.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut b = Command::new(env!("CARGO_BIN_EXE_moonx-ws"))
-        .env_clear()
-        .envs([
-            ("WEBSOCKET_SERVICE_HOST", "127.0.0.1".to_string()),
-            ("WEBSOCKET_SERVICE_PORT", port.to_string()),
-            ("JWT_SECRET", SECRET.to_string()),
-            ("DEMO_FEED", "false".into()),
-            ("REDIS_URL", redis.url()),
-            ("REDIS_SYNC_INTERVAL_MS", "50".into()),
-            ("WS_HEARTBEAT_INTERVAL", "300".into()),
-            ("LOG_LEVEL", "warn".into()),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let b_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert!(wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(b_addr).is_ok()));
+    let url = redis.url();
+    let (mut b, b_addr) = spawn_server(&[
+        ("JWT_SECRET", SECRET),
+        ("DEMO_FEED", "false"),
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_SYNC_INTERVAL_MS", "50"),
+        ("WS_HEARTBEAT_INTERVAL", "300"),
+        ("LOG_LEVEL", "warn"),
+    ]);
     let _on_b = authed(b_addr, "other");
 
     let cluster = |srv: &TestServer| get_json(srv.addr, "/connections")["cluster"].clone();

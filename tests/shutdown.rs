@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -47,27 +47,8 @@ fn shutdown_closes_every_connection_with_1001_after_queued_updates() {
 
 #[test]
 fn sigterm_exits_zero_after_closing_clients() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moonx-ws"))
-        .env_clear()
-        .env("WEBSOCKET_SERVICE_HOST", "127.0.0.1")
-        .env("WEBSOCKET_SERVICE_PORT", port.to_string())
-        .env("JWT_SECRET", SECRET)
-        .env("WS_SHARDS", "2")
-        .env("LOG_LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let started = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(20), "server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // The embedded broker and its demo feed run too: the real default binary.
+    let (mut child, addr) = spawn_server(&[("JWT_SECRET", SECRET), ("WS_SHARDS", "2"), ("LOG_LEVEL", "warn")]);
     let mut ws = authed(addr, "term");
     // The `kill` command sends the signal (no unsafe libc call in tests).
     let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();

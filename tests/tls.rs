@@ -124,28 +124,14 @@ fn sighup_reloads_the_certificate_of_the_running_binary() {
     let dir = std::env::temp_dir().join(format!("moonx-tls-hup-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let first = self_signed(&dir, "first.example");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moonx-ws"))
-        .env_clear()
-        .envs([
-            ("WEBSOCKET_SERVICE_HOST", "127.0.0.1".to_string()),
-            ("WEBSOCKET_SERVICE_PORT", port.to_string()),
-            ("JWT_SECRET", SECRET.to_string()),
-            ("DEMO_FEED", "false".into()),
-            ("TLS_CERT_FILE", first.cert_path.display().to_string()),
-            ("TLS_KEY_FILE", first.key_path.display().to_string()),
-            ("LOG_LEVEL", "warn".into()),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let started = std::time::Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "server did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let (cert, key) = (first.cert_path.display().to_string(), first.key_path.display().to_string());
+    let (mut child, addr) = spawn_server(&[
+        ("JWT_SECRET", SECRET),
+        ("DEMO_FEED", "false"),
+        ("TLS_CERT_FILE", cert.as_str()),
+        ("TLS_KEY_FILE", key.as_str()),
+        ("LOG_LEVEL", "warn"),
+    ]);
     let mut old = wss(addr, &first.der);
     assert_eq!(recv_tls(&mut old)["type"], "auth_required");
 

@@ -293,13 +293,8 @@ fn produce(
     produced: &AtomicU64,
     late: &AtomicU64,
 ) {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "0")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("kafka producer");
+    use rdkafka::producer::BaseRecord;
+    let producer = crate::kafka::producer(brokers, 0);
     let start_ns = now_ns();
     let start = Instant::now();
     let interval_ns = 1_000_000_000 / rate.max(1);
@@ -326,18 +321,8 @@ fn produce(
             value.push('x');
         }
         value.push_str("\"}");
-        let mut rec = BaseRecord::<(), str>::to(topic).payload(value.as_str()).partition(0);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    producer.poll(Duration::from_millis(1));
-                    rec = back;
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+        crate::kafka::send(&producer, BaseRecord::<(), str>::to(topic).payload(value.as_str()).partition(0));
         produced.fetch_add(1, Ordering::Relaxed);
     }
-    let _ = producer.flush(Duration::from_secs(10));
+    crate::kafka::finish(&producer);
 }

@@ -10,6 +10,7 @@
 //! share). Every run is bounded in count and time.
 
 mod fanout;
+mod kafka;
 mod private;
 mod procstat;
 mod ws;

@@ -172,13 +172,8 @@ pub async fn run(a: PrivateArgs) -> anyhow::Result<()> {
 /// with a sequence number per (user, topic); keyed by user so each stream
 /// stays in one partition.
 fn produce(brokers: &str, users: usize, rate: u64, total: u64, stop: &AtomicBool, produced: &AtomicU64) {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "1")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("kafka producer");
+    use rdkafka::producer::BaseRecord;
+    let producer = crate::kafka::producer(brokers, 1);
     let mut seqs = vec![[0u64; 3]; users];
     let start = Instant::now();
     let interval_ns = 1_000_000_000 / rate.max(1);
@@ -197,18 +192,8 @@ fn produce(brokers: &str, users: usize, rate: u64, total: u64, stop: &AtomicBool
         seqs[user][topic] += 1;
         let key = format!("lt-u{user}");
         let value = format!(r#"{{"userId":"{key}","seq":{seq},"sentNs":{},"status":"filled"}}"#, now_ns());
-        let mut rec = BaseRecord::to(TOPICS[topic].0).key(&key).payload(&value);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    producer.poll(Duration::from_millis(1));
-                    rec = back;
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
+        crate::kafka::send(&producer, BaseRecord::to(TOPICS[topic].0).key(&key).payload(&value));
         produced.fetch_add(1, Ordering::Relaxed);
     }
-    let _ = producer.flush(Duration::from_secs(10));
+    crate::kafka::finish(&producer);
 }

@@ -66,6 +66,28 @@ impl TestServer {
     }
 }
 
+/// Runs the `moonx-ws` binary on a free loopback port with only `env` (plus
+/// host and port) in its environment; returns once it accepts connections.
+pub fn spawn_server(env: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_moonx-ws"))
+        .env_clear()
+        .env("WEBSOCKET_SERVICE_HOST", "127.0.0.1")
+        .env("WEBSOCKET_SERVICE_PORT", port.to_string())
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let started = std::time::Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, addr)
+}
+
 pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }

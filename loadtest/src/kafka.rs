@@ -1,0 +1,37 @@
+//! The load producers' Kafka side: a producer tuned for an open-loop
+//! schedule, and a send that waits (briefly polling) when its local queue
+//! is full instead of dropping.
+
+use std::time::Duration;
+
+use rdkafka::message::ToBytes;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+pub fn producer(brokers: &str, linger_ms: u32) -> BaseProducer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", linger_ms.to_string())
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("kafka producer")
+}
+
+/// Sends `rec`, retrying while the producer's queue is full, then serves
+/// delivery callbacks without blocking.
+pub fn send<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(producer: &BaseProducer, mut rec: BaseRecord<'_, K, P>) {
+    loop {
+        match producer.send(rec) {
+            Ok(()) => break,
+            Err((_, back)) => {
+                producer.poll(Duration::from_millis(1));
+                rec = back;
+            }
+        }
+    }
+    producer.poll(Duration::ZERO);
+}
+
+/// Waits (bounded) for what is still queued.
+pub fn finish(producer: &BaseProducer) {
+    let _ = producer.flush(Duration::from_secs(10));
+}

@@ -14,4 +14,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-exec cargo test "$@"
+exec cargo test --workspace "$@"

@@ -14,7 +14,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use crate::ws::field_u64;
+use crate::ws::{field_u64, Sequence};
 use crate::{histogram, now_ns, open_all, percentiles, print_table, procstat, set_up, Common};
 
 #[derive(Args)]
@@ -76,14 +76,8 @@ pub async fn run(a: FanoutArgs) -> anyhow::Result<()> {
         let (tally, measure_from) = (tally.clone(), measure_from.clone());
         readers.push(tokio::task::spawn_local(async move {
             let mut ws = s.ws;
-            let mut last: Option<u64> = None;
-            while let Ok(Some(f)) = ws.next_frame().await {
-                if f.opcode != 0x1 {
-                    if f.opcode == 0x8 {
-                        break;
-                    }
-                    continue;
-                }
+            let mut sequence = Sequence::default();
+            while let Some(f) = ws.next_text_frame().await {
                 let p = ws.payload(&f);
                 let (Some(seq), Some(sent)) = (field_u64(p, b"\"seq\":"), field_u64(p, b"\"sentNs\":")) else {
                     continue;
@@ -91,12 +85,9 @@ pub async fn run(a: FanoutArgs) -> anyhow::Result<()> {
                 let now = now_ns();
                 let mut t = tally.borrow_mut();
                 t.received += 1;
-                match last {
-                    Some(l) if seq <= l => t.dups += 1,
-                    Some(l) if seq > l + 1 => t.gaps += seq - l - 1,
-                    _ => {}
-                }
-                last = Some(last.map_or(seq, |l| l.max(seq)));
+                let (skipped, repeat) = sequence.see(seq, false);
+                t.gaps += skipped;
+                t.dups += repeat as u64;
                 if seq >= measure_from.get() {
                     t.measured += 1;
                     t.latency.saturating_record((now.saturating_sub(sent) / 1000).max(1));

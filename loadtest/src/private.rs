@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
 
-use crate::ws::field_u64;
+use crate::ws::{field_u64, Sequence};
 use crate::{histogram, now_ns, open_all, percentiles, print_table, procstat, Common};
 
 const TOPICS: [(&str, &[u8]); 3] = [
@@ -72,14 +72,8 @@ pub async fn run(a: PrivateArgs) -> anyhow::Result<()> {
         let me = format!("\"userId\":\"lt-u{}\"", i / per_user).into_bytes();
         readers.push(tokio::task::spawn_local(async move {
             let mut ws = s.ws;
-            let mut last: [Option<u64>; 3] = [None; 3];
-            while let Ok(Some(f)) = ws.next_frame().await {
-                if f.opcode != 0x1 {
-                    if f.opcode == 0x8 {
-                        break;
-                    }
-                    continue;
-                }
+            let mut streams = [Sequence::default(); 3];
+            while let Some(f) = ws.next_text_frame().await {
                 let p = ws.payload(&f);
                 let Some(topic) = TOPICS.iter().position(|(_, ty)| memchr::memmem::find(p, ty).is_some()) else {
                     continue;
@@ -94,13 +88,9 @@ pub async fn run(a: PrivateArgs) -> anyhow::Result<()> {
                     t.misrouted += 1;
                     continue;
                 }
-                match last[topic] {
-                    Some(l) if seq <= l => t.dups += 1,
-                    Some(l) if seq > l + 1 => t.gaps += seq - l - 1,
-                    None if seq > 0 => t.gaps += seq,
-                    _ => {}
-                }
-                last[topic] = Some(last[topic].map_or(seq, |l| l.max(seq)));
+                let (skipped, repeat) = streams[topic].see(seq, true);
+                t.gaps += skipped;
+                t.dups += repeat as u64;
                 latency.borrow_mut().saturating_record((now.saturating_sub(sent) / 1000).max(1));
             }
         }));

@@ -98,6 +98,18 @@ impl Ws {
         }
     }
 
+    /// Next text frame (answering pings, skipping pongs); None on close.
+    pub async fn next_text_frame(&mut self) -> Option<Frame> {
+        loop {
+            match self.next_frame().await {
+                Ok(Some(f)) if f.opcode == 0x1 => return Some(f),
+                Ok(Some(f)) if f.opcode == 0x8 => return None,
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
     pub fn payload(&self, f: &Frame) -> &[u8] {
         &self.buf[f.start..f.end]
     }
@@ -159,6 +171,27 @@ fn masked_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
 }
 
+/// Sequence checking for one stream: counts numbers skipped and repeated.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sequence {
+    last: Option<u64>,
+}
+
+impl Sequence {
+    /// Records `seq`; returns (numbers skipped, whether it is a repeat).
+    /// With `from_zero`, numbers before the first one seen count as skipped.
+    pub fn see(&mut self, seq: u64, from_zero: bool) -> (u64, bool) {
+        let out = match self.last {
+            Some(l) if seq <= l => (0, true),
+            Some(l) => (seq - l - 1, false),
+            None if from_zero => (seq, false),
+            None => (0, false),
+        };
+        self.last = Some(self.last.map_or(seq, |l| l.max(seq)));
+        out
+    }
+}
+
 /// Reads the unsigned integer after `key` (e.g. `"seq":`) in `payload`.
 pub fn field_u64(payload: &[u8], key: &[u8]) -> Option<u64> {
     let at = memchr::memmem::find(payload, key)? + key.len();
@@ -187,5 +220,16 @@ mod tests {
         assert_eq!(parse(&b[..4]), None);
         assert_eq!(field_u64(br#"{"data":{"seq":42,"sentNs":7}}"#, b"\"seq\":"), Some(42));
         assert_eq!(field_u64(br#"{"x":1}"#, b"\"seq\":"), None);
+    }
+
+    #[test]
+    fn sequences_count_gaps_and_repeats() {
+        let mut s = Sequence::default();
+        assert_eq!(s.see(5, false), (0, false), "mid-stream start");
+        assert_eq!(s.see(6, false), (0, false));
+        assert_eq!(s.see(9, false), (2, false));
+        assert_eq!(s.see(9, false), (0, true));
+        let mut z = Sequence::default();
+        assert_eq!(z.see(3, true), (3, false), "0..=2 missing");
     }
 }

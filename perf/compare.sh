@@ -20,6 +20,7 @@ servers=("${@:-moonx-ws rust-tokio}")
 read -r -a servers <<< "${servers[*]}"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out=perf/out/$stamp
+root=$PWD
 mkdir -p "$out"
 
 source perf/common.sh
@@ -47,7 +48,7 @@ start_server() {
       ;;
     node-ws)
       (cd "$PEERS_DIR/node-ws" && env PORT=$PORT JWT_SECRET=$SECRET KAFKA_BROKERS="$BROKERS" \
-        taskset -c 0 node server.js > "../../$out/$name.log" 2>&1) &
+        taskset -c 0 node server.js > "$root/$out/$name.log" 2>&1) &
       ;;
     *) echo "unknown server $name" >&2; exit 2 ;;
   esac

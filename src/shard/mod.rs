@@ -31,6 +31,8 @@ use inbox::{Inbox, Route, Update};
 
 /// Updates a fan-out pass takes from the inbox before yielding.
 const FANOUT_BUDGET: usize = 256;
+/// Sockets a flush writes before it looks at the inbox again.
+const FLUSH_CHUNK: usize = 64;
 /// Capacity reserved when an empty outbox first receives bytes.
 const OUTBOX_INITIAL: usize = 1024;
 /// Outbox buffers kept for reuse per shard, and the largest kept.
@@ -75,8 +77,11 @@ pub struct Shard {
     users: HashMap<Arc<str>, Vec<usize>>,
     /// Empty outbox buffers for reuse: idle connections hold none.
     spare: Vec<Vec<u8>>,
-    /// Connections the fan-out queued bytes for since the last flush.
+    /// Connections the fan-out queued bytes for that no sweep has reached.
     dirty: Vec<usize>,
+    /// The flush sweep in progress (`sweep[sweep_pos..]` still to write).
+    sweep: Vec<usize>,
+    sweep_pos: usize,
     max_buffered: usize,
     pub stats: Arc<ShardStats>,
     shutting_down: bool,
@@ -91,6 +96,8 @@ impl Shard {
             users: HashMap::new(),
             spare: Vec::new(),
             dirty: Vec::new(),
+            sweep: Vec::new(),
+            sweep_pos: 0,
             max_buffered,
             stats,
             shutting_down: false,
@@ -270,14 +277,40 @@ impl Shard {
         delivered
     }
 
-    /// Writes what the fan-out queued, straight to each socket: one
-    /// non-blocking `send` per connection for all its queued frames, with
-    /// no task wake-up when the socket takes it all (the common case). A
-    /// connection whose driver is mid-write, whose socket is full or short,
-    /// or that is closing is left to its driver, which is woken.
-    pub fn flush_dirty(&mut self) {
-        let mut dirty = std::mem::take(&mut self.dirty);
-        for key in dirty.drain(..) {
+    /// Whether a flush sweep is under way.
+    pub fn sweeping(&self) -> bool {
+        self.sweep_pos < self.sweep.len()
+    }
+
+    /// Whether frames are queued that no sweep has reached yet.
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Starts a sweep over every connection with queued frames.
+    pub fn begin_sweep(&mut self) {
+        debug_assert!(!self.sweeping());
+        self.sweep.clear();
+        self.sweep_pos = 0;
+        std::mem::swap(&mut self.sweep, &mut self.dirty);
+    }
+
+    /// Writes what the fan-out queued for the next `max` connections of the
+    /// sweep, straight to each socket: one non-blocking `send` per
+    /// connection for all its queued frames, with no task wake-up when the
+    /// socket takes it all (the common case). A connection whose driver is
+    /// mid-write, whose socket is full or short, or that is closing is left
+    /// to its driver, which is woken. Returns true when the sweep is done.
+    ///
+    /// The sweep is written in steps so that updates arriving meanwhile are
+    /// fanned out between them: a connection the sweep has not reached yet
+    /// sends the new frame in this sweep (it is still marked dirty), one it
+    /// has passed is listed for the next. A frame therefore waits at most
+    /// about one sweep, not the rest of this one plus the next.
+    pub fn flush_step(&mut self, max: usize) -> bool {
+        let end = (self.sweep_pos + max).min(self.sweep.len());
+        for i in self.sweep_pos..end {
+            let key = self.sweep[i];
             let Some(slot) = self.conns.get_mut(key) else { continue };
             slot.dirty = false;
             if slot.pending.is_empty() {
@@ -300,7 +333,8 @@ impl Shard {
                 Err(_) => wake(slot), // full (EAGAIN) or broken: the driver handles it
             }
         }
-        self.dirty = dirty;
+        self.sweep_pos = end;
+        !self.sweeping()
     }
 
     /// Wakes every connection whose deadline has passed.
@@ -359,18 +393,25 @@ fn wake(slot: &mut Slot) {
 /// The shard's fan-out task: drains its inbox in budgeted batches and
 /// parks on the inbox's waker when it is empty.
 ///
-/// `flush_interval` is the latency/CPU trade (`WS_FLUSH_INTERVAL_US`): queued
-/// frames are written at most once per interval, so under load each socket
-/// write carries more frames (fewer syscalls per delivery) at the price of up
-/// to one interval of added latency. Zero writes after every batch.
+/// Queued frames go out in sweeps over the connections that have any,
+/// written in steps of [`FLUSH_CHUNK`] sockets with the inbox drained
+/// between steps (see [`Shard::flush_step`]).
+///
+/// `flush_interval` is the latency/CPU trade (`WS_FLUSH_INTERVAL_US`): a
+/// sweep starts at most once per interval, so under load each socket write
+/// carries more frames (fewer syscalls per delivery) at the price of up to
+/// one interval of added latency. Zero starts the next sweep as soon as the
+/// last one ends: under saturation the batching is then set by the sweep's
+/// own length.
 pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval: Duration) {
-    let mut last_flush = Instant::now();
-    // Kafka timestamps of updates queued since the last flush: the
-    // end-to-end latency is recorded when their frames are written.
+    let mut last_sweep = Instant::now();
+    // Kafka timestamps of updates queued before the current sweep began
+    // (recorded as written when it ends) and since (the next sweep's).
+    let mut in_sweep: Vec<i64> = Vec::new();
     let mut unflushed: Vec<i64> = Vec::new();
     loop {
         let mut taken = 0;
-        {
+        let sweeping = {
             let mut shard = shard.borrow_mut();
             let stats = shard.stats.clone();
             let mut hist = stats.fanout_latency_us.lock();
@@ -388,26 +429,31 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval
             }
             stats.updates_processed.add(taken as u64);
             drop(hist);
-            if flush_interval.is_zero() || last_flush.elapsed() >= flush_interval {
-                shard.flush_dirty();
-                last_flush = Instant::now();
-                if !unflushed.is_empty() {
-                    let now = epoch_ms() as i64;
-                    let mut e2e = stats.e2e_latency_us.lock();
-                    for ts in unflushed.drain(..) {
-                        e2e.saturating_record(((now - ts).max(0) as u64 * 1000).max(1));
-                    }
+            if !shard.sweeping()
+                && shard.has_dirty()
+                && (flush_interval.is_zero() || last_sweep.elapsed() >= flush_interval)
+            {
+                shard.begin_sweep();
+                last_sweep = Instant::now();
+                std::mem::swap(&mut in_sweep, &mut unflushed);
+            }
+            if shard.sweeping() && shard.flush_step(FLUSH_CHUNK) && !in_sweep.is_empty() {
+                let now = epoch_ms() as i64;
+                let mut e2e = stats.e2e_latency_us.lock();
+                for ts in in_sweep.drain(..) {
+                    e2e.saturating_record(((now - ts).max(0) as u64 * 1000).max(1));
                 }
             }
-        }
-        if taken == FANOUT_BUDGET {
+            shard.sweeping()
+        };
+        if sweeping || taken == FANOUT_BUDGET {
             glommio::yield_if_needed().await;
             continue;
         }
-        if !shard.borrow().dirty.is_empty() {
-            // Frames are waiting for the next flush: sleep until it is due
+        if shard.borrow().has_dirty() {
+            // Frames are waiting for the next sweep: sleep until it is due
             // (updates arriving meanwhile join the same writes).
-            let due = flush_interval.saturating_sub(last_flush.elapsed());
+            let due = flush_interval.saturating_sub(last_sweep.elapsed());
             glommio::timer::sleep(due).await;
             continue;
         }
@@ -521,6 +567,49 @@ mod tests {
         assert!(s.slot(slow).pending.is_empty());
         assert_eq!(s.fanout(&u), 1, "and gets nothing more");
         assert_eq!(s.slot(fast).pending.len(), 2 * u.frame.len());
+    }
+
+    /// Reads what a socket has received so far (non-blocking).
+    fn received(sock: &mut std::os::unix::net::UnixStream) -> Vec<u8> {
+        use std::io::Read;
+        sock.set_nonblocking(true).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = sock.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    }
+
+    #[test]
+    fn a_sweep_carries_updates_that_arrive_before_it_reaches_a_socket() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+        let mut s = shard(1 << 20);
+        let (a_srv, mut a_cli) = UnixStream::pair().unwrap();
+        let (b_srv, mut b_cli) = UnixStream::pair().unwrap();
+        let a = s.insert(a_srv.as_raw_fd(), 0);
+        let b = s.insert(b_srv.as_raw_fd(), 0);
+        s.subscribe(a, Channel::Prices);
+        s.subscribe(b, Channel::Prices);
+        let (u1, u2) = (price("{\"n\":1}"), price("{\"n\":2}"));
+        s.fanout(&u1);
+        s.begin_sweep();
+        assert!(!s.flush_step(1), "one socket written, one to go");
+        s.fanout(&u2);
+        assert!(s.flush_step(64), "the sweep is done");
+        let both = [&u1.frame[..], &u2.frame[..]].concat();
+        assert_eq!(received(&mut b_cli), both, "the socket not yet reached sent both in this sweep");
+        assert_eq!(received(&mut a_cli), &*u1.frame, "the socket already passed got the first only");
+        assert!(s.has_dirty(), "and is listed for the next sweep");
+        s.begin_sweep();
+        assert!(s.flush_step(64));
+        assert_eq!(received(&mut a_cli), &*u2.frame);
+        assert!(received(&mut b_cli).is_empty(), "nothing is sent twice");
+        assert!(!s.has_dirty());
     }
 
     #[test]

@@ -10,7 +10,8 @@ build_release() {
 # start_broker OUTDIR: a mock Kafka broker on core 1; sets BROKERS.
 start_broker() {
   rm -f "$1/broker"
-  taskset -c 1 "$LT" broker --duration "${BROKER_SECS:-3600}" --address-file "$1/broker" > /dev/null 2>&1 &
+  # shellcheck disable=SC2086 # BROKER_ARGS holds several flags
+  taskset -c 1 "$LT" broker --duration "${BROKER_SECS:-3600}" --address-file "$1/broker" ${BROKER_ARGS:-} > /dev/null 2> "$1/broker.log" &
   for _ in $(seq 100); do [ -s "$1/broker" ] && break; sleep 0.1; done
   BROKERS=$(cat "$1/broker")
 }

@@ -4,17 +4,41 @@
 # connection count every 10 s into perf/out/soak-*/samples.csv, then checking
 # that fds and connections return to their baseline, threads stay put, RSS
 # stops growing, and the fan-out saw zero gaps and duplicates. Not in CI.
-# Usage: SOAK_SECS=3600 perf/soak.sh
+#
+# SOAK_FAULTS=1 adds faults while the traffic flows: the server uses a
+# redis-server the script starts, the broker goes down for 15 s every
+# SOAK_FAULT_EVERY seconds (default 300), and in between Redis is paused
+# (SIGSTOP) for 20 s, then killed and restarted 10 s later. The producer is
+# idempotent then, so every gap or duplicate is the server's; /health must
+# be "healthy" again at the end.
+# Usage: SOAK_SECS=3600 [SOAK_FAULTS=1] perf/soak.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${SOAK_SECS:-3600}
+faults=${SOAK_FAULTS:-0}
+every=${SOAK_FAULT_EVERY:-300}
+redis_port=6399
 out=perf/out/soak-$(date -u +%Y%m%dT%H%M%SZ); mkdir -p "$out"
 source perf/common.sh
 build_release
-trap 'pkill -P $$ 2>/dev/null || true' EXIT
-BROKER_SECS=$((secs + 600)) start_broker "$out"
+trap 'pkill -P $$ 2>/dev/null || true; pkill -f "redis-server 127.0.0.1:$redis_port" 2>/dev/null || true' EXIT
+start_redis() {
+  redis-server --port $redis_port --bind 127.0.0.1 --save "" --appendonly no > "$out/redis.log" 2>&1 &
+  REDIS_PID=$!
+}
+server_env=()
+fanout_flags=()
+if [ "$faults" = 1 ]; then
+  # The broker's own schedule: down for 15 s every $every s.
+  BROKER_ARGS="--down-every $every --down-for 15" BROKER_SECS=$((secs + 600)) start_broker "$out"
+  start_redis
+  server_env=(REDIS_URL=redis://127.0.0.1:$redis_port)
+  fanout_flags=(--idempotent)
+else
+  BROKER_SECS=$((secs + 600)) start_broker "$out"
+fi
 B=$BROKERS
-start_moonx 3106 "$out/server.log"
+start_moonx 3106 "$out/server.log" "${server_env[@]}"
 pid=$SERVER_PID
 sample() {
   local rss fds thr conns
@@ -22,14 +46,30 @@ sample() {
   fds=$(ls /proc/$pid/fd | wc -l)
   thr=$(awk '/Threads/ {print $2}' /proc/$pid/status)
   conns=$(curl -s 127.0.0.1:3106/connections | python3 -c 'import json,sys; print(json.load(sys.stdin)["total"])')
-  echo "$(date +%s),$1,$rss,$fds,$thr,$conns" >> "$out/samples.csv"
+  health=$(curl -s 127.0.0.1:3106/health | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')
+  echo "$(date +%s),$1,$rss,$fds,$thr,$conns,$health" >> "$out/samples.csv"
 }
-echo "time,phase,rss_kb,fds,threads,connections" > "$out/samples.csv"
+echo "time,phase,rss_kb,fds,threads,connections,health" > "$out/samples.csv"
 sample baseline
 # Steady fan-out: 1000 subscribers x 20 updates/s for the whole soak.
 taskset -c 1 "$LT" fanout --server 127.0.0.1:3106 --brokers "$B" -c 1000 -r 20 -d "$secs" --warmup 1 --drain 10 \
-  --jwt-secret loadtest-secret --deadline $((secs + 300)) --json > "$out/fanout.json" &
+  --jwt-secret loadtest-secret --deadline $((secs + 300)) "${fanout_flags[@]}" --json > "$out/fanout.json" &
 fan=$!
+if [ "$faults" = 1 ]; then
+  # Redis faults, half-way between broker outages.
+  ( sleep $((every / 2))
+    stop_at=$(( $(date +%s) + secs - every - every / 2 )) # the last cycle ends well before the load
+    while [ "$(date +%s)" -lt "$stop_at" ]; do
+      echo "$(date +%s) redis pause" >> "$out/faults.log"
+      kill -STOP "$REDIS_PID"; sleep 20; kill -CONT "$REDIS_PID"
+      sleep $((every / 4))
+      echo "$(date +%s) redis kill" >> "$out/faults.log"
+      kill -9 "$REDIS_PID" || true; sleep 10
+      start_redis
+      echo "$(date +%s) redis restarted" >> "$out/faults.log"
+      sleep $((every - every / 4 - 30))
+    done ) &
+fi
 # Churn: 500 connections opened, authenticated, subscribed and dropped, over and over.
 end=$((SECONDS + secs))
 ( while [ $SECONDS -lt $end ]; do
@@ -59,7 +99,10 @@ load = [int(r["rss_kb"]) for r in rows if r["phase"] == "load"]
 half = len(load) // 2
 growth = (max(load[half:]) / max(load[:half]) - 1) if half else 0.0
 print(f"  RSS growth over the second half of the load: {growth * 100:.1f}%")
-ok = (fan["gaps"] == 0 and fan["duplicates"] == 0 and after["fds"] == base["fds"]
+degraded = sum(1 for r in rows if r["health"] != "healthy")
+faults = (out / "faults.log").read_text().splitlines() if (out / "faults.log").exists() else []
+print(f"  health: {degraded} of {len(rows)} samples degraded; after: {after['health']}; Redis faults: {len(faults)}")
+ok = (after["health"] == "healthy" and fan["gaps"] == 0 and fan["duplicates"] == 0 and after["fds"] == base["fds"]
       and after["connections"] == base["connections"] and int(after["threads"]) <= int(base["threads"]) + 2
       and growth < 0.05)
 print("  result:", "OK" if ok else "CHECK")

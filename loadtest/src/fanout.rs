@@ -48,6 +48,10 @@ pub struct FanoutArgs {
     /// How long each churned connection stays open, in ms.
     #[arg(long, default_value_t = 500)]
     pub(crate) churn_hold_ms: u64,
+    /// Idempotent producer: in order and exactly once across broker
+    /// outages (for runs against `broker --down-every`); adds latency.
+    #[arg(long)]
+    pub(crate) idempotent: bool,
 }
 
 /// What the subscribers share (one runtime thread: no locking).
@@ -104,7 +108,11 @@ pub async fn run(a: FanoutArgs) -> anyhow::Result<()> {
     let producer = {
         let (brokers, topic, size, rate) = (a.brokers.clone(), a.topic.clone(), a.size, a.rate);
         let (stop, produced, late) = (stop.clone(), produced.clone(), late.clone());
-        std::thread::spawn(move || produce(&brokers, &topic, size, rate, total, &stop, &produced, &late))
+        let idempotent = a.idempotent;
+        std::thread::spawn(move || {
+            let producer = crate::kafka::producer(&brokers, 0, idempotent);
+            produce(&producer, &topic, size, rate, total, &stop, &produced, &late)
+        })
     };
     let me = procstat::Sample::own();
     // Warm-up, then the measured window.
@@ -275,7 +283,7 @@ async fn churn(common: Common, rate: u64, hold_ms: u64, end: Instant) -> ChurnTa
 /// intended time is stamped in it whether or not the producer kept up.
 #[allow(clippy::too_many_arguments)]
 fn produce(
-    brokers: &str,
+    producer: &rdkafka::producer::BaseProducer,
     topic: &str,
     size: usize,
     rate: u64,
@@ -285,7 +293,6 @@ fn produce(
     late: &AtomicU64,
 ) {
     use rdkafka::producer::BaseRecord;
-    let producer = crate::kafka::producer(brokers, 0);
     let start_ns = now_ns();
     let start = Instant::now();
     let interval_ns = 1_000_000_000 / rate.max(1);
@@ -312,8 +319,8 @@ fn produce(
             value.push('x');
         }
         value.push_str("\"}");
-        crate::kafka::send(&producer, BaseRecord::<(), str>::to(topic).payload(value.as_str()).partition(0));
+        crate::kafka::send(producer, BaseRecord::<(), str>::to(topic).payload(value.as_str()).partition(0));
         produced.fetch_add(1, Ordering::Relaxed);
     }
-    crate::kafka::finish(&producer);
+    crate::kafka::finish(producer);
 }

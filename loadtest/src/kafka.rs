@@ -7,11 +7,16 @@ use std::time::Duration;
 use rdkafka::message::ToBytes;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-pub fn producer(brokers: &str, linger_ms: u32) -> BaseProducer {
+/// `idempotent` keeps the log in order and free of duplicates across broker
+/// outages and retries (the gap checks downstream rely on it then); it
+/// costs latency (acks from all replicas, fewer requests in flight), so
+/// runs without outages leave it off.
+pub fn producer(brokers: &str, linger_ms: u32, idempotent: bool) -> BaseProducer {
     rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", linger_ms.to_string())
         .set("queue.buffering.max.messages", "1000000")
+        .set("enable.idempotence", idempotent.to_string())
         .create()
         .expect("kafka producer")
 }

@@ -101,6 +101,13 @@ struct BrokerArgs {
     /// File to write the bootstrap address to (besides stdout).
     #[arg(long)]
     address_file: Option<String>,
+    /// Take the broker down every this many seconds (0: never), to test
+    /// ingest under an outage while traffic flows.
+    #[arg(long, default_value_t = 0)]
+    down_every: u64,
+    /// Seconds each outage lasts.
+    #[arg(long, default_value_t = 10)]
+    down_for: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -135,7 +142,28 @@ fn broker(a: BrokerArgs) -> anyhow::Result<()> {
     if let Some(path) = &a.address_file {
         std::fs::write(path, &addr)?;
     }
-    std::thread::sleep(Duration::from_secs(a.duration));
+    let end = Instant::now() + Duration::from_secs(a.duration);
+    if a.down_every == 0 {
+        std::thread::sleep(Duration::from_secs(a.duration));
+        return Ok(());
+    }
+    let mut outages = 0;
+    loop {
+        // No outage starts in the last period, so the run ends with the broker up.
+        let up_until = Instant::now() + Duration::from_secs(2 * a.down_every);
+        if up_until >= end {
+            std::thread::sleep(end.saturating_duration_since(Instant::now()));
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(a.down_every));
+        outages += 1;
+        eprintln!("broker down (outage {outages}, {} s)", a.down_for);
+        cluster.broker_down(1).context("broker down")?;
+        std::thread::sleep(Duration::from_secs(a.down_for).min(end.saturating_duration_since(Instant::now())));
+        cluster.broker_up(1).context("broker up")?;
+        eprintln!("broker up");
+    }
+    eprintln!("{outages} outages");
     Ok(())
 }
 

@@ -163,7 +163,7 @@ pub async fn run(a: PrivateArgs) -> anyhow::Result<()> {
 /// stays in one partition.
 fn produce(brokers: &str, users: usize, rate: u64, total: u64, stop: &AtomicBool, produced: &AtomicU64) {
     use rdkafka::producer::BaseRecord;
-    let producer = crate::kafka::producer(brokers, 1);
+    let producer = crate::kafka::producer(brokers, 1, false);
     let mut seqs = vec![[0u64; 3]; users];
     let start = Instant::now();
     let interval_ns = 1_000_000_000 / rate.max(1);

@@ -231,7 +231,8 @@ return 1
 
 fn ip_worker(s: Settings, rx: Receiver<IpCmd>, state: Arc<ClusterState>, stop: Arc<AtomicBool>) {
     let script = redis::Script::new(ADMIT_LUA);
-    let mut con: Option<redis::Connection> = None;
+    // Connected up front, so the first new connection does not pay for it.
+    let mut con: Option<redis::Connection> = s.connect().ok();
     while !stop.load(Ordering::Acquire) {
         let cmd = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(c) => c,

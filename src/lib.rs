@@ -21,7 +21,7 @@
 //! [`http`] the HTTP endpoints; [`telemetry`] counters, histograms, logs;
 //! [`server`] starts and stops it all.
 
-// `unsafe` is denied everywhere but `sys.rs`, which explains its one use.
+// `unsafe` is denied everywhere but `sys.rs`, which explains each use.
 #![deny(unsafe_code)]
 
 pub mod auth;

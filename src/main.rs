@@ -9,12 +9,17 @@ static GLOBAL: MiMalloc = MiMalloc;
 use moonx_ws::config::Config;
 
 fn main() -> anyhow::Result<()> {
+    // Before the allocator maps much: see `sys::disable_transparent_huge_pages`.
+    let thp = moonx_ws::server::disable_transparent_huge_pages();
     let _ = dotenvy::dotenv();
     let config = match Config::from_sources(std::env::args(), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
     moonx_ws::telemetry::init_logging(&config.log_format, &config.log_level);
+    if let Err(e) = thp {
+        tracing::debug!(error = %e, "could not opt out of transparent huge pages");
+    }
     // Installed before anything listens, so an early SIGTERM is a graceful stop too.
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;

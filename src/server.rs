@@ -5,6 +5,7 @@
 //! port, launching one pinned glommio executor per shard, and the shutdown
 //! sequence of PROTOCOL.md §10 as seen from outside ([`ServerHandle`]).
 
+pub use crate::sys::disable_transparent_huge_pages;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

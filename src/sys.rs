@@ -1,6 +1,7 @@
 //! The one place with `unsafe`: a non-blocking `send(2)` on a connection's
 //! socket, used by the shard fan-out to write queued frames directly instead
-//! of waking each connection's task (measured: see perf/RESULTS.md).
+//! of waking each connection's task, and the process's opt-out of transparent
+//! huge pages (both measured: see perf/RESULTS.md).
 
 #![allow(unsafe_code)]
 
@@ -20,5 +21,23 @@ pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// Opts the process out of transparent huge pages (`PR_SET_THP_DISABLE`).
+///
+/// The allocator asks for huge pages on its arenas; each first touch then
+/// zeroes 2 MiB, and a partly used huge page counts whole in RSS. Measured
+/// with 10k idle connections: 2.4 KB instead of 3.0 KB of RSS per
+/// connection, and ~9% less CPU per new connection. The same advice servers
+/// such as Redis give for latency-sensitive processes.
+pub fn disable_transparent_huge_pages() -> io::Result<()> {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integer arguments and touches
+    // no memory of ours.
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }

@@ -390,6 +390,8 @@ impl Conn {
         loop {
             if self.sent == self.sending.len() {
                 let mut shard = self.ctx.shard.borrow_mut();
+                // Price frames queued since the last sweep go out with the rest.
+                shard.materialize(self.key);
                 let slot = shard.slot(self.key);
                 if slot.pending.is_empty() {
                     slot.inflight = 0;

@@ -4,9 +4,17 @@
 //! Owns: the connection slots (outbox, waker, user, subscriptions, next
 //! deadline), the subscription registry (a dense list for `prices`, a map
 //! from user to that user's connections for the private channels), the
-//! slow-consumer rule, and the shard's background tasks (inbox fan-out and
-//! the coarse deadline tick). State is `Rc<RefCell<_>>`, touched only by this
-//! core; the only cross-thread input is the [`inbox`].
+//! shard's price log, the slow-consumer rule, and the shard's background
+//! tasks (inbox fan-out and the coarse deadline tick). State is
+//! `Rc<RefCell<_>>`, touched only by this core; the only cross-thread input
+//! is the [`inbox`].
+//!
+//! Price frames are queued once per shard, not once per subscriber: they go
+//! to the [`PriceLog`], and each subscriber keeps a cursor into it. A sweep
+//! writes each subscriber's outbox (replies, private updates) and its part
+//! of the log with one `sendmsg`, straight from the shared bytes. Only when
+//! a socket cannot take everything now (or its driver is mid-write, or it
+//! is TLS) are the log bytes copied into that connection's outbox.
 //!
 //! Slow consumers: when a connection's unsent output (queued + in flight)
 //! would pass `WS_MAX_BUFFERED_BYTES`, its queued backlog is dropped, it is
@@ -25,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use crate::protocol::frame::server_frame_len;
 use crate::protocol::message::Channel;
 use crate::telemetry::{update_index, ShardStats};
 use inbox::{Inbox, Route, Update};
@@ -56,6 +65,9 @@ pub struct Slot {
     pub slow: bool,
     /// No more updates: the connection is closing.
     closing: bool,
+    /// How far into the shard's price log this connection has been served
+    /// (sent or copied into `pending`); meaningful while it is subscribed.
+    cursor: u64,
     /// The server is shutting down: the driver must close with 1001.
     pub shutdown: bool,
     /// Monotonic ms at which the tick must wake the driver.
@@ -70,10 +82,44 @@ pub struct Slot {
     dirty: bool,
 }
 
+/// The price frames a shard has queued since its last completed sweep, one
+/// copy for all subscribers. Offsets are absolute: bytes since the shard
+/// started, `base` being the offset of `buf[0]`.
+#[derive(Debug, Default)]
+struct PriceLog {
+    buf: Vec<u8>,
+    base: u64,
+}
+
+impl PriceLog {
+    fn head(&self) -> u64 {
+        self.base + self.buf.len() as u64
+    }
+
+    /// The bytes from `cursor` to the head.
+    fn since(&self, cursor: u64) -> &[u8] {
+        &self.buf[(cursor - self.base) as usize..]
+    }
+
+    /// Forgets everything before `offset`: every subscriber is past it.
+    fn trim_to(&mut self, offset: u64) {
+        let n = (offset - self.base) as usize;
+        self.buf.drain(..n);
+        self.base = offset;
+        if self.buf.is_empty() && self.buf.capacity() > SPARE_MAX_CAPACITY {
+            self.buf = Vec::new();
+        }
+    }
+}
+
 pub struct Shard {
     pub id: usize,
     conns: Slab<Slot>,
     prices: Vec<usize>,
+    log: PriceLog,
+    /// The log's head when the sweep in progress began: once it ends, every
+    /// subscriber is past it.
+    sweep_head: u64,
     users: HashMap<Arc<str>, Vec<usize>>,
     /// Empty outbox buffers for reuse: idle connections hold none.
     spare: Vec<Vec<u8>>,
@@ -93,6 +139,8 @@ impl Shard {
             id,
             conns: Slab::new(),
             prices: Vec::new(),
+            log: PriceLog::default(),
+            sweep_head: 0,
             users: HashMap::new(),
             spare: Vec::new(),
             dirty: Vec::new(),
@@ -164,15 +212,22 @@ impl Shard {
         slot.subs |= channel.bit();
         if channel == Channel::Prices {
             slot.prices_pos = self.prices.len() as u32;
+            slot.cursor = self.log.head();
             self.prices.push(key);
         }
         self.stats.subscribers[channel as usize].inc();
     }
 
     pub fn unsubscribe(&mut self, key: usize, channel: Channel) {
+        let max = self.max_buffered;
         let slot = &mut self.conns[key];
         if slot.subs & channel.bit() == 0 {
             return;
+        }
+        if channel == Channel::Prices {
+            // Frames queued before the unsubscribe are still delivered. Past
+            // the buffer limit the slot is flagged slow (4009) instead.
+            materialize(slot, &self.log, &mut self.spare, max);
         }
         slot.subs &= !channel.bit();
         if channel == Channel::Prices {
@@ -223,7 +278,7 @@ impl Shard {
     pub fn queue(&mut self, key: usize, bytes: &[u8]) -> bool {
         let max = self.max_buffered;
         let slot = &mut self.conns[key];
-        let ok = append(slot, &mut self.spare, bytes, max);
+        let ok = append(slot, &mut self.spare, bytes, max, lag(slot, &self.log));
         if ok {
             wake(slot);
         }
@@ -240,14 +295,10 @@ impl Shard {
         let mut slow = Vec::new();
         match &update.route {
             Route::Prices => {
-                for &key in &self.prices {
-                    let slot = &mut self.conns[key];
-                    if append(slot, &mut self.spare, &update.frame, max) {
-                        mark_dirty(slot, key, &mut self.dirty);
-                        delivered += 1;
-                    } else {
-                        slow.push(key);
-                    }
+                // Once for the shard; each subscriber's sweep visit sends it.
+                if !self.prices.is_empty() {
+                    self.log.buf.extend_from_slice(&update.frame);
+                    delivered = self.prices.len();
                 }
             }
             Route::User { channel, user } => {
@@ -259,7 +310,7 @@ impl Shard {
                     if slot.subs & channel.bit() == 0 {
                         continue;
                     }
-                    if append(slot, &mut self.spare, &update.frame, max) {
+                    if append(slot, &mut self.spare, &update.frame, max, lag(slot, &self.log)) {
                         mark_dirty(slot, key, &mut self.dirty);
                         delivered += 1;
                     } else {
@@ -284,15 +335,33 @@ impl Shard {
 
     /// Whether frames are queued that no sweep has reached yet.
     pub fn has_dirty(&self) -> bool {
-        !self.dirty.is_empty()
+        !self.dirty.is_empty() || !self.log.buf.is_empty()
     }
 
-    /// Starts a sweep over every connection with queued frames.
+    /// Starts a sweep over every connection with queued frames: those with
+    /// private frames or replies, and every price subscriber when the log
+    /// holds frames.
     pub fn begin_sweep(&mut self) {
         debug_assert!(!self.sweeping());
         self.sweep.clear();
         self.sweep_pos = 0;
         std::mem::swap(&mut self.sweep, &mut self.dirty);
+        if !self.log.buf.is_empty() {
+            self.sweep.extend_from_slice(&self.prices);
+        }
+        self.sweep_head = self.log.head();
+    }
+
+    /// Copies the connection's unsent price frames into its outbox (for its
+    /// driver to write). Returns false, and takes it out of every route, if
+    /// that made it a slow consumer.
+    pub fn materialize(&mut self, key: usize) -> bool {
+        let max = self.max_buffered;
+        let ok = materialize(&mut self.conns[key], &self.log, &mut self.spare, max);
+        if !ok {
+            self.stop_updates(key);
+        }
+        ok
     }
 
     /// Writes what the fan-out queued for the next `max` connections of the
@@ -308,33 +377,67 @@ impl Shard {
     /// has passed is listed for the next. A frame therefore waits at most
     /// about one sweep, not the rest of this one plus the next.
     pub fn flush_step(&mut self, max: usize) -> bool {
+        let limit = self.max_buffered;
         let end = (self.sweep_pos + max).min(self.sweep.len());
+        let mut slow = Vec::new();
         for i in self.sweep_pos..end {
             let key = self.sweep[i];
             let Some(slot) = self.conns.get_mut(key) else { continue };
             slot.dirty = false;
-            if slot.pending.is_empty() {
+            let lagging = lag(slot, &self.log);
+            if slot.pending.is_empty() && lagging == 0 {
                 continue;
             }
             if slot.inflight > 0 || slot.closing || slot.pre_sent > 0 || slot.fd < 0 {
+                if !materialize(slot, &self.log, &mut self.spare, limit) {
+                    slow.push(key);
+                }
                 wake(slot);
                 continue;
             }
-            match crate::sys::send_nonblocking(slot.fd, &slot.pending) {
-                Ok(n) if n == slot.pending.len() => {
-                    let buf = std::mem::take(&mut slot.pending);
+            let log = if lagging > 0 { self.log.since(slot.cursor) } else { &[][..] };
+            let total = slot.pending.len() + log.len();
+            let sent = match (slot.pending.is_empty(), log.is_empty()) {
+                (false, true) => crate::sys::send_nonblocking(slot.fd, &slot.pending),
+                (true, false) => crate::sys::send_nonblocking(slot.fd, log),
+                _ => crate::sys::sendv_nonblocking(slot.fd, &slot.pending, log),
+            };
+            match sent {
+                Ok(n) if n == total => {
+                    slot.cursor = self.log.head();
                     self.stats.direct_writes.inc();
-                    self.recycle(buf);
+                    if !slot.pending.is_empty() {
+                        let buf = std::mem::take(&mut slot.pending);
+                        self.recycle(buf);
+                    }
                 }
                 Ok(n) => {
+                    // The outbox becomes everything this write offered; the
+                    // driver finishes it from byte `n`.
                     slot.pre_sent = n;
+                    if !materialize(slot, &self.log, &mut self.spare, limit) {
+                        slow.push(key);
+                    }
                     wake(slot);
                 }
-                Err(_) => wake(slot), // full (EAGAIN) or broken: the driver handles it
+                Err(_) => {
+                    // Full (EAGAIN) or broken: the driver handles it.
+                    if !materialize(slot, &self.log, &mut self.spare, limit) {
+                        slow.push(key);
+                    }
+                    wake(slot);
+                }
             }
         }
         self.sweep_pos = end;
-        !self.sweeping()
+        for key in slow {
+            self.stop_updates(key);
+        }
+        if self.sweeping() {
+            return false;
+        }
+        self.log.trim_to(self.sweep_head);
+        true
     }
 
     /// Wakes every connection whose deadline has passed.
@@ -357,12 +460,49 @@ impl Shard {
     }
 }
 
-/// Appends `bytes` to a slot's outbox unless that would make it a slow
-/// consumer, in which case the backlog is dropped and the slot flagged.
-fn append(slot: &mut Slot, spare: &mut Vec<Vec<u8>>, bytes: &[u8], max_buffered: usize) -> bool {
-    if slot.pending.len() + slot.inflight + bytes.len() > max_buffered {
-        slot.slow = true;
+/// Price-log bytes the slot has not been served yet.
+fn lag(slot: &Slot, log: &PriceLog) -> usize {
+    if slot.prices_pos == NOT_LISTED {
+        0
+    } else {
+        (log.head() - slot.cursor) as usize
+    }
+}
+
+/// Moves the slot's unsent part of the price log into its outbox.
+fn materialize(slot: &mut Slot, log: &PriceLog, spare: &mut Vec<Vec<u8>>, max_buffered: usize) -> bool {
+    if lag(slot, log) == 0 {
+        return true;
+    }
+    let ok = append(slot, spare, log.since(slot.cursor), max_buffered, 0);
+    slot.cursor = log.head();
+    ok
+}
+
+/// Drops a slow consumer's backlog, except the frame a direct write
+/// stopped inside (the driver completes it: no frame is cut mid-way).
+fn drop_backlog(slot: &mut Slot) {
+    if slot.pre_sent == 0 {
         slot.pending = Vec::new();
+        return;
+    }
+    let mut end = 0;
+    while end < slot.pre_sent {
+        match server_frame_len(&slot.pending[end..]) {
+            Some(len) => end += len,
+            None => return, // not frames (cannot happen): keep it all
+        }
+    }
+    slot.pending.truncate(end);
+}
+
+/// Appends `bytes` to a slot's outbox unless that would make it a slow
+/// consumer (counting `also_queued` bytes waiting elsewhere), in which case
+/// the backlog is dropped and the slot flagged.
+fn append(slot: &mut Slot, spare: &mut Vec<Vec<u8>>, bytes: &[u8], max_buffered: usize, also_queued: usize) -> bool {
+    if slot.pending.len() + slot.inflight + also_queued + bytes.len() > max_buffered {
+        slot.slow = true;
+        drop_backlog(slot);
         wake(slot);
         return false;
     }
@@ -518,6 +658,17 @@ mod tests {
         Update::encode(Route::Prices, "u1", 0, data.as_bytes())
     }
 
+    /// Everything queued for a connection: its outbox, then its unsent part
+    /// of the price log.
+    fn outbox(s: &mut Shard, key: usize) -> Vec<u8> {
+        let lagging = lag(&s.conns[key], &s.log);
+        let mut out = s.conns[key].pending.clone();
+        if lagging > 0 {
+            out.extend_from_slice(s.log.since(s.conns[key].cursor));
+        }
+        out
+    }
+
     #[test]
     fn prices_reach_subscribers_only() {
         let mut s = shard(1 << 20);
@@ -526,11 +677,12 @@ mod tests {
         s.subscribe(c, Channel::Prices);
         let u = price("{}");
         assert_eq!(s.fanout(&u), 2);
-        assert_eq!(s.slot(a).pending, &*u.frame);
-        assert!(s.slot(b).pending.is_empty());
+        assert_eq!(outbox(&mut s, a), &*u.frame);
+        assert!(outbox(&mut s, b).is_empty());
         s.unsubscribe(a, Channel::Prices);
         assert_eq!(s.fanout(&u), 1);
-        assert_eq!(s.slot(c).pending.len(), 2 * u.frame.len());
+        assert_eq!(outbox(&mut s, a), &*u.frame, "what was queued before the unsubscribe stays, nothing after");
+        assert_eq!(outbox(&mut s, c).len(), 2 * u.frame.len());
     }
 
     #[test]
@@ -555,18 +707,35 @@ mod tests {
     fn slow_consumer_is_dropped_and_others_still_served() {
         let u = price(&format!("{{\"pad\":\"{}\"}}", "x".repeat(100)));
         let mut s = shard(u.frame.len() * 3);
+        // No socket (-1): the sweep hands both to their drivers.
         let (slow, fast) = (s.insert(-1, 0), s.insert(-1, 0));
         s.subscribe(slow, Channel::Prices);
         s.subscribe(fast, Channel::Prices);
         s.slot(slow).inflight = u.frame.len();
-        s.fanout(&u);
-        s.fanout(&u);
-        s.slot(fast).pending.clear();
-        assert_eq!(s.fanout(&u), 1, "the slow one overflowed");
-        assert!(s.slot(slow).slow);
-        assert!(s.slot(slow).pending.is_empty());
-        assert_eq!(s.fanout(&u), 1, "and gets nothing more");
-        assert_eq!(s.slot(fast).pending.len(), 2 * u.frame.len());
+        for _ in 0..3 {
+            s.fanout(&u);
+        }
+        s.begin_sweep();
+        assert!(s.flush_step(64));
+        assert!(s.slot(slow).slow, "one frame in flight plus three queued is over the limit");
+        assert!(s.slot(slow).pending.is_empty(), "its backlog is dropped");
+        assert_eq!(s.slot(fast).pending.len(), 3 * u.frame.len(), "the other one keeps all three");
+        assert_eq!(s.fanout(&u), 1, "and the slow one gets nothing more");
+        assert!(s.log.buf.len() == u.frame.len(), "the log keeps only what a sweep has not passed");
+    }
+
+    #[test]
+    fn a_slow_consumer_keeps_the_frame_a_direct_write_stopped_inside() {
+        let u = price(&format!("{{\"pad\":\"{}\"}}", "x".repeat(100)));
+        let mut s = shard(u.frame.len() * 3);
+        let k = s.insert(-1, 0);
+        let slot = s.slot(k);
+        slot.pending = [&u.frame[..], &u.frame[..]].concat();
+        slot.pre_sent = 10; // a direct write stopped inside the first frame
+        assert!(!s.queue(k, &[&u.frame[..], &u.frame[..]].concat()), "over the limit");
+        assert!(s.slot(k).slow);
+        assert_eq!(s.slot(k).pending, &*u.frame, "the first frame stays whole for the driver to finish");
+        assert_eq!(s.slot(k).pre_sent, 10);
     }
 
     /// Reads what a socket has received so far (non-blocking).
@@ -624,7 +793,7 @@ mod tests {
         let u = price("{}");
         assert_eq!(s.fanout(&u), 3);
         for k in [keys[0], keys[2], keys[3]] {
-            assert_eq!(s.slot(k).pending.len(), u.frame.len());
+            assert_eq!(outbox(&mut s, k), &*u.frame);
         }
     }
 }

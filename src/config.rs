@@ -145,9 +145,10 @@ pub struct Config {
     /// Time a client has to send its complete request head, in ms.
     #[arg(long, env = "WS_HANDSHAKE_TIMEOUT_MS", default_value = "5000", value_parser = parse_ms)]
     pub ws_handshake_timeout_ms: Duration,
-    /// Fan-out write coalescing, in µs: queued frames are written to each
-    /// socket at most once per interval (more frames per write, less CPU per
-    /// delivery, up to one interval of added latency). 0: write at once.
+    /// Fan-out write coalescing, in µs: a sweep over the sockets with queued
+    /// frames starts at most once per interval (more frames per write, less
+    /// CPU per delivery, up to one interval of added latency). 0: the next
+    /// sweep starts as soon as the last one ends.
     #[arg(long, env = "WS_FLUSH_INTERVAL_US", default_value = "0", value_parser = parse_us)]
     pub ws_flush_interval_us: Duration,
     /// Updates each shard's inbox holds before the oldest is dropped (and counted).

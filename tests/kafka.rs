@@ -208,9 +208,8 @@ fn partition_order_holds_over_a_thousand_messages() {
     assert!(lag, "lag exported per partition, caught up");
     // Recorded where the frames are written: once per update on each shard
     // that holds subscribers (the kernel may have put all four on one).
-    let writing_shards = (0..2)
-        .filter(|i| metric(srv.addr, &format!("moonx_ws_connections_active{{shard=\"{i}\"}}")) > 0.0)
-        .count();
+    let writing_shards =
+        (0..2).filter(|i| metric(srv.addr, &format!("moonx_ws_connections_active{{shard=\"{i}\"}}")) > 0.0).count();
     assert_eq!(
         metric(srv.addr, "moonx_ws_kafka_to_socket_latency_seconds_count"),
         1000.0 * writing_shards as f64,

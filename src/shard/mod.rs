@@ -371,17 +371,19 @@ impl Shard {
     }
 
     /// Writes what the fan-out queued for the next `max` connections of the
-    /// sweep, straight to each socket: one non-blocking `send` per
-    /// connection for all its queued frames, with no task wake-up when the
+    /// sweep, straight to each socket: one non-blocking `sendmsg` per
+    /// connection for its outbox and its unsent part of the price log, with
+    /// no task wake-up when the
     /// socket takes it all (the common case). A connection whose driver is
     /// mid-write, whose socket is full or short, or that is closing is left
     /// to its driver, which is woken. Returns true when the sweep is done.
     ///
     /// The sweep is written in steps so that updates arriving meanwhile are
     /// fanned out between them: a connection the sweep has not reached yet
-    /// sends the new frame in this sweep (it is still marked dirty), one it
-    /// has passed is listed for the next. A frame therefore waits at most
-    /// about one sweep, not the rest of this one plus the next.
+    /// sends the new frame in this sweep (its log cursor is behind it, or it
+    /// is still marked dirty), one it has passed gets it in the next. A
+    /// frame therefore waits at most about one sweep, not the rest of this
+    /// one plus the next. The log is trimmed when the sweep ends.
     pub fn flush_step(&mut self, max: usize) -> bool {
         let limit = self.max_buffered;
         let end = (self.sweep_pos + max).min(self.sweep.len());

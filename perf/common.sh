@@ -23,12 +23,12 @@ wait_port() {
 }
 
 # start_moonx PORT LOG [VAR=value...]: moonx-ws on core 0 (one shard) with
-# the perf settings; sets SERVER_PID.
+# the perf settings; sets SERVER_PID. MOONX_BIN picks another build (A/B runs).
 start_moonx() {
   local port=$1 log=$2; shift 2
   env KAFKA_BROKERS="$BROKERS" KAFKA_FETCH_WAIT_MAX_MS=5 JWT_SECRET=loadtest-secret WS_SHARDS="${WS_SHARDS:-1}" \
     WEBSOCKET_SERVICE_HOST=127.0.0.1 WEBSOCKET_SERVICE_PORT="$port" RATE_LIMIT_MAX_CONNECTIONS_PER_IP=100000 \
-    WS_MAX_CONNECTIONS=19000 LOG_LEVEL=warn "$@" taskset -c "${SERVER_CPUS:-0}" target/release/moonx-ws > "$log" 2>&1 &
+    WS_MAX_CONNECTIONS=19000 LOG_LEVEL=warn "$@" taskset -c "${SERVER_CPUS:-0}" "${MOONX_BIN:-target/release/moonx-ws}" > "$log" 2>&1 &
   SERVER_PID=$!
   wait_port "$port"
   sleep 2 # partitions assigned at their high watermark

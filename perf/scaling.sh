@@ -4,7 +4,8 @@
 # Reports deliveries per server CPU-second for both and their ratio (the
 # issue's bar: within 10%). With two shards the load client and the broker
 # share the two cores with the server (there is no third core here); the
-# server's CPU is still only its own (/proc/PID/stat).
+# server's CPU is still only its own (/proc/PID/stat). LOAD_FLOATS=1 lets
+# the client float over both cores in the one-shard case too.
 # Usage: perf/scaling.sh [rates...]   (default: 10 100; ~1 min per point)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ per_shard=${PER_SHARD:-2500}
 for rate in "${rates[@]}"; do
   for shards in 1 2; do
     if [ "$shards" = 1 ]; then cpus=0; load="taskset -c 1"; else cpus=0,1; load=""; fi
+    # LOAD_FLOATS=1: the client floats over both cores in both cases (like for like).
+    if [ "${LOAD_FLOATS:-0}" = 1 ]; then load=""; fi
     WS_SHARDS=$shards SERVER_CPUS=$cpus start_moonx 3109 "$out/server-$shards-$rate.log"
     $load timeout 300 "$LT" fanout --server 127.0.0.1:3109 --brokers "$BROKERS" -c $((per_shard * shards)) -r "$rate" \
       -d "${FANOUT_SECS:-10}" --sources 64 --jwt-secret loadtest-secret --server-pid "$SERVER_PID" --json \

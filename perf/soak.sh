@@ -2,8 +2,8 @@
 # Soak: connection churn plus a bounded-rate fan-out for SOAK_SECS (default
 # 3600), sampling the server's RSS, open file descriptors, threads and
 # connection count every 10 s into perf/out/soak-*/samples.csv, then checking
-# that fds and connections return to their baseline, threads stay put, RSS
-# stops growing, and the fan-out saw zero gaps and duplicates. Not in CI.
+# that fds and connections return to their baseline, threads stay put, the
+# median RSS stops growing, and the fan-out saw zero gaps and duplicates. Not in CI.
 #
 # SOAK_FAULTS=1 adds faults while the traffic flows: the server uses a
 # redis-server the script starts, the broker goes down for 15 s every
@@ -94,11 +94,15 @@ print(f"  peak rss {peak_rss} KB")
 print(f"  after    rss {after['rss_kb']} KB, fds {after['fds']}, threads {after['threads']}, connections {after['connections']}")
 # fds and connections must return exactly; librdkafka may add a broker
 # thread after start; RSS keeps allocator caches, so the check is that it
-# stops growing: the second half of the load adds < 5% over the first half.
+# stops growing: the median RSS of the second half of the load is < 5%
+# above the first half's (a catch-up burst after a broker outage is a
+# transient peak, reported on its own).
+import statistics
 load = [int(r["rss_kb"]) for r in rows if r["phase"] == "load"]
 half = len(load) // 2
-growth = (max(load[half:]) / max(load[:half]) - 1) if half else 0.0
-print(f"  RSS growth over the second half of the load: {growth * 100:.1f}%")
+growth = (statistics.median(load[half:]) / statistics.median(load[:half]) - 1) if half else 0.0
+print(f"  median RSS, first / second half of the load: {statistics.median(load[:half]) if half else 0:.0f} / {statistics.median(load[half:]) if half else 0:.0f} KB ({growth * 100:+.1f}%)")
+print(f"  samples above twice the median: {sum(1 for x in load if load and x > 2 * statistics.median(load))} of {len(load)}")
 degraded = sum(1 for r in rows if r["health"] != "healthy")
 faults = (out / "faults.log").read_text().splitlines() if (out / "faults.log").exists() else []
 print(f"  health: {degraded} of {len(rows)} samples degraded; after: {after['health']}; Redis faults: {len(faults)}")

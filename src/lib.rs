@@ -5,9 +5,12 @@
 //! ```text
 //!  updates:  producer -> Publisher::publish (encode frame once, Arc)
 //!              -> per-shard bounded lock-free queue (crossbeam ArrayQueue + AtomicWaker)
-//!              -> shard fan-out task: registry lookup, append bytes to each
-//!                 subscriber's outbox, wake its connection once per batch
-//!              -> connection task: one write() for everything queued
+//!              -> shard fan-out task: a price frame goes once into the
+//!                 shard's price log (each subscriber has a cursor), a private
+//!                 frame into its user's connections' outboxes
+//!              -> sweep in steps of 64 sockets: one sendmsg per connection
+//!                 (outbox + unsent log bytes), no task wake-up when it all fits
+//!              -> connection task: writes only what a sweep could not
 //!
 //!  clients:  accept (SO_REUSEPORT listener per shard)
 //!              -> handshake (httparse, refusals of §1, limits)

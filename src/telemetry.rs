@@ -89,10 +89,12 @@ pub struct ShardStats {
     /// Socket writes done by the fan-out itself (no connection wake-up).
     pub direct_writes: Counter,
     pub subscribers: [Counter; 4],
-    /// Publish -> queued in every subscriber's outbox, in µs.
+    /// Publish -> queued for every subscriber on the shard (the price log
+    /// or the private subscribers' outboxes), in µs.
     pub fanout_latency_us: Mutex<Histogram<u64>>,
-    /// Kafka message timestamp -> written to the sockets by the fan-out's
-    /// flush (connections whose driver writes follow within its next poll), in µs.
+    /// Kafka message timestamp -> the end of the first sweep that began
+    /// after it was queued (connections whose driver writes follow within
+    /// its next poll), in µs.
     pub e2e_latency_us: Mutex<Histogram<u64>>,
 }
 

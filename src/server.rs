@@ -187,9 +187,10 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
         .io_memory(64 * 1024)
         // The kernel sizes a ring's cancel hash from its depth (8 buckets at
         // glommio's default of 128). Every pending socket read is a poll in
-        // that hash, and each cancellation (glommio cancels its sleep
-        // timeout whenever the executor is woken early) walks a bucket: with
-        // 10k connections, ~1,250 entries at the default, ~40 at this depth.
+        // that hash, and each cancellation glommio submits (for an operation
+        // dropped while in flight) walks a bucket: with 10k connections,
+        // ~1,250 entries at the default, ~40 at this depth. Costs ~1 MB of
+        // ring memory per shard.
         .ring_depth(RING_DEPTH)
         .on_all_shards(move || async move {
             let id = next_shard.fetch_add(1, Ordering::Relaxed);

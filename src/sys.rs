@@ -1,7 +1,7 @@
 //! The one place with `unsafe`: non-blocking `send(2)`/`sendmsg(2)` on a
-//! connection's socket, used by the shard fan-out to write queued frames directly instead
-//! of waking each connection's task, and the process's opt-out of transparent
-//! huge pages (both measured: see perf/RESULTS.md).
+//! connection's socket, used by the shard fan-out to write queued frames
+//! directly instead of waking each connection's task, and the process's
+//! opt-out of transparent huge pages (both measured: see perf/RESULTS.md).
 
 #![allow(unsafe_code)]
 

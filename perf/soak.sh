@@ -2,7 +2,8 @@
 # Soak: connection churn plus a bounded-rate fan-out for SOAK_SECS (default
 # 3600), sampling the server's RSS, open file descriptors, threads and
 # connection count every 10 s into perf/out/soak-*/samples.csv, then checking
-# that fds and connections return to their baseline, threads stay put, the
+# that fds return to their baseline (within 2: the service's own connections
+# to Kafka and Redis come and go), connections to 0, threads stay put, the
 # median RSS stops growing, and the fan-out saw zero gaps and duplicates. Not in CI.
 #
 # SOAK_FAULTS=1 adds faults while the traffic flows: the server uses a
@@ -106,7 +107,12 @@ print(f"  samples above twice the median: {sum(1 for x in load if load and x > 2
 degraded = sum(1 for r in rows if r["health"] != "healthy")
 faults = (out / "faults.log").read_text().splitlines() if (out / "faults.log").exists() else []
 print(f"  health: {degraded} of {len(rows)} samples degraded; after: {after['health']}; Redis faults: {len(faults)}")
-ok = (after["health"] == "healthy" and fan["gaps"] == 0 and fan["duplicates"] == 0 and after["fds"] == base["fds"]
+# Background clients (librdkafka's broker connections, the Redis workers,
+# which reconnect lazily after a Redis restart) may differ by one or two
+# between the two samples; a leak over hundreds of thousands of
+# connections would not.
+ok = (after["health"] == "healthy" and fan["gaps"] == 0 and fan["duplicates"] == 0
+      and int(after["fds"]) <= int(base["fds"]) + 2
       and after["connections"] == base["connections"] and int(after["threads"]) <= int(base["threads"]) + 2
       and growth < 0.05)
 print("  result:", "OK" if ok else "CHECK")

@@ -396,46 +396,35 @@ impl Shard {
             if slot.pending.is_empty() && lagging == 0 {
                 continue;
             }
-            if slot.inflight > 0 || slot.closing || slot.pre_sent > 0 || slot.fd < 0 {
-                if !materialize(slot, &self.log, &mut self.spare, limit) {
-                    slow.push(key);
-                }
-                wake(slot);
-                continue;
-            }
-            let log = if lagging > 0 { self.log.since(slot.cursor) } else { &[][..] };
-            let total = slot.pending.len() + log.len();
-            let sent = match (slot.pending.is_empty(), log.is_empty()) {
-                (false, true) => crate::sys::send_nonblocking(slot.fd, &slot.pending),
-                (true, false) => crate::sys::send_nonblocking(slot.fd, log),
-                _ => crate::sys::sendv_nonblocking(slot.fd, &slot.pending, log),
-            };
-            match sent {
-                Ok(n) if n == total => {
-                    slot.cursor = self.log.head();
-                    self.stats.direct_writes.inc();
-                    if !slot.pending.is_empty() {
-                        let buf = std::mem::take(&mut slot.pending);
-                        self.recycle(buf);
+            if slot.inflight == 0 && !slot.closing && slot.pre_sent == 0 && slot.fd >= 0 {
+                let log = if lagging > 0 { self.log.since(slot.cursor) } else { &[][..] };
+                let total = slot.pending.len() + log.len();
+                let sent = match (slot.pending.is_empty(), log.is_empty()) {
+                    (false, true) => crate::sys::send_nonblocking(slot.fd, &slot.pending),
+                    (true, false) => crate::sys::send_nonblocking(slot.fd, log),
+                    _ => crate::sys::sendv_nonblocking(slot.fd, &slot.pending, log),
+                };
+                match sent {
+                    Ok(n) if n == total => {
+                        slot.cursor = self.log.head();
+                        self.stats.direct_writes.inc();
+                        if !slot.pending.is_empty() {
+                            let buf = std::mem::take(&mut slot.pending);
+                            self.recycle(buf);
+                        }
+                        continue;
                     }
-                }
-                Ok(n) => {
                     // The outbox becomes everything this write offered; the
                     // driver finishes it from byte `n`.
-                    slot.pre_sent = n;
-                    if !materialize(slot, &self.log, &mut self.spare, limit) {
-                        slow.push(key);
-                    }
-                    wake(slot);
-                }
-                Err(_) => {
-                    // Full (EAGAIN) or broken: the driver handles it.
-                    if !materialize(slot, &self.log, &mut self.spare, limit) {
-                        slow.push(key);
-                    }
-                    wake(slot);
+                    Ok(n) => slot.pre_sent = n,
+                    Err(_) => {} // full (EAGAIN) or broken: the driver handles it
                 }
             }
+            // Its driver writes the rest: the unsent log bytes join its outbox.
+            if !materialize(slot, &self.log, &mut self.spare, limit) {
+                slow.push(key);
+            }
+            wake(slot);
         }
         self.sweep_pos = end;
         for key in slow {

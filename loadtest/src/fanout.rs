@@ -301,11 +301,7 @@ fn produce(
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let due = Duration::from_nanos(i * interval_ns);
-        let elapsed = start.elapsed();
-        if elapsed < due {
-            std::thread::sleep(due - elapsed);
-        } else if elapsed > due + Duration::from_millis(1) {
+        if crate::kafka::wait_until_due(start, i, interval_ns) {
             late.fetch_add(1, Ordering::Relaxed);
         }
         let intended = start_ns + i * interval_ns;

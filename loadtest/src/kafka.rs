@@ -2,7 +2,7 @@
 //! schedule, and a send that waits (briefly polling) when its local queue
 //! is full instead of dropping.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::message::ToBytes;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -34,6 +34,19 @@ pub fn send<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(producer: &BaseProducer, m
         }
     }
     producer.poll(Duration::ZERO);
+}
+
+/// Open-loop pacing: sleeps until send number `i` is due (`i` intervals
+/// after `start`); returns true when it is already more than 1 ms late.
+pub fn wait_until_due(start: Instant, i: u64, interval_ns: u64) -> bool {
+    let due = Duration::from_nanos(i * interval_ns);
+    let elapsed = start.elapsed();
+    if elapsed < due {
+        std::thread::sleep(due - elapsed);
+        false
+    } else {
+        elapsed > due + Duration::from_millis(1)
+    }
 }
 
 /// Waits (bounded) for what is still queued.

@@ -171,11 +171,7 @@ fn produce(brokers: &str, users: usize, rate: u64, total: u64, stop: &AtomicBool
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let due = Duration::from_nanos(k * interval_ns);
-        let elapsed = start.elapsed();
-        if elapsed < due {
-            std::thread::sleep(due - elapsed);
-        }
+        crate::kafka::wait_until_due(start, k, interval_ns);
         let user = (k as usize) % users;
         let topic = ((k as usize) / users) % 3;
         let seq = seqs[user][topic];

@@ -151,6 +151,10 @@ pub struct Config {
     /// sweep starts as soon as the last one ends.
     #[arg(long, env = "WS_FLUSH_INTERVAL_US", default_value = "0", value_parser = parse_us)]
     pub ws_flush_interval_us: Duration,
+    /// How fan-out sweeps write to sockets: uring (one io_uring submission
+    /// per 64 sockets) or syscalls (one send/sendmsg per socket).
+    #[arg(long, env = "WS_FANOUT_IO", default_value = "uring", value_parser = ["uring", "syscalls"])]
+    pub ws_fanout_io: String,
     /// Updates each shard's inbox holds before the oldest is dropped (and counted).
     #[arg(long, env = "WS_SHARD_QUEUE_CAPACITY", default_value = "65536")]
     pub ws_shard_queue_capacity: NonZeroUsize,

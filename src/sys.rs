@@ -1,12 +1,18 @@
-//! The one place with `unsafe`: non-blocking `send(2)`/`sendmsg(2)` on a
-//! connection's socket, used by the shard fan-out to write queued frames
-//! directly instead of waking each connection's task, and the process's
-//! opt-out of transparent huge pages (both measured: see perf/RESULTS.md).
+//! The one place with `unsafe`: non-blocking sends on a connection's
+//! socket, used by the shard fan-out to write queued frames directly
+//! instead of waking each connection's task, either as one `send(2)` or
+//! `sendmsg(2)` per socket or as a batch of them in one io_uring submission
+//! ([`SendBatch`]); and the process's opt-out of transparent huge pages.
+//! Each was measured: see perf/RESULTS.md.
 
 #![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::RawFd;
+
+use io_uring::{opcode, types, IoUring};
+
+const SEND_FLAGS: i32 = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
 
 /// Sends as much of `buf` as the socket takes now, never blocking and never
 /// raising SIGPIPE. `Err(WouldBlock)` when the socket buffer is full.
@@ -16,7 +22,7 @@ pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // connection whose shard slot still exists: a slot is removed before its
     // socket is closed (see `conn::driver::Conn`'s `Drop`), and the caller
     // only passes the fd of a slot it just looked up.
-    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), SEND_FLAGS) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -39,12 +45,171 @@ pub fn sendv_nonblocking(fd: RawFd, first: &[u8], second: &[u8]) -> io::Result<u
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = iov.len() as _;
-        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        libc::sendmsg(fd, &msg, SEND_FLAGS)
     };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// Non-blocking sends to many sockets at once: one io_uring submission (one
+/// `io_uring_enter`) per batch instead of one system call per socket.
+///
+/// Each send carries `MSG_DONTWAIT`, so the kernel completes it inline
+/// during the submission (bytes taken, or `EAGAIN` when the socket is full)
+/// and never parks it: the call returns with every result in hand, and no
+/// buffer is referenced once it has returned. Measured on 5000 loopback
+/// sockets, 200-byte frames, batches of 64: 4.3 µs of CPU per send instead
+/// of 4.8 with one `send(2)` each (the saving is the per-call entry, exit
+/// and mitigation cost). Without a ring (not requested, or the kernel
+/// refused one) the same calls are plain `send`/`sendmsg`.
+pub struct SendBatch {
+    ring: Option<IoUring>,
+    /// Per batch entry: the `sendmsg` header and its two-part vector. They
+    /// hold pointers only while [`SendBatch::send_all`] runs.
+    msgs: Box<[libc::msghdr]>,
+    iovs: Box<[[libc::iovec; 2]]>,
+    results: Vec<isize>,
+}
+
+// SAFETY: the raw pointers in `msgs` and `iovs` are written and read only
+// inside `send_all` (which takes `&mut self`) and point at nothing the
+// struct owns beyond `iovs` itself; between calls they are stale and never
+// read. The ring is `Send`.
+unsafe impl Send for SendBatch {}
+
+impl SendBatch {
+    /// Sockets per submission.
+    pub const BATCH: usize = 64;
+
+    /// A batch writer using io_uring when `use_ring` and the kernel allows
+    /// it, plain system calls otherwise.
+    pub fn new(use_ring: bool) -> Self {
+        let ring = if use_ring {
+            match IoUring::new(Self::BATCH as u32) {
+                Ok(ring) => Some(ring),
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring unavailable for fan-out writes: one system call per socket");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        // SAFETY: `msghdr` and `iovec` are plain C structs for which all
+        // zeroes (null pointers, zero lengths) is a valid value.
+        let zero_msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        let zero_iov = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+        Self {
+            ring,
+            msgs: vec![zero_msg; Self::BATCH].into_boxed_slice(),
+            iovs: vec![[zero_iov; 2]; Self::BATCH].into_boxed_slice(),
+            results: Vec::with_capacity(Self::BATCH),
+        }
+    }
+
+    /// Whether sends go through io_uring.
+    pub fn uses_ring(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// Sends `first` then `second` to each socket, as much as it takes now,
+    /// never blocking and never raising SIGPIPE. Returns, in order, the
+    /// bytes each socket took or the error (`WouldBlock` when full). Every
+    /// `fd` must be an open socket the caller keeps open for the call.
+    pub fn send_all<'a, I>(&mut self, items: I) -> &[isize]
+    where
+        I: IntoIterator<Item = (RawFd, &'a [u8], &'a [u8])>,
+    {
+        self.results.clear();
+        let mut items = items.into_iter().peekable();
+        if self.ring.is_none() {
+            for (fd, first, second) in items {
+                self.results.push(encode(send_two(fd, first, second)));
+            }
+            return &self.results;
+        }
+        while items.peek().is_some() {
+            let start = self.results.len();
+            let mut queued = 0;
+            {
+                let ring = self.ring.as_mut().expect("checked above");
+                let mut sq = ring.submission();
+                while queued < Self::BATCH {
+                    let Some((fd, first, second)) = items.next() else { break };
+                    let entry = if first.is_empty() || second.is_empty() {
+                        let buf = if first.is_empty() { second } else { first };
+                        opcode::Send::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32).flags(SEND_FLAGS).build()
+                    } else {
+                        let iov = &mut self.iovs[queued];
+                        iov[0] = libc::iovec { iov_base: first.as_ptr() as *mut _, iov_len: first.len() };
+                        iov[1] = libc::iovec { iov_base: second.as_ptr() as *mut _, iov_len: second.len() };
+                        let msg = &mut self.msgs[queued];
+                        msg.msg_iov = iov.as_mut_ptr();
+                        msg.msg_iovlen = 2;
+                        opcode::SendMsg::new(types::Fd(fd), msg as *const libc::msghdr).flags(SEND_FLAGS as u32).build()
+                    };
+                    // SAFETY: the entry's buffers (`first`, `second`, and the
+                    // header and vector in `self`) stay valid and unmoved
+                    // until its completion is reaped below, before this call
+                    // returns: the slices are borrowed for 'a, which outlives
+                    // the call, and `self` is exclusively borrowed. The queue
+                    // has BATCH free entries (it is drained every round), so
+                    // the push cannot fail.
+                    unsafe { sq.push(&entry.user_data(queued as u64)).expect("submission queue has room") };
+                    self.results.push(-(libc::EAGAIN as isize));
+                    queued += 1;
+                }
+            }
+            self.complete(start, queued);
+        }
+        &self.results
+    }
+
+    /// Submits the `queued` entries and records each completion's result
+    /// at `start + user_data`.
+    fn complete(&mut self, start: usize, queued: usize) {
+        let ring = self.ring.as_mut().expect("only called with a ring");
+        let mut reaped = 0;
+        while reaped < queued {
+            match ring.submit_and_wait(queued - reaped) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e) => {
+                    // Not expected with these opcodes. Entries the kernel did
+                    // not take keep the EAGAIN set above (nothing written: the
+                    // drivers finish them); later sends use system calls.
+                    tracing::error!(error = %e, "io_uring submission failed: fan-out writes fall back to system calls");
+                    for cqe in ring.completion() {
+                        self.results[start + cqe.user_data() as usize] = cqe.result() as isize;
+                    }
+                    self.ring = None;
+                    return;
+                }
+            }
+            for cqe in ring.completion() {
+                self.results[start + cqe.user_data() as usize] = cqe.result() as isize;
+                reaped += 1;
+            }
+        }
+    }
+}
+
+/// A send's outcome as bytes taken (>= 0) or `-errno`.
+fn encode(r: io::Result<usize>) -> isize {
+    match r {
+        Ok(n) => n as isize,
+        Err(e) => -(e.raw_os_error().unwrap_or(libc::EIO) as isize),
+    }
+}
+
+fn send_two(fd: RawFd, first: &[u8], second: &[u8]) -> io::Result<usize> {
+    match (first.is_empty(), second.is_empty()) {
+        (false, true) => send_nonblocking(fd, first),
+        (true, _) => send_nonblocking(fd, second),
+        _ => sendv_nonblocking(fd, first, second),
     }
 }
 

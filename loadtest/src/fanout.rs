@@ -14,7 +14,7 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use crate::ws::{field_u64, Sequence};
+use crate::ws::{field_u64, Sequence, SENT_NS, SEQ};
 use crate::{histogram, now_ns, open_all, percentiles, print_table, procstat, set_up, Common};
 
 #[derive(Args)]
@@ -83,7 +83,7 @@ pub async fn run(a: FanoutArgs) -> anyhow::Result<()> {
             let mut sequence = Sequence::default();
             while let Some(f) = ws.next_text_frame().await {
                 let p = ws.payload(&f);
-                let (Some(seq), Some(sent)) = (field_u64(p, b"\"seq\":"), field_u64(p, b"\"sentNs\":")) else {
+                let (Some(seq), Some(sent)) = (field_u64(p, &SEQ), field_u64(p, &SENT_NS)) else {
                     continue;
                 };
                 let now = now_ns();

@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
 
-use crate::ws::{field_u64, Sequence};
+use crate::ws::{field_u64, Sequence, SENT_NS, SEQ};
 use crate::{histogram, now_ns, open_all, percentiles, print_table, procstat, Common};
 
 const TOPICS: [(&str, &[u8]); 3] = [
@@ -78,7 +78,7 @@ pub async fn run(a: PrivateArgs) -> anyhow::Result<()> {
                 let Some(topic) = TOPICS.iter().position(|(_, ty)| memchr::memmem::find(p, ty).is_some()) else {
                     continue;
                 };
-                let (Some(seq), Some(sent)) = (field_u64(p, b"\"seq\":"), field_u64(p, b"\"sentNs\":")) else {
+                let (Some(seq), Some(sent)) = (field_u64(p, &SEQ), field_u64(p, &SENT_NS)) else {
                     continue;
                 };
                 let now = now_ns();

@@ -192,9 +192,24 @@ impl Sequence {
     }
 }
 
-/// Reads the unsigned integer after `key` (e.g. `"seq":`) in `payload`.
-pub fn field_u64(payload: &[u8], key: &[u8]) -> Option<u64> {
-    let at = memchr::memmem::find(payload, key)? + key.len();
+/// A JSON key to look for in server frames (e.g. `"seq":`), its searcher
+/// built once: building one per frame cost the client ~8% of its CPU at 1M
+/// frames/s.
+pub struct Key(memchr::memmem::Finder<'static>);
+
+impl Key {
+    pub fn new(key: &'static [u8]) -> Self {
+        Self(memchr::memmem::Finder::new(key))
+    }
+}
+
+/// The keys of the stamps the load producers put in every update.
+pub static SEQ: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"seq\":"));
+pub static SENT_NS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"sentNs\":"));
+
+/// Reads the unsigned integer after `key` in `payload`.
+pub fn field_u64(payload: &[u8], key: &Key) -> Option<u64> {
+    let at = key.0.find(payload)? + key.0.needle().len();
     let mut v: u64 = 0;
     let mut any = false;
     for &c in &payload[at..] {
@@ -218,8 +233,9 @@ mod tests {
         b.extend_from_slice(b"hello");
         assert_eq!(parse(&b), Some((1, 2, 7)));
         assert_eq!(parse(&b[..4]), None);
-        assert_eq!(field_u64(br#"{"data":{"seq":42,"sentNs":7}}"#, b"\"seq\":"), Some(42));
-        assert_eq!(field_u64(br#"{"x":1}"#, b"\"seq\":"), None);
+        assert_eq!(field_u64(br#"{"data":{"seq":42,"sentNs":7}}"#, &SEQ), Some(42));
+        assert_eq!(field_u64(br#"{"data":{"seq":42,"sentNs":7}}"#, &SENT_NS), Some(7));
+        assert_eq!(field_u64(br#"{"x":1}"#, &SEQ), None);
     }
 
     #[test]

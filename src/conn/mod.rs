@@ -48,9 +48,12 @@ impl ShardCtx {
     fn new(id: usize, global: Arc<Global>) -> Self {
         let cfg = &global.config;
         let stats = global.stats[id].clone();
+        let mut shard = Shard::new(id, cfg.ws_max_buffered_bytes.get(), stats.clone());
+        let uring = shard.use_io_uring(cfg.ws_fanout_io == "uring");
+        tracing::debug!(shard = id, io_uring = uring, "fan-out writes");
         Self {
             id,
-            shard: Rc::new(RefCell::new(Shard::new(id, cfg.ws_max_buffered_bytes.get(), stats.clone()))),
+            shard: Rc::new(RefCell::new(shard)),
             stats,
             frame_limits: frame::Limits {
                 max_message_bytes: cfg.ws_max_message_bytes.get(),

@@ -35,6 +35,7 @@ use slab::Slab;
 
 use crate::protocol::frame::server_frame_len;
 use crate::protocol::message::Channel;
+use crate::sys::SendBatch;
 use crate::telemetry::{update_index, ShardStats};
 use inbox::{Inbox, Route, Update};
 
@@ -80,6 +81,9 @@ pub struct Slot {
     pub pre_sent: usize,
     /// Listed in the shard's dirty list (bytes queued since the last flush).
     dirty: bool,
+    /// In the sweep step's batch of direct writes (a sweep can list a
+    /// connection twice: dirty, and a price subscriber).
+    batched: bool,
 }
 
 /// The price frames a shard has queued since its last completed sweep, one
@@ -131,6 +135,10 @@ pub struct Shard {
     /// The flush sweep in progress (`sweep[sweep_pos..]` still to write).
     sweep: Vec<usize>,
     sweep_pos: usize,
+    /// The current sweep step's connections that are written directly.
+    direct: Vec<usize>,
+    /// Writes those in one batch (io_uring unless `WS_FANOUT_IO=syscalls`).
+    writer: SendBatch,
     max_buffered: usize,
     pub stats: Arc<ShardStats>,
     shutting_down: bool,
@@ -149,10 +157,20 @@ impl Shard {
             dirty: Vec::new(),
             sweep: Vec::new(),
             sweep_pos: 0,
+            direct: Vec::with_capacity(FLUSH_CHUNK),
+            writer: SendBatch::new(true),
             max_buffered,
             stats,
             shutting_down: false,
         }
+    }
+
+    /// Chooses how sweeps write to sockets: batches of io_uring
+    /// submissions (`true`, the default) or one system call per socket.
+    /// Returns whether io_uring is in use (false when the kernel refused it).
+    pub fn use_io_uring(&mut self, on: bool) -> bool {
+        self.writer = SendBatch::new(on);
+        self.writer.uses_ring()
     }
 
     /// Adds a connection; returns its key. `inflight` is what its driver
@@ -272,11 +290,8 @@ impl Shard {
     }
 
     /// Takes back a written-out buffer for reuse by any connection.
-    pub fn recycle(&mut self, mut buf: Vec<u8>) {
-        if buf.capacity() > 0 && buf.capacity() <= SPARE_MAX_CAPACITY && self.spare.len() < SPARE_BUFFERS {
-            buf.clear();
-            self.spare.push(buf);
-        }
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        recycle(&mut self.spare, buf);
     }
 
     /// Queues bytes for one connection (a reply or control frame),
@@ -388,43 +403,52 @@ impl Shard {
         let limit = self.max_buffered;
         let end = (self.sweep_pos + max).min(self.sweep.len());
         let mut slow = Vec::new();
+        // First the connections whose driver must write (woken now), then
+        // one batch of direct writes for all the others.
+        self.direct.clear();
         for i in self.sweep_pos..end {
             let key = self.sweep[i];
             let Some(slot) = self.conns.get_mut(key) else { continue };
             slot.dirty = false;
-            let lagging = lag(slot, &self.log);
-            if slot.pending.is_empty() && lagging == 0 {
+            if slot.batched || (slot.pending.is_empty() && lag(slot, &self.log) == 0) {
                 continue;
             }
             if slot.inflight == 0 && !slot.closing && slot.pre_sent == 0 && slot.fd >= 0 {
-                let log = if lagging > 0 { self.log.since(slot.cursor) } else { &[][..] };
-                let total = slot.pending.len() + log.len();
-                let sent = match (slot.pending.is_empty(), log.is_empty()) {
-                    (false, true) => crate::sys::send_nonblocking(slot.fd, &slot.pending),
-                    (true, false) => crate::sys::send_nonblocking(slot.fd, log),
-                    _ => crate::sys::sendv_nonblocking(slot.fd, &slot.pending, log),
-                };
-                match sent {
-                    Ok(n) if n == total => {
-                        slot.cursor = self.log.head();
-                        self.stats.direct_writes.inc();
-                        if !slot.pending.is_empty() {
-                            let buf = std::mem::take(&mut slot.pending);
-                            self.recycle(buf);
-                        }
-                        continue;
-                    }
-                    // The outbox becomes everything this write offered; the
-                    // driver finishes it from byte `n`.
-                    Ok(n) => slot.pre_sent = n,
-                    Err(_) => {} // full (EAGAIN) or broken: the driver handles it
-                }
+                slot.batched = true;
+                self.direct.push(key);
+                continue;
             }
-            // Its driver writes the rest: the unsent log bytes join its outbox.
-            if !materialize(slot, &self.log, &mut self.spare, limit) {
+            if !to_driver(slot, &self.log, &mut self.spare, limit) {
                 slow.push(key);
             }
-            wake(slot);
+        }
+        let (conns, log) = (&self.conns, &self.log);
+        let sent = self.writer.send_all(self.direct.iter().map(|&key| {
+            let slot = &conns[key];
+            (slot.fd, &slot.pending[..], unsent_log(slot, log))
+        }));
+        for (&key, &n) in self.direct.iter().zip(sent) {
+            let slot = &mut self.conns[key];
+            slot.batched = false;
+            let total = slot.pending.len() + lag(slot, &self.log);
+            if n >= 0 && n as usize == total {
+                slot.cursor = self.log.head();
+                self.stats.direct_writes.inc();
+                if !slot.pending.is_empty() {
+                    let buf = std::mem::take(&mut slot.pending);
+                    recycle(&mut self.spare, buf);
+                }
+                continue;
+            }
+            if n > 0 {
+                // The outbox becomes everything this write offered; the
+                // driver finishes it from byte `n`.
+                slot.pre_sent = n as usize;
+            }
+            // Full (EAGAIN), short or broken: the driver handles the rest.
+            if !to_driver(slot, &self.log, &mut self.spare, limit) {
+                slow.push(key);
+            }
         }
         self.sweep_pos = end;
         for key in slow {
@@ -464,6 +488,24 @@ fn lag(slot: &Slot, log: &PriceLog) -> usize {
     } else {
         (log.head() - slot.cursor) as usize
     }
+}
+
+/// The part of the price log the slot has not been served yet.
+fn unsent_log<'a>(slot: &Slot, log: &'a PriceLog) -> &'a [u8] {
+    if lag(slot, log) == 0 {
+        &[]
+    } else {
+        log.since(slot.cursor)
+    }
+}
+
+/// Hands a connection's queued bytes to its driver: the unsent log bytes
+/// join its outbox and it is woken. False when that made it a slow consumer
+/// (the caller takes it out of every route).
+fn to_driver(slot: &mut Slot, log: &PriceLog, spare: &mut Vec<Vec<u8>>, max_buffered: usize) -> bool {
+    let ok = materialize(slot, log, spare, max_buffered);
+    wake(slot);
+    ok
 }
 
 /// Moves the slot's unsent part of the price log into its outbox.
@@ -509,6 +551,13 @@ fn append(slot: &mut Slot, spare: &mut Vec<Vec<u8>>, bytes: &[u8], max_buffered:
     }
     slot.pending.extend_from_slice(bytes);
     true
+}
+
+fn recycle(spare: &mut Vec<Vec<u8>>, mut buf: Vec<u8>) {
+    if buf.capacity() > 0 && buf.capacity() <= SPARE_MAX_CAPACITY && spare.len() < SPARE_BUFFERS {
+        buf.clear();
+        spare.push(buf);
+    }
 }
 
 fn mark_dirty(slot: &mut Slot, key: usize, dirty: &mut Vec<usize>) {
@@ -797,15 +846,17 @@ mod tests {
     /// Random interleavings of subscribe, unsubscribe, price and private
     /// updates, and sweeps written in random steps: every connection gets
     /// exactly the updates published while it was subscribed, each channel
-    /// in order, nothing twice, nothing lost.
+    /// in order, nothing twice, nothing lost; with the sweeps' direct writes
+    /// batched through io_uring and as one system call each.
     #[test]
     fn random_interleavings_deliver_each_channel_exactly_once_in_order() {
         use rand::{Rng, SeedableRng};
         use std::os::fd::AsRawFd;
         use std::os::unix::net::UnixStream;
-        for seed in 0..20u64 {
+        for (seed, uring) in (0..20u64).flat_map(|seed| [(seed, true), (seed, false)]) {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let mut s = shard(1 << 24);
+            assert_eq!(s.use_io_uring(uring), uring, "io_uring is available (glommio needs it too)");
             let mut conns = Vec::new(); // (key, server side, client side, user, got, expected prices, expected orders)
             for i in 0..6 {
                 let (srv, cli) = UnixStream::pair().unwrap();
@@ -867,7 +918,10 @@ mod tests {
             for c in conns.iter_mut() {
                 let got = received(&mut c.2);
                 c.4.extend_from_slice(&got);
-                assert!(s.slot(c.0).pending.is_empty(), "seed {seed}: everything was written directly");
+                assert!(
+                    s.slot(c.0).pending.is_empty(),
+                    "seed {seed} (io_uring {uring}): everything was written directly"
+                );
                 let frames = payloads(&c.4);
                 let data = |prefix: &str| -> Vec<String> {
                     frames
@@ -879,10 +933,10 @@ mod tests {
                         })
                         .collect()
                 };
-                assert_eq!(data("p"), c.5, "seed {seed}: prices for connection {}", c.0);
-                assert_eq!(data("o"), c.6, "seed {seed}: orders for connection {}", c.0);
+                assert_eq!(data("p"), c.5, "seed {seed} (io_uring {uring}): prices for connection {}", c.0);
+                assert_eq!(data("o"), c.6, "seed {seed} (io_uring {uring}): orders for connection {}", c.0);
             }
-            assert!(s.log.buf.is_empty(), "seed {seed}: the log is empty once every sweep is done");
+            assert!(s.log.buf.is_empty(), "seed {seed} (io_uring {uring}): the log is empty once every sweep is done");
         }
     }
 

@@ -95,7 +95,13 @@ pub(super) struct Conn {
     pub(super) close_code: Option<CloseCode>,
 }
 
-pub async fn run(start: Start) {
+/// Registers the upgraded connection with its shard, queues its greeting,
+/// and returns the task that drives it until it closes.
+///
+/// The task is the [`Conn`] itself polled in place ([`Pump`]): an `async`
+/// body here kept both its argument and the connection in the task, 992
+/// bytes instead of 472, on every idle connection.
+pub fn run(start: Start) -> Pump {
     let Start { stream, ctx, ip, admission, identity, greeting, leftover } = start;
     let key = ctx.shard.borrow_mut().insert(stream.direct_fd(), greeting.len());
     ctx.stats.connections_accepted.inc();
@@ -140,9 +146,22 @@ pub async fn run(start: Start) {
         let mut bytes = std::mem::take(&mut conn.rbuf);
         conn.on_bytes(&mut bytes, now);
     }
-    std::future::poll_fn(|cx| conn.poll_pump(cx)).await;
-    drop(conn); // see `Drop for Conn`
-    drop(admission);
+    Pump { conn, _admission: admission }
+}
+
+/// A connection's task: polls the connection until it is done. Fields drop
+/// in order: the connection (see `Drop for Conn`), then its admission.
+pub struct Pump {
+    conn: Conn,
+    _admission: Admission,
+}
+
+impl std::future::Future for Pump {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.get_mut().conn.poll_pump(cx)
+    }
 }
 
 impl Conn {

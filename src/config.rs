@@ -151,6 +151,11 @@ pub struct Config {
     /// sweep starts as soon as the last one ends.
     #[arg(long, env = "WS_FLUSH_INTERVAL_US", default_value = "0", value_parser = parse_us)]
     pub ws_flush_interval_us: Duration,
+    /// Idle time after which a connection is parked, in ms: its task and
+    /// read state are freed and its socket is watched by the shard's poll
+    /// ring until input, a deadline or a write needs it. 0: never park.
+    #[arg(long, env = "WS_PARK_IDLE_MS", default_value_t = 1000)]
+    pub ws_park_idle_ms: u64,
     /// How fan-out sweeps write to sockets: uring (one io_uring submission
     /// per 64 sockets) or syscalls (one send/sendmsg per socket).
     #[arg(long, env = "WS_FANOUT_IO", default_value = "uring", value_parser = ["uring", "syscalls"])]

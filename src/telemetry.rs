@@ -88,6 +88,12 @@ pub struct ShardStats {
     pub deliveries: Counter,
     /// Socket writes done by the fan-out itself (no connection wake-up).
     pub direct_writes: Counter,
+    /// Idle connections held without a task (gauge), and the transitions.
+    pub connections_parked: Counter,
+    pub parks: Counter,
+    pub unparks: Counter,
+    /// Parks refused by the kernel (the connection keeps its task).
+    pub park_failures: Counter,
     pub subscribers: [Counter; 4],
     /// Publish -> queued for every subscriber on the shard (the price log
     /// or the private subscribers' outboxes), in µs.
@@ -121,6 +127,10 @@ impl Default for ShardStats {
             updates_processed: Counter::default(),
             deliveries: Counter::default(),
             direct_writes: Counter::default(),
+            connections_parked: Counter::default(),
+            parks: Counter::default(),
+            unparks: Counter::default(),
+            park_failures: Counter::default(),
             subscribers: Default::default(),
             // 1 µs .. 60 s at 3 significant figures; these bounds are valid.
             fanout_latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
@@ -212,6 +222,29 @@ pub fn render_prometheus(shards: &[std::sync::Arc<ShardStats>], extra: &Extra) -
         "moonx_ws_direct_writes_total",
         "Socket writes made by the shard fan-out directly, without waking the connection's task.",
         sum(&|s| s.direct_writes.get()),
+    );
+    counter(
+        &mut out,
+        "moonx_ws_parks_total",
+        "Idle connections parked: their task and read state freed, the socket watched by the shard's poll ring.",
+        sum(&|s| s.parks.get()),
+    );
+    counter(
+        &mut out,
+        "moonx_ws_unparks_total",
+        "Parked connections given a task again (input, a deadline, a write the fan-out could not finish, shutdown).",
+        sum(&|s| s.unparks.get()),
+    );
+    counter(
+        &mut out,
+        "moonx_ws_park_failures_total",
+        "Parks the kernel refused (the connection kept its task); logged, rate-limited.",
+        sum(&|s| s.park_failures.get()),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP moonx_ws_connections_parked Open connections parked without a task.\n# TYPE moonx_ws_connections_parked gauge\nmoonx_ws_connections_parked {}",
+        sum(&|s| s.connections_parked.get())
     );
 
     let _ = writeln!(

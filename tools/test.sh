@@ -14,4 +14,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-exec cargo test --workspace "$@"
+cargo test --workspace "$@"
+# The end-to-end tests once more with idle connections parked at every
+# chance (README "Parking"), so every behaviour is also checked across
+# park and resume.
+MOONX_TEST_PARK_IDLE_MS=1 cargo test -p moonx-ws --test '*' "$@"

@@ -10,7 +10,8 @@
 //! there, acts on it, checks deadlines, and flushes the outbox. It is woken
 //! by the socket, by the shard when bytes are queued for it, by the shard's
 //! tick when its deadline passes, and by the auth worker when a remote
-//! verification returns.
+//! verification returns. Idle for `WS_PARK_IDLE_MS`, it parks: the task
+//! ends and `park.rs` holds what resuming needs.
 
 use std::cell::RefCell;
 use std::io;
@@ -23,6 +24,7 @@ use std::task::{Context, Poll};
 use futures_lite::io::{AsyncRead, AsyncWrite};
 
 use super::messages::PendingAuth;
+use super::park::Parked;
 use super::stream::Stream;
 use super::ShardCtx;
 use crate::auth::Identity;
@@ -93,6 +95,13 @@ pub(super) struct Conn {
     pub(super) peer_closed: bool,
     pub(super) phase: Phase,
     pub(super) close_code: Option<CloseCode>,
+    /// The connection's place in the per-IP count; released after it.
+    admission: Option<Admission>,
+    /// Monotonic ms of the last input (or of the task's start): parking
+    /// waits for `WS_PARK_IDLE_MS` of quiet.
+    last_input_ms: u64,
+    /// Handed to the parker: dropping this task leaves the connection open.
+    parked: bool,
 }
 
 /// Registers the upgraded connection with its shard, queues its greeting,
@@ -127,6 +136,9 @@ pub fn run(start: Start) -> Pump {
         peer_closed: false,
         phase: Phase::Open,
         close_code: None,
+        admission: Some(admission),
+        last_input_ms: mono,
+        parked: false,
         ctx,
     };
     tracing::debug!(conn = conn.id, %ip, "connection upgraded");
@@ -146,14 +158,18 @@ pub fn run(start: Start) -> Pump {
         let mut bytes = std::mem::take(&mut conn.rbuf);
         conn.on_bytes(&mut bytes, now);
     }
-    Pump { conn, _admission: admission }
+    Pump { conn }
 }
 
-/// A connection's task: polls the connection until it is done. Fields drop
-/// in order: the connection (see `Drop for Conn`), then its admission.
+/// A connection's task: polls the connection until it is done or parked.
 pub struct Pump {
     conn: Conn,
-    _admission: Admission,
+}
+
+impl Pump {
+    pub(super) fn new(conn: Conn) -> Self {
+        Self { conn }
+    }
 }
 
 impl std::future::Future for Pump {
@@ -173,7 +189,7 @@ impl Conn {
 
         let mut exhausted = false;
         if !self.peer_closed && self.phase != Phase::Done {
-            exhausted = self.poll_reads(cx, now);
+            exhausted = self.poll_reads(cx, now, mono);
         }
         // After reading, so a verification started just now registers its waker.
         self.poll_auth(cx, now);
@@ -199,18 +215,125 @@ impl Conn {
         self.schedule_deadline(now, mono);
         if exhausted {
             cx.waker().wake_by_ref(); // more to read: come back after others ran
+            return Poll::Pending;
+        }
+        if let Some(idle_ms) = self.ctx.parker.idle_ms() {
+            if self.parkable() {
+                let due = self.last_input_ms + idle_ms;
+                if mono >= due {
+                    if self.park() {
+                        return Poll::Ready(());
+                    }
+                } else {
+                    let mut shard = self.ctx.shard.borrow_mut();
+                    let slot = shard.slot(self.key);
+                    slot.deadline_ms = slot.deadline_ms.min(due);
+                }
+            }
         }
         Poll::Pending
     }
 
+    /// Whether only the socket, the deadlines and the fan-out can need this
+    /// connection now: open, plain TCP, nothing read but not handled,
+    /// nothing to write, no verification or pong owed.
+    fn parkable(&self) -> bool {
+        if self.phase != Phase::Open
+            || self.peer_closed
+            || !matches!(self.stream, Stream::Plain(_))
+            || self.pending_auth.is_some()
+            || self.pong.is_some()
+            || !self.rbuf.is_empty()
+            || !self.asm.is_idle()
+            || !self.sending.is_empty()
+        {
+            return false;
+        }
+        let mut shard = self.ctx.shard.borrow_mut();
+        let slot = shard.slot(self.key);
+        slot.pending.is_empty() && slot.inflight == 0 && slot.pre_sent == 0 && !slot.slow && !slot.shutdown
+    }
+
+    /// Hands the connection to the shard's parker; true when it took it
+    /// (this task then ends without closing the socket).
+    fn park(&mut self) -> bool {
+        let Stream::Plain(stream) = &self.stream else {
+            return false;
+        };
+        let fd = match crate::sys::dup_fd(std::os::fd::AsRawFd::as_raw_fd(stream)) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.ctx.stats.park_failures.inc();
+                tracing::debug!(conn = self.id, error = %e, "could not park: no descriptor");
+                return false;
+            }
+        };
+        let Some(admission) = self.admission.take() else {
+            return false;
+        };
+        let parked = Parked {
+            fd,
+            id: self.id,
+            session: std::mem::replace(&mut self.session, Session::new(0, self.ctx.timers)),
+            pre_auth: std::mem::take(&mut self.pre_auth),
+            user_rate: self.user_rate.take(),
+            next_ping_ms: self.next_ping_ms,
+            ping_sent_ms: self.ping_sent_ms,
+            admission,
+        };
+        match self.ctx.parker.park(&self.ctx, self.key, parked) {
+            None => {
+                self.parked = true;
+                true
+            }
+            Some(parked) => {
+                self.session = parked.session;
+                self.pre_auth = parked.pre_auth;
+                self.user_rate = parked.user_rate;
+                self.admission = Some(parked.admission);
+                false
+            }
+        }
+    }
+
+    /// A parked connection's driver, resumed where it parked.
+    pub(super) fn resume(ctx: Rc<ShardCtx>, key: usize, parked: Parked) -> Conn {
+        let mono = ctx.global.clock.mono_ms();
+        Conn {
+            key,
+            id: parked.id,
+            stream: Stream::Plain(crate::sys::tcp_stream(parked.fd)),
+            rbuf: Vec::new(),
+            asm: Assembler::default(),
+            session: parked.session,
+            sending: Vec::new(),
+            sent: 0,
+            frames_from: 0,
+            pre_auth: parked.pre_auth,
+            user_rate: parked.user_rate,
+            pending_auth: None,
+            pong: None,
+            next_ping_ms: parked.next_ping_ms,
+            ping_sent_ms: parked.ping_sent_ms,
+            peer_closed: false,
+            phase: Phase::Open,
+            close_code: None,
+            admission: Some(parked.admission),
+            last_input_ms: mono,
+            parked: false,
+            ctx,
+        }
+    }
+
     /// Reads and handles input; returns true when the budget ran out.
-    fn poll_reads(&mut self, cx: &mut Context<'_>, now: u64) -> bool {
+    fn poll_reads(&mut self, cx: &mut Context<'_>, now: u64, mono: u64) -> bool {
         for _ in 0..READ_BUDGET {
             let outcome = SCRATCH.with(|s| {
                 let mut s = s.borrow_mut();
                 match Pin::new(&mut self.stream).poll_read(cx, &mut s[..]) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Some(false),
                     Poll::Ready(Ok(n)) => {
+                        self.last_input_ms = mono;
                         self.ping_sent_ms = None; // any frame proves liveness
                         self.on_bytes(&mut s[..n], now);
                         Some(true)
@@ -468,6 +591,9 @@ impl Drop for Conn {
     /// which the fan-out's direct writes rely on; and it runs on every exit,
     /// also when the executor drops the task at shutdown.
     fn drop(&mut self) {
+        if self.parked {
+            return; // the parker holds the connection now
+        }
         self.ctx.shard.borrow_mut().remove(self.key);
         self.ctx.stats.connections_active.sub(1);
         if let Some((user, counter)) = self.user_rate.take() {

@@ -4,12 +4,15 @@
 //! Owns: binding this shard's SO_REUSEPORT listener, spawning one task per
 //! accepted socket (`upgrade.rs` for the HTTP phase and TLS via
 //! `stream.rs`; `driver.rs` and `messages.rs` for the WebSocket phase),
-//! the coarse deadline tick, and the shard's part of the
+//! the coarse deadline tick (which also hands memory freed by parked
+//! connections back to the kernel), the parker task (`park.rs`), and the
+//! shard's part of the
 //! shutdown sequence (stop accepting, close every connection with 1001, wait
 //! up to `SHUTDOWN_GRACE_MS`).
 
 mod driver;
 mod messages;
+mod park;
 pub mod stream;
 mod upgrade;
 
@@ -42,6 +45,7 @@ pub struct ShardCtx {
     json: RefCell<Vec<u8>>,
     frame: RefCell<Vec<u8>>,
     pub(crate) accept_log: LogLimiter,
+    parker: park::Parker,
 }
 
 impl ShardCtx {
@@ -70,6 +74,7 @@ impl ShardCtx {
             json: RefCell::new(Vec::with_capacity(512)),
             frame: RefCell::new(Vec::with_capacity(512)),
             accept_log: LogLimiter::new(Duration::from_secs(5)),
+            parker: park::Parker::new(id, cfg.ws_park_idle_ms),
             global,
         }
     }
@@ -136,6 +141,7 @@ pub async fn run_shard(
     let interval = global.config.ws_flush_interval_us;
     let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id), interval).await });
     let tick = spawn_local(tick_loop(ctx.clone()));
+    let parker = spawn_local(park::run(ctx.clone()));
 
     std::future::poll_fn(|cx| {
         global.stop_wakers[id].register(cx.waker());
@@ -162,6 +168,7 @@ pub async fn run_shard(
     }
     drop(fanout);
     drop(tick);
+    drop(parker);
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>) {
@@ -190,9 +197,19 @@ async fn tick_loop(ctx: Rc<ShardCtx>) {
         .min()
         .unwrap_or(Duration::from_secs(1));
     let tick = (shortest / 8).clamp(Duration::from_millis(5), Duration::from_millis(250));
+    let mut parks_seen = ctx.stats.parks.get();
+    let mut last_release = Instant::now();
     loop {
         glommio::timer::sleep(tick).await;
         let now = ctx.global.clock.mono_ms();
         ctx.shard.borrow_mut().wake_due(now);
+        // Connections parked since the last look freed their tasks: hand
+        // that memory back (at most once a second).
+        let parks = ctx.stats.parks.get();
+        if parks != parks_seen && last_release.elapsed() >= Duration::from_secs(1) {
+            parks_seen = parks;
+            last_release = Instant::now();
+            crate::sys::release_free_memory();
+        }
     }
 }

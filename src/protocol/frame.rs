@@ -199,6 +199,11 @@ impl Assembler {
 
     /// Releases the reassembly buffer once a fragmented message was handled,
     /// so an idle connection holds no heap memory for it.
+    /// No message is being reassembled and no buffer is held.
+    pub fn is_idle(&self) -> bool {
+        self.fragments == 0 && self.partial.capacity() == 0
+    }
+
     pub fn release(&mut self) {
         if self.fragments == 0 && self.partial.capacity() > 0 {
             self.partial = Vec::new();

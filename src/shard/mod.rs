@@ -84,6 +84,9 @@ pub struct Slot {
     /// In the sweep step's batch of direct writes (a sweep can list a
     /// connection twice: dirty, and a price subscriber).
     batched: bool,
+    /// Parked (no task; see `conn::park`): its record's index + 1, else 0.
+    /// Its `waker` is then the parker's, and waking it asks for an unpark.
+    parked: u32,
 }
 
 /// The price frames a shard has queued since its last completed sweep, one
@@ -139,6 +142,8 @@ pub struct Shard {
     direct: Vec<usize>,
     /// Writes those in one batch (io_uring unless `WS_FANOUT_IO=syscalls`).
     writer: SendBatch,
+    /// Parked connections woken since the parker last looked.
+    unpark: Vec<usize>,
     max_buffered: usize,
     pub stats: Arc<ShardStats>,
     shutting_down: bool,
@@ -159,6 +164,7 @@ impl Shard {
             sweep_pos: 0,
             direct: Vec::with_capacity(FLUSH_CHUNK),
             writer: SendBatch::new(true),
+            unpark: Vec::new(),
             max_buffered,
             stats,
             shutting_down: false,
@@ -248,7 +254,7 @@ impl Shard {
         if channel == Channel::Prices {
             // Frames queued before the unsubscribe are still delivered. Past
             // the buffer limit the slot is flagged slow (4009) instead.
-            materialize(slot, &self.log, &mut self.spare, max);
+            materialize(slot, key, &self.log, &mut self.spare, &mut self.unpark, max);
             if !slot.pending.is_empty() {
                 mark_dirty(slot, key, &mut self.dirty);
             }
@@ -299,9 +305,10 @@ impl Shard {
     pub fn queue(&mut self, key: usize, bytes: &[u8]) -> bool {
         let max = self.max_buffered;
         let slot = &mut self.conns[key];
-        let ok = append(slot, &mut self.spare, bytes, max, lag(slot, &self.log));
+        let lagging = lag(slot, &self.log);
+        let ok = append(slot, key, &mut self.spare, &mut self.unpark, bytes, max, lagging);
         if ok {
-            wake(slot);
+            wake(slot, key, &mut self.unpark);
         }
         if !ok {
             self.stop_updates(key);
@@ -331,7 +338,8 @@ impl Shard {
                     if slot.subs & channel.bit() == 0 {
                         continue;
                     }
-                    if append(slot, &mut self.spare, &update.frame, max, lag(slot, &self.log)) {
+                    let lagging = lag(slot, &self.log);
+                    if append(slot, key, &mut self.spare, &mut self.unpark, &update.frame, max, lagging) {
                         mark_dirty(slot, key, &mut self.dirty);
                         delivered += 1;
                     } else {
@@ -378,7 +386,7 @@ impl Shard {
     /// that made it a slow consumer.
     pub fn materialize(&mut self, key: usize) -> bool {
         let max = self.max_buffered;
-        let ok = materialize(&mut self.conns[key], &self.log, &mut self.spare, max);
+        let ok = materialize(&mut self.conns[key], key, &self.log, &mut self.spare, &mut self.unpark, max);
         if !ok {
             self.stop_updates(key);
         }
@@ -418,7 +426,7 @@ impl Shard {
                 self.direct.push(key);
                 continue;
             }
-            if !to_driver(slot, &self.log, &mut self.spare, limit) {
+            if !to_driver(slot, key, &self.log, &mut self.spare, &mut self.unpark, limit) {
                 slow.push(key);
             }
         }
@@ -440,13 +448,16 @@ impl Shard {
                 }
                 continue;
             }
-            if n > 0 {
-                // The outbox becomes everything this write offered; the
-                // driver finishes it from byte `n`.
+            let ok = if n > 0 {
+                // Short: the outbox becomes everything this write offered;
+                // the driver finishes it from byte `n`.
                 slot.pre_sent = n as usize;
-            }
-            // Full (EAGAIN), short or broken: the driver handles the rest.
-            if !to_driver(slot, &self.log, &mut self.spare, limit) {
+                keep_offered(slot, key, &self.log, &mut self.spare, &mut self.unpark, limit)
+            } else {
+                // Full (EAGAIN) or broken: the driver handles it.
+                to_driver(slot, key, &self.log, &mut self.spare, &mut self.unpark, limit)
+            };
+            if !ok {
                 slow.push(key);
             }
         }
@@ -463,10 +474,10 @@ impl Shard {
 
     /// Wakes every connection whose deadline has passed.
     pub fn wake_due(&mut self, now_ms: u64) {
-        for (_, slot) in self.conns.iter_mut() {
+        for (key, slot) in self.conns.iter_mut() {
             if slot.deadline_ms <= now_ms {
                 slot.deadline_ms = u64::MAX;
-                wake(slot);
+                wake(slot, key, &mut self.unpark);
             }
         }
     }
@@ -474,10 +485,47 @@ impl Shard {
     /// Flags every connection for a 1001 close and wakes it.
     pub fn begin_shutdown(&mut self) {
         self.shutting_down = true;
-        for (_, slot) in self.conns.iter_mut() {
+        for (key, slot) in self.conns.iter_mut() {
             slot.shutdown = true;
-            wake(slot);
+            wake(slot, key, &mut self.unpark);
         }
+    }
+
+    /// Marks a connection parked: `record` + 1 is its parker record's
+    /// index, `fd` the descriptor the parker holds for it, and `parker` the
+    /// waker that any later wake-up of the connection goes to.
+    pub fn park(&mut self, key: usize, fd: RawFd, record: u32, parker: &Waker) {
+        let slot = &mut self.conns[key];
+        slot.fd = fd;
+        slot.parked = record + 1;
+        slot.waker = Some(parker.clone());
+        slot.wake_pending = false;
+    }
+
+    /// Ends a connection's parking; returns its record's index, or None if
+    /// it was not parked.
+    pub fn unpark(&mut self, key: usize) -> Option<u32> {
+        let slot = self.conns.get_mut(key)?;
+        let record = slot.parked.checked_sub(1)?;
+        slot.parked = 0;
+        slot.waker = None;
+        slot.wake_pending = false;
+        Some(record)
+    }
+
+    /// Whether the connection is parked.
+    pub fn is_parked(&self, key: usize) -> bool {
+        self.conns.get(key).is_some_and(|s| s.parked != 0)
+    }
+
+    /// The parked connections woken since the last call, oldest first.
+    pub fn take_unparks(&mut self, into: &mut Vec<usize>) {
+        into.append(&mut self.unpark);
+    }
+
+    /// Whether any parked connection was woken.
+    pub fn has_unparks(&self) -> bool {
+        !self.unpark.is_empty()
     }
 }
 
@@ -502,18 +550,61 @@ fn unsent_log<'a>(slot: &Slot, log: &'a PriceLog) -> &'a [u8] {
 /// Hands a connection's queued bytes to its driver: the unsent log bytes
 /// join its outbox and it is woken. False when that made it a slow consumer
 /// (the caller takes it out of every route).
-fn to_driver(slot: &mut Slot, log: &PriceLog, spare: &mut Vec<Vec<u8>>, max_buffered: usize) -> bool {
-    let ok = materialize(slot, log, spare, max_buffered);
-    wake(slot);
+fn to_driver(
+    slot: &mut Slot,
+    key: usize,
+    log: &PriceLog,
+    spare: &mut Vec<Vec<u8>>,
+    unpark: &mut Vec<usize>,
+    max_buffered: usize,
+) -> bool {
+    let ok = materialize(slot, key, log, spare, unpark, max_buffered);
+    wake(slot, key, unpark);
+    ok
+}
+
+/// After a short direct write: the log bytes it offered join the outbox
+/// whatever their size (a prefix is on the wire, so the frame it stopped in
+/// must be completed), then the slow-consumer rule applies; the driver is
+/// woken. False when the connection became a slow consumer.
+fn keep_offered(
+    slot: &mut Slot,
+    key: usize,
+    log: &PriceLog,
+    spare: &mut Vec<Vec<u8>>,
+    unpark: &mut Vec<usize>,
+    max_buffered: usize,
+) -> bool {
+    let offered = unsent_log(slot, log);
+    if !offered.is_empty() {
+        if slot.pending.capacity() == 0 {
+            slot.pending = spare.pop().unwrap_or_default();
+        }
+        slot.pending.extend_from_slice(offered);
+        slot.cursor = log.head();
+    }
+    let ok = slot.pending.len() + slot.inflight <= max_buffered;
+    if !ok {
+        slot.slow = true;
+        drop_backlog(slot);
+    }
+    wake(slot, key, unpark);
     ok
 }
 
 /// Moves the slot's unsent part of the price log into its outbox.
-fn materialize(slot: &mut Slot, log: &PriceLog, spare: &mut Vec<Vec<u8>>, max_buffered: usize) -> bool {
+fn materialize(
+    slot: &mut Slot,
+    key: usize,
+    log: &PriceLog,
+    spare: &mut Vec<Vec<u8>>,
+    unpark: &mut Vec<usize>,
+    max_buffered: usize,
+) -> bool {
     if lag(slot, log) == 0 {
         return true;
     }
-    let ok = append(slot, spare, log.since(slot.cursor), max_buffered, 0);
+    let ok = append(slot, key, spare, unpark, log.since(slot.cursor), max_buffered, 0);
     slot.cursor = log.head();
     ok
 }
@@ -538,11 +629,19 @@ fn drop_backlog(slot: &mut Slot) {
 /// Appends `bytes` to a slot's outbox unless that would make it a slow
 /// consumer (counting `also_queued` bytes waiting elsewhere), in which case
 /// the backlog is dropped and the slot flagged.
-fn append(slot: &mut Slot, spare: &mut Vec<Vec<u8>>, bytes: &[u8], max_buffered: usize, also_queued: usize) -> bool {
+fn append(
+    slot: &mut Slot,
+    key: usize,
+    spare: &mut Vec<Vec<u8>>,
+    unpark: &mut Vec<usize>,
+    bytes: &[u8],
+    max_buffered: usize,
+    also_queued: usize,
+) -> bool {
     if slot.pending.len() + slot.inflight + also_queued + bytes.len() > max_buffered {
         slot.slow = true;
         drop_backlog(slot);
-        wake(slot);
+        wake(slot, key, unpark);
         return false;
     }
     if slot.pending.capacity() == 0 {
@@ -567,10 +666,15 @@ fn mark_dirty(slot: &mut Slot, key: usize, dirty: &mut Vec<usize>) {
     }
 }
 
-fn wake(slot: &mut Slot) {
+/// Wakes the connection's driver once until it runs again; a parked
+/// connection is listed for its parker to resume instead.
+fn wake(slot: &mut Slot, key: usize, unpark: &mut Vec<usize>) {
     if !slot.wake_pending {
         if let Some(w) = &slot.waker {
             slot.wake_pending = true;
+            if slot.parked != 0 {
+                unpark.push(key);
+            }
             w.wake_by_ref();
         }
     }
@@ -782,6 +886,44 @@ mod tests {
         assert!(s.slot(k).slow);
         assert_eq!(s.slot(k).pending, &*u.frame, "the first frame stays whole for the driver to finish");
         assert_eq!(s.slot(k).pre_sent, 10);
+    }
+
+    /// A sweep's write that the socket cuts short, of log bytes that are
+    /// over the limit: the frame it stopped in stays whole in the outbox
+    /// for the driver (wire bytes + outbox after `pre_sent` = whole frames).
+    #[test]
+    fn a_short_direct_write_past_the_limit_keeps_its_frame() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+        for uring in [true, false] {
+            let u = price(&format!("{{\"pad\":\"{}\"}}", "x".repeat(100)));
+            let mut s = shard(u.frame.len() * 4);
+            s.use_io_uring(uring);
+            let (srv, mut cli) = UnixStream::pair().unwrap();
+            socket2::SockRef::from(&srv).set_send_buffer_size(4096).unwrap();
+            let k = s.insert(srv.as_raw_fd(), 0);
+            s.subscribe(k, Channel::Prices);
+            for _ in 0..400 {
+                s.fanout(&u);
+            }
+            s.begin_sweep();
+            assert!(s.flush_step(64));
+            let slot = s.slot(k);
+            assert!(slot.slow, "past the limit (io_uring {uring})");
+            assert!(slot.pre_sent > 0, "the write was short");
+            let wire = received(&mut cli);
+            assert_eq!(wire.len(), slot.pre_sent, "pre_sent is what the socket took");
+            let mut stream = wire.clone();
+            stream.extend_from_slice(&slot.pending[slot.pre_sent..]);
+            let mut pos = 0;
+            while pos < stream.len() {
+                let len = server_frame_len(&stream[pos..]).expect("whole frames");
+                assert_eq!(&stream[pos..pos + len], &*u.frame);
+                pos += len;
+            }
+            assert_eq!(pos, stream.len(), "no frame cut (io_uring {uring})");
+            assert!(stream.len() < 400 * u.frame.len(), "the backlog behind it was dropped");
+        }
     }
 
     /// Reads what a socket has received so far (non-blocking).

@@ -36,6 +36,11 @@ impl TestServer {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+        // `MOONX_TEST_PARK_IDLE_MS` runs every test with that parking delay
+        // (e.g. 1: idle connections are parked at every chance).
+        if let Ok(ms) = std::env::var("MOONX_TEST_PARK_IDLE_MS") {
+            map.insert("WS_PARK_IDLE_MS".into(), ms);
+        }
         for (k, v) in env {
             if v.is_empty() {
                 map.remove(*k);

@@ -274,8 +274,8 @@ impl Conn {
         let parked = Parked {
             fd,
             id: self.id,
-            session: std::mem::replace(&mut self.session, Session::new(0, self.ctx.timers)),
-            pre_auth: std::mem::take(&mut self.pre_auth),
+            pre_auth: (!self.session.is_authenticated()).then(|| Box::new(std::mem::take(&mut self.pre_auth))),
+            session: std::mem::replace(&mut self.session, Session::new(0, self.ctx.timers)).store(),
             user_rate: self.user_rate.take(),
             next_ping_ms: self.next_ping_ms,
             ping_sent_ms: self.ping_sent_ms,
@@ -287,8 +287,10 @@ impl Conn {
                 true
             }
             Some(parked) => {
-                self.session = parked.session;
-                self.pre_auth = parked.pre_auth;
+                self.session = Session::resume(parked.session, self.ctx.timers);
+                if let Some(counter) = parked.pre_auth {
+                    self.pre_auth = *counter;
+                }
                 self.user_rate = parked.user_rate;
                 self.admission = Some(parked.admission);
                 false
@@ -305,11 +307,11 @@ impl Conn {
             stream: Stream::Plain(crate::sys::tcp_stream(parked.fd)),
             rbuf: Vec::new(),
             asm: Assembler::default(),
-            session: parked.session,
+            session: Session::resume(parked.session, ctx.timers),
             sending: Vec::new(),
             sent: 0,
             frames_from: 0,
-            pre_auth: parked.pre_auth,
+            pre_auth: parked.pre_auth.map(|b| *b).unwrap_or_default(),
             user_rate: parked.user_rate,
             pending_auth: None,
             pong: None,

@@ -54,6 +54,8 @@ impl ShardCtx {
         let stats = global.stats[id].clone();
         let mut shard = Shard::new(id, cfg.ws_max_buffered_bytes.get(), stats.clone());
         let uring = shard.use_io_uring(cfg.ws_fanout_io == "uring");
+        let share = cfg.ws_max_connections.get().div_ceil(global.stats.len().max(1));
+        shard.reserve(share);
         tracing::debug!(shard = id, io_uring = uring, "fan-out writes");
         Self {
             id,
@@ -74,7 +76,7 @@ impl ShardCtx {
             json: RefCell::new(Vec::with_capacity(512)),
             frame: RefCell::new(Vec::with_capacity(512)),
             accept_log: LogLimiter::new(Duration::from_secs(5)),
-            parker: park::Parker::new(id, cfg.ws_park_idle_ms),
+            parker: park::Parker::new(id, cfg.ws_park_idle_ms, share),
             global,
         }
     }
@@ -203,13 +205,16 @@ async fn tick_loop(ctx: Rc<ShardCtx>) {
         glommio::timer::sleep(tick).await;
         let now = ctx.global.clock.mono_ms();
         ctx.shard.borrow_mut().wake_due(now);
-        // Connections parked since the last look freed their tasks: hand
-        // that memory back (at most once a second).
-        let parks = ctx.stats.parks.get();
-        if parks != parks_seen && last_release.elapsed() >= Duration::from_secs(1) {
-            parks_seen = parks;
+        // Once a second: free the spare outbox buffers nothing needed, and
+        // if that or parking freed memory, hand it back to the kernel.
+        if last_release.elapsed() >= Duration::from_secs(1) {
             last_release = Instant::now();
-            crate::sys::release_free_memory();
+            let trimmed = ctx.shard.borrow_mut().trim_spares();
+            let parks = ctx.stats.parks.get();
+            if parks != parks_seen || trimmed > 0 {
+                parks_seen = parks;
+                crate::sys::release_free_memory();
+            }
         }
     }
 }

@@ -34,7 +34,7 @@ use slab::Slab;
 use super::driver::{Conn, Pump};
 use super::ShardCtx;
 use crate::limits::{Admission, RateCounter};
-use crate::protocol::session::Session;
+use crate::protocol::session::StoredSession;
 use crate::sys::PollRing;
 use crate::telemetry::LogLimiter;
 
@@ -47,8 +47,10 @@ pub(super) struct Parked {
     /// The duplicate of the socket: the only descriptor while parked.
     pub fd: OwnedFd,
     pub id: u64,
-    pub session: Session,
-    pub pre_auth: RateCounter,
+    pub session: StoredSession,
+    /// The pre-authentication message count; None once authenticated (it
+    /// no longer counts then).
+    pub pre_auth: Option<Box<RateCounter>>,
     pub user_rate: Option<(Arc<str>, Arc<RateCounter>)>,
     pub next_ping_ms: u64,
     pub ping_sent_ms: Option<u64>,
@@ -56,7 +58,7 @@ pub(super) struct Parked {
 }
 
 struct Record {
-    key: usize,
+    key: u32,
     generation: u32,
     parked: Parked,
 }
@@ -76,8 +78,9 @@ pub(super) struct Parker {
 }
 
 impl Parker {
-    /// Must run on the shard's executor.
-    pub fn new(shard: usize, after_ms: u64) -> Self {
+    /// Must run on the shard's executor. `capacity`: connections to reserve
+    /// record room for (address space only).
+    pub fn new(shard: usize, after_ms: u64, capacity: usize) -> Self {
         let (ring, signal) = if after_ms == 0 {
             (None, None)
         } else {
@@ -93,7 +96,7 @@ impl Parker {
             after_ms,
             ring: RefCell::new(ring),
             signal: RefCell::new(signal),
-            records: RefCell::new(Slab::new()),
+            records: RefCell::new(if after_ms == 0 { Slab::new() } else { Slab::with_capacity(capacity) }),
             generation: Cell::new(0),
             waker: RefCell::new(None),
             log: LogLimiter::new(Duration::from_secs(5)),
@@ -126,7 +129,7 @@ impl Parker {
         }
         self.generation.set(generation);
         ctx.shard.borrow_mut().park(key, parked.fd.as_raw_fd(), index, waker);
-        entry.insert(Record { key, generation, parked });
+        entry.insert(Record { key: key as u32, generation, parked });
         ctx.stats.parks.inc();
         ctx.stats.connections_parked.inc();
         None
@@ -180,7 +183,7 @@ pub(super) async fn run(ctx: Rc<ShardCtx>) {
             }
             let (index, generation) = (data as u32 as usize, (data >> 32) as u32);
             let key = match parker.records.borrow().get(index) {
-                Some(r) if r.generation == generation => r.key,
+                Some(r) if r.generation == generation => r.key as usize,
                 _ => continue, // an earlier parking's late completion
             };
             parker.resume(&ctx, key, false);

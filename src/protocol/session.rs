@@ -79,9 +79,32 @@ pub struct Session {
     timers: SessionTimers,
 }
 
+/// A session without its timers (which are the shard's), for keeping an
+/// idle connection compactly; [`Session::resume`] restores it.
+#[derive(Debug)]
+pub struct StoredSession {
+    stage: Stage,
+    subs: u8,
+}
+
 impl Session {
     pub fn new(now_ms: u64, timers: SessionTimers) -> Self {
         Self { stage: Stage::AwaitingAuth { deadline_ms: now_ms + timers.auth_timeout_ms }, subs: 0, timers }
+    }
+
+    /// The session's state, without the timers.
+    pub fn store(self) -> StoredSession {
+        StoredSession { stage: self.stage, subs: self.subs }
+    }
+
+    /// A stored session, with the shard's timers.
+    pub fn resume(stored: StoredSession, timers: SessionTimers) -> Self {
+        Self { stage: stored.stage, subs: stored.subs, timers }
+    }
+
+    /// Whether a token was accepted (and the session not closed since).
+    pub fn is_authenticated(&self) -> bool {
+        matches!(self.stage, Stage::Authenticated { .. })
     }
 
     pub fn identity(&self) -> Option<&Identity> {

@@ -130,9 +130,9 @@ pub struct Shard {
     /// The log's head when the sweep in progress began: once it ends, every
     /// subscriber is past it.
     sweep_head: u64,
-    users: HashMap<Arc<str>, Vec<usize>>,
+    users: HashMap<Arc<str>, UserKeys>,
     /// Empty outbox buffers for reuse: idle connections hold none.
-    spare: Vec<Vec<u8>>,
+    spare: Spares,
     /// Connections the fan-out queued bytes for that no sweep has reached.
     dirty: Vec<usize>,
     /// The flush sweep in progress (`sweep[sweep_pos..]` still to write).
@@ -158,7 +158,7 @@ impl Shard {
             log: PriceLog::default(),
             sweep_head: 0,
             users: HashMap::new(),
-            spare: Vec::new(),
+            spare: Spares::default(),
             dirty: Vec::new(),
             sweep: Vec::new(),
             sweep_pos: 0,
@@ -169,6 +169,14 @@ impl Shard {
             stats,
             shutting_down: false,
         }
+    }
+
+    /// Reserves room for `connections` (address space only: the pages are
+    /// touched as connections arrive), so the slot table never grows by
+    /// copying itself while thousands connect.
+    pub fn reserve(&mut self, connections: usize) {
+        self.conns.reserve(connections);
+        self.prices.reserve(connections);
     }
 
     /// Chooses how sweeps write to sockets: batches of io_uring
@@ -287,8 +295,8 @@ impl Shard {
         if let Some(user) = slot.user.take() {
             self.stats.connections_authenticated.sub(1);
             if let Some(list) = self.users.get_mut(&user) {
-                list.retain(|k| *k != key);
-                if list.is_empty() {
+                list.remove(key);
+                if list.as_slice().is_empty() {
                     self.users.remove(&user);
                 }
             }
@@ -333,7 +341,7 @@ impl Shard {
                 let Some(keys) = self.users.get(&**user) else {
                     return 0;
                 };
-                for &key in keys {
+                for &key in keys.as_slice() {
                     let slot = &mut self.conns[key];
                     if slot.subs & channel.bit() == 0 {
                         continue;
@@ -491,6 +499,12 @@ impl Shard {
         }
     }
 
+    /// Frees spare outbox buffers the shard has not needed since the last
+    /// call (half of them each time); returns how many.
+    pub fn trim_spares(&mut self) -> usize {
+        self.spare.trim_idle()
+    }
+
     /// Marks a connection parked: `record` + 1 is its parker record's
     /// index, `fd` the descriptor the parker holds for it, and `parker` the
     /// waker that any later wake-up of the connection goes to.
@@ -554,7 +568,7 @@ fn to_driver(
     slot: &mut Slot,
     key: usize,
     log: &PriceLog,
-    spare: &mut Vec<Vec<u8>>,
+    spare: &mut Spares,
     unpark: &mut Vec<usize>,
     max_buffered: usize,
 ) -> bool {
@@ -571,14 +585,14 @@ fn keep_offered(
     slot: &mut Slot,
     key: usize,
     log: &PriceLog,
-    spare: &mut Vec<Vec<u8>>,
+    spare: &mut Spares,
     unpark: &mut Vec<usize>,
     max_buffered: usize,
 ) -> bool {
     let offered = unsent_log(slot, log);
     if !offered.is_empty() {
         if slot.pending.capacity() == 0 {
-            slot.pending = spare.pop().unwrap_or_default();
+            slot.pending = spare.take();
         }
         slot.pending.extend_from_slice(offered);
         slot.cursor = log.head();
@@ -597,7 +611,7 @@ fn materialize(
     slot: &mut Slot,
     key: usize,
     log: &PriceLog,
-    spare: &mut Vec<Vec<u8>>,
+    spare: &mut Spares,
     unpark: &mut Vec<usize>,
     max_buffered: usize,
 ) -> bool {
@@ -632,7 +646,7 @@ fn drop_backlog(slot: &mut Slot) {
 fn append(
     slot: &mut Slot,
     key: usize,
-    spare: &mut Vec<Vec<u8>>,
+    spare: &mut Spares,
     unpark: &mut Vec<usize>,
     bytes: &[u8],
     max_buffered: usize,
@@ -645,17 +659,84 @@ fn append(
         return false;
     }
     if slot.pending.capacity() == 0 {
-        slot.pending = spare.pop().unwrap_or_default();
+        slot.pending = spare.take();
         slot.pending.reserve(OUTBOX_INITIAL.max(bytes.len()));
     }
     slot.pending.extend_from_slice(bytes);
     true
 }
 
-fn recycle(spare: &mut Vec<Vec<u8>>, mut buf: Vec<u8>) {
-    if buf.capacity() > 0 && buf.capacity() <= SPARE_MAX_CAPACITY && spare.len() < SPARE_BUFFERS {
+fn recycle(spare: &mut Spares, mut buf: Vec<u8>) {
+    if buf.capacity() > 0 && buf.capacity() <= SPARE_MAX_CAPACITY && spare.bufs.len() < SPARE_BUFFERS {
         buf.clear();
-        spare.push(buf);
+        spare.bufs.push(buf);
+    }
+}
+
+/// A user's connections on the shard: most users have one, held inline
+/// (no allocation per user).
+#[derive(Debug)]
+enum UserKeys {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl Default for UserKeys {
+    fn default() -> Self {
+        UserKeys::Many(Vec::new())
+    }
+}
+
+impl UserKeys {
+    fn push(&mut self, key: usize) {
+        match self {
+            UserKeys::Many(v) if v.is_empty() => *self = UserKeys::One(key),
+            UserKeys::Many(v) => v.push(key),
+            UserKeys::One(first) => *self = UserKeys::Many(vec![*first, key]),
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        match self {
+            UserKeys::One(k) if *k == key => *self = UserKeys::Many(Vec::new()),
+            UserKeys::One(_) => {}
+            UserKeys::Many(v) => v.retain(|k| *k != key),
+        }
+    }
+
+    fn as_slice(&self) -> &[usize] {
+        match self {
+            UserKeys::One(k) => std::slice::from_ref(k),
+            UserKeys::Many(v) => v,
+        }
+    }
+}
+
+/// Empty outbox buffers kept for reuse, with the pool's low-water mark
+/// since the last trim: buffers below it were never needed meanwhile.
+#[derive(Debug, Default)]
+struct Spares {
+    bufs: Vec<Vec<u8>>,
+    low: usize,
+}
+
+impl Spares {
+    fn take(&mut self) -> Vec<u8> {
+        let buf = self.bufs.pop().unwrap_or_default();
+        self.low = self.low.min(self.bufs.len());
+        buf
+    }
+
+    /// Frees half the buffers that went unused since the last call (an idle
+    /// shard's pool drains over a few calls; a busy one keeps what it uses).
+    fn trim_idle(&mut self) -> usize {
+        let free = self.low.div_ceil(2);
+        self.bufs.truncate(self.bufs.len() - free);
+        if self.bufs.is_empty() {
+            self.bufs = Vec::new();
+        }
+        self.low = self.bufs.len();
+        free
     }
 }
 
@@ -886,6 +967,28 @@ mod tests {
         assert!(s.slot(k).slow);
         assert_eq!(s.slot(k).pending, &*u.frame, "the first frame stays whole for the driver to finish");
         assert_eq!(s.slot(k).pre_sent, 10);
+    }
+
+    #[test]
+    fn user_keys_hold_one_inline_and_many_in_order() {
+        let mut k = UserKeys::default();
+        assert!(k.as_slice().is_empty());
+        k.push(3);
+        assert!(matches!(k, UserKeys::One(3)));
+        k.push(5);
+        k.push(9);
+        assert_eq!(k.as_slice(), &[3, 5, 9]);
+        k.remove(5);
+        assert_eq!(k.as_slice(), &[3, 9]);
+        k.remove(3);
+        k.remove(9);
+        assert!(k.as_slice().is_empty());
+        let mut one = UserKeys::default();
+        one.push(7);
+        one.remove(8);
+        assert_eq!(one.as_slice(), &[7], "removing another key keeps it");
+        one.remove(7);
+        assert!(one.as_slice().is_empty());
     }
 
     /// A sweep's write that the socket cuts short, of log bytes that are

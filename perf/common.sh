@@ -12,6 +12,7 @@ start_broker() {
   rm -f "$1/broker"
   # shellcheck disable=SC2086 # BROKER_ARGS holds several flags
   taskset -c 1 "$LT" broker --duration "${BROKER_SECS:-3600}" --address-file "$1/broker" ${BROKER_ARGS:-} > /dev/null 2> "$1/broker.log" &
+  BROKER_PID=$!
   for _ in $(seq 100); do [ -s "$1/broker" ] && break; sleep 0.1; done
   BROKERS=$(cat "$1/broker")
 }

@@ -29,10 +29,16 @@ build_release
 cleanup() { pkill -P $$ 2>/dev/null || true; [ -n "${SERVER_PID:-}" ] && kill "$SERVER_PID" 2>/dev/null || true; }
 trap cleanup EXIT
 
-start_broker "$out"
-
 start_server() {
   local name=$1
+  # A fresh broker for every server process: the mock cluster looks up a
+  # fetch offset by scanning every message set it holds, so a broker that
+  # served the earlier runs would cost the load core more in later ones.
+  if [ -n "${BROKER_PID:-}" ]; then
+    kill "$BROKER_PID" 2>/dev/null || true
+    wait "$BROKER_PID" 2>/dev/null || true
+  fi
+  start_broker "$out"
   case "$name" in
     moonx-ws)
       start_moonx $PORT "$out/$name.log" WS_FLUSH_INTERVAL_US="${WS_FLUSH_INTERVAL_US:-0}"

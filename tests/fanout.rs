@@ -132,20 +132,7 @@ fn slow_consumer_is_closed_4009_and_others_keep_receiving() {
     }
     let _bystander = reader.join().expect("bystander received everything");
     // Now drain the slow one: whole frames, then close 4009, then EOF.
-    let mut last_i = -1i64;
-    let code = loop {
-        match slow.read_frame() {
-            Some((1, payload)) => {
-                let v: serde_json::Value = serde_json::from_slice(&payload).expect("whole frames only");
-                let i = v["data"]["i"].as_i64().unwrap();
-                assert_eq!(i, last_i + 1, "a prefix of the stream, no gaps inside it");
-                last_i = i;
-            }
-            Some((8, payload)) => break u16::from_be_bytes([payload[0], payload[1]]),
-            Some((9, _)) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    };
+    let (last_i, code) = drain_numbered_until_close(&mut slow);
     assert_eq!(code, 4009);
     assert!(last_i < total - 1, "the backlog was dropped");
     let mut rest = Vec::new();

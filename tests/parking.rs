@@ -183,20 +183,7 @@ fn a_parked_slow_consumer_is_closed_4009_mid_stream() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let mut last_i = -1i64;
-    let code = loop {
-        match slow.read_frame() {
-            Some((1, payload)) => {
-                let v: serde_json::Value = serde_json::from_slice(&payload).expect("whole frames only");
-                let i = v["data"]["i"].as_i64().unwrap();
-                assert_eq!(i, last_i + 1, "a prefix of the stream, no gaps inside it");
-                last_i = i;
-            }
-            Some((8, payload)) => break u16::from_be_bytes([payload[0], payload[1]]),
-            Some((9, _)) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    };
+    let (last_i, code) = drain_numbered_until_close(&mut slow);
     assert_eq!(code, 4009);
     assert!(last_i < total - 1, "the backlog was dropped");
     assert!(metric(srv.addr, "moonx_ws_slow_consumer_closes_total") >= 1.0);

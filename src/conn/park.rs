@@ -193,7 +193,13 @@ pub(super) async fn run(ctx: Rc<ShardCtx>) {
             parker.resume(&ctx, key, true);
         }
         let ready = async {
-            let _ = signal.read_at(0, 8).await;
+            if let Err(e) = signal.read_at(0, 8).await {
+                // Not expected; back off rather than spin on it.
+                if let Some(suppressed) = parker.log.allow() {
+                    tracing::warn!(shard = ctx.id, error = %e, suppressed, "parker: reading the poll ring's eventfd failed");
+                }
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
         };
         let woken_up = std::future::poll_fn(|cx| {
             let mut waker = parker.waker.borrow_mut();

@@ -131,8 +131,8 @@ pub struct Shard {
     /// subscriber is past it.
     sweep_head: u64,
     users: HashMap<Arc<str>, UserKeys>,
-    /// Empty outbox buffers for reuse: idle connections hold none.
-    spare: Spares,
+    /// Spare outboxes, parked connections to resume, the buffer limit.
+    out: Outboxes,
     /// Connections the fan-out queued bytes for that no sweep has reached.
     dirty: Vec<usize>,
     /// The flush sweep in progress (`sweep[sweep_pos..]` still to write).
@@ -142,9 +142,6 @@ pub struct Shard {
     direct: Vec<usize>,
     /// Writes those in one batch (io_uring unless `WS_FANOUT_IO=syscalls`).
     writer: SendBatch,
-    /// Parked connections woken since the parker last looked.
-    unpark: Vec<usize>,
-    max_buffered: usize,
     pub stats: Arc<ShardStats>,
     shutting_down: bool,
 }
@@ -158,14 +155,12 @@ impl Shard {
             log: PriceLog::default(),
             sweep_head: 0,
             users: HashMap::new(),
-            spare: Spares::default(),
+            out: Outboxes { spare: Spares::default(), unpark: Vec::new(), max_buffered },
             dirty: Vec::new(),
             sweep: Vec::new(),
             sweep_pos: 0,
             direct: Vec::with_capacity(FLUSH_CHUNK),
             writer: SendBatch::new(true),
-            unpark: Vec::new(),
-            max_buffered,
             stats,
             shutting_down: false,
         }
@@ -254,7 +249,6 @@ impl Shard {
     }
 
     pub fn unsubscribe(&mut self, key: usize, channel: Channel) {
-        let max = self.max_buffered;
         let slot = &mut self.conns[key];
         if slot.subs & channel.bit() == 0 {
             return;
@@ -262,7 +256,7 @@ impl Shard {
         if channel == Channel::Prices {
             // Frames queued before the unsubscribe are still delivered. Past
             // the buffer limit the slot is flagged slow (4009) instead.
-            materialize(slot, key, &self.log, &mut self.spare, &mut self.unpark, max);
+            self.out.materialize(slot, key, &self.log);
             if !slot.pending.is_empty() {
                 mark_dirty(slot, key, &mut self.dirty);
             }
@@ -305,18 +299,17 @@ impl Shard {
 
     /// Takes back a written-out buffer for reuse by any connection.
     pub fn recycle(&mut self, buf: Vec<u8>) {
-        recycle(&mut self.spare, buf);
+        recycle(&mut self.out.spare, buf);
     }
 
     /// Queues bytes for one connection (a reply or control frame),
     /// applying the slow-consumer rule. Returns false if they were dropped.
     pub fn queue(&mut self, key: usize, bytes: &[u8]) -> bool {
-        let max = self.max_buffered;
         let slot = &mut self.conns[key];
         let lagging = lag(slot, &self.log);
-        let ok = append(slot, key, &mut self.spare, &mut self.unpark, bytes, max, lagging);
+        let ok = self.out.append(slot, key, bytes, lagging);
         if ok {
-            wake(slot, key, &mut self.unpark);
+            wake(slot, key, &mut self.out.unpark);
         }
         if !ok {
             self.stop_updates(key);
@@ -326,7 +319,6 @@ impl Shard {
 
     /// Queues `update` for every matching subscriber; returns how many.
     pub fn fanout(&mut self, update: &Update) -> usize {
-        let max = self.max_buffered;
         let mut delivered = 0;
         let mut slow = Vec::new();
         match &update.route {
@@ -347,7 +339,7 @@ impl Shard {
                         continue;
                     }
                     let lagging = lag(slot, &self.log);
-                    if append(slot, key, &mut self.spare, &mut self.unpark, &update.frame, max, lagging) {
+                    if self.out.append(slot, key, &update.frame, lagging) {
                         mark_dirty(slot, key, &mut self.dirty);
                         delivered += 1;
                     } else {
@@ -393,8 +385,7 @@ impl Shard {
     /// driver to write). Returns false, and takes it out of every route, if
     /// that made it a slow consumer.
     pub fn materialize(&mut self, key: usize) -> bool {
-        let max = self.max_buffered;
-        let ok = materialize(&mut self.conns[key], key, &self.log, &mut self.spare, &mut self.unpark, max);
+        let ok = self.out.materialize(&mut self.conns[key], key, &self.log);
         if !ok {
             self.stop_updates(key);
         }
@@ -416,7 +407,6 @@ impl Shard {
     /// frame therefore waits at most about one sweep, not the rest of this
     /// one plus the next. The log is trimmed when the sweep ends.
     pub fn flush_step(&mut self, max: usize) -> bool {
-        let limit = self.max_buffered;
         let end = (self.sweep_pos + max).min(self.sweep.len());
         let mut slow = Vec::new();
         // First the connections whose driver must write (woken now), then
@@ -434,7 +424,7 @@ impl Shard {
                 self.direct.push(key);
                 continue;
             }
-            if !to_driver(slot, key, &self.log, &mut self.spare, &mut self.unpark, limit) {
+            if !self.out.hand_to_driver(slot, key, &self.log) {
                 slow.push(key);
             }
         }
@@ -452,7 +442,7 @@ impl Shard {
                 self.stats.direct_writes.inc();
                 if !slot.pending.is_empty() {
                     let buf = std::mem::take(&mut slot.pending);
-                    recycle(&mut self.spare, buf);
+                    recycle(&mut self.out.spare, buf);
                 }
                 continue;
             }
@@ -460,10 +450,10 @@ impl Shard {
                 // Short: the outbox becomes everything this write offered;
                 // the driver finishes it from byte `n`.
                 slot.pre_sent = n as usize;
-                keep_offered(slot, key, &self.log, &mut self.spare, &mut self.unpark, limit)
+                self.out.keep_offered(slot, key, &self.log)
             } else {
                 // Full (EAGAIN) or broken: the driver handles it.
-                to_driver(slot, key, &self.log, &mut self.spare, &mut self.unpark, limit)
+                self.out.hand_to_driver(slot, key, &self.log)
             };
             if !ok {
                 slow.push(key);
@@ -485,7 +475,7 @@ impl Shard {
         for (key, slot) in self.conns.iter_mut() {
             if slot.deadline_ms <= now_ms {
                 slot.deadline_ms = u64::MAX;
-                wake(slot, key, &mut self.unpark);
+                wake(slot, key, &mut self.out.unpark);
             }
         }
     }
@@ -495,14 +485,14 @@ impl Shard {
         self.shutting_down = true;
         for (key, slot) in self.conns.iter_mut() {
             slot.shutdown = true;
-            wake(slot, key, &mut self.unpark);
+            wake(slot, key, &mut self.out.unpark);
         }
     }
 
     /// Frees spare outbox buffers the shard has not needed since the last
     /// call (half of them each time); returns how many.
     pub fn trim_spares(&mut self) -> usize {
-        self.spare.trim_idle()
+        self.out.spare.trim_idle()
     }
 
     /// Marks a connection parked: `record` + 1 is its parker record's
@@ -534,12 +524,12 @@ impl Shard {
 
     /// The parked connections woken since the last call, oldest first.
     pub fn take_unparks(&mut self, into: &mut Vec<usize>) {
-        into.append(&mut self.unpark);
+        into.append(&mut self.out.unpark);
     }
 
     /// Whether any parked connection was woken.
     pub fn has_unparks(&self) -> bool {
-        !self.unpark.is_empty()
+        !self.out.unpark.is_empty()
     }
 }
 
@@ -561,66 +551,77 @@ fn unsent_log<'a>(slot: &Slot, log: &'a PriceLog) -> &'a [u8] {
     }
 }
 
-/// Hands a connection's queued bytes to its driver: the unsent log bytes
-/// join its outbox and it is woken. False when that made it a slow consumer
-/// (the caller takes it out of every route).
-fn to_driver(
-    slot: &mut Slot,
-    key: usize,
-    log: &PriceLog,
-    spare: &mut Spares,
-    unpark: &mut Vec<usize>,
+/// What queueing bytes for a connection needs besides its slot: spare
+/// outboxes to reuse, the parked connections woken (for their parker), and
+/// the slow-consumer limit.
+#[derive(Debug)]
+struct Outboxes {
+    /// Empty outbox buffers for reuse: idle connections hold none.
+    spare: Spares,
+    /// Parked connections woken since the parker last looked.
+    unpark: Vec<usize>,
     max_buffered: usize,
-) -> bool {
-    let ok = materialize(slot, key, log, spare, unpark, max_buffered);
-    wake(slot, key, unpark);
-    ok
 }
 
-/// After a short direct write: the log bytes it offered join the outbox
-/// whatever their size (a prefix is on the wire, so the frame it stopped in
-/// must be completed), then the slow-consumer rule applies; the driver is
-/// woken. False when the connection became a slow consumer.
-fn keep_offered(
-    slot: &mut Slot,
-    key: usize,
-    log: &PriceLog,
-    spare: &mut Spares,
-    unpark: &mut Vec<usize>,
-    max_buffered: usize,
-) -> bool {
-    let offered = unsent_log(slot, log);
-    if !offered.is_empty() {
-        if slot.pending.capacity() == 0 {
-            slot.pending = spare.take();
+impl Outboxes {
+    /// Hands a connection's queued bytes to its driver: the unsent log
+    /// bytes join its outbox and it is woken. False when that made it a
+    /// slow consumer (the caller takes it out of every route).
+    fn hand_to_driver(&mut self, slot: &mut Slot, key: usize, log: &PriceLog) -> bool {
+        let ok = self.materialize(slot, key, log);
+        wake(slot, key, &mut self.unpark);
+        ok
+    }
+
+    /// After a short direct write: the log bytes it offered join the outbox
+    /// whatever their size (a prefix is on the wire, so the frame it stopped
+    /// in must be completed), then the slow-consumer rule applies; the
+    /// driver is woken. False when the connection became a slow consumer.
+    fn keep_offered(&mut self, slot: &mut Slot, key: usize, log: &PriceLog) -> bool {
+        let offered = unsent_log(slot, log);
+        if !offered.is_empty() {
+            if slot.pending.capacity() == 0 {
+                slot.pending = self.spare.take();
+            }
+            slot.pending.extend_from_slice(offered);
+            slot.cursor = log.head();
         }
-        slot.pending.extend_from_slice(offered);
-        slot.cursor = log.head();
+        let ok = slot.pending.len() + slot.inflight <= self.max_buffered;
+        if !ok {
+            slot.slow = true;
+            drop_backlog(slot);
+        }
+        wake(slot, key, &mut self.unpark);
+        ok
     }
-    let ok = slot.pending.len() + slot.inflight <= max_buffered;
-    if !ok {
-        slot.slow = true;
-        drop_backlog(slot);
-    }
-    wake(slot, key, unpark);
-    ok
-}
 
-/// Moves the slot's unsent part of the price log into its outbox.
-fn materialize(
-    slot: &mut Slot,
-    key: usize,
-    log: &PriceLog,
-    spare: &mut Spares,
-    unpark: &mut Vec<usize>,
-    max_buffered: usize,
-) -> bool {
-    if lag(slot, log) == 0 {
-        return true;
+    /// Moves the slot's unsent part of the price log into its outbox.
+    fn materialize(&mut self, slot: &mut Slot, key: usize, log: &PriceLog) -> bool {
+        if lag(slot, log) == 0 {
+            return true;
+        }
+        let ok = self.append(slot, key, log.since(slot.cursor), 0);
+        slot.cursor = log.head();
+        ok
     }
-    let ok = append(slot, key, spare, unpark, log.since(slot.cursor), max_buffered, 0);
-    slot.cursor = log.head();
-    ok
+
+    /// Appends `bytes` to a slot's outbox unless that would make it a slow
+    /// consumer (counting `also_queued` bytes waiting elsewhere), in which
+    /// case the backlog is dropped and the slot flagged.
+    fn append(&mut self, slot: &mut Slot, key: usize, bytes: &[u8], also_queued: usize) -> bool {
+        if slot.pending.len() + slot.inflight + also_queued + bytes.len() > self.max_buffered {
+            slot.slow = true;
+            drop_backlog(slot);
+            wake(slot, key, &mut self.unpark);
+            return false;
+        }
+        if slot.pending.capacity() == 0 {
+            slot.pending = self.spare.take();
+            slot.pending.reserve(OUTBOX_INITIAL.max(bytes.len()));
+        }
+        slot.pending.extend_from_slice(bytes);
+        true
+    }
 }
 
 /// Drops a slow consumer's backlog, except the frame a direct write
@@ -638,32 +639,6 @@ fn drop_backlog(slot: &mut Slot) {
         }
     }
     slot.pending.truncate(end);
-}
-
-/// Appends `bytes` to a slot's outbox unless that would make it a slow
-/// consumer (counting `also_queued` bytes waiting elsewhere), in which case
-/// the backlog is dropped and the slot flagged.
-fn append(
-    slot: &mut Slot,
-    key: usize,
-    spare: &mut Spares,
-    unpark: &mut Vec<usize>,
-    bytes: &[u8],
-    max_buffered: usize,
-    also_queued: usize,
-) -> bool {
-    if slot.pending.len() + slot.inflight + also_queued + bytes.len() > max_buffered {
-        slot.slow = true;
-        drop_backlog(slot);
-        wake(slot, key, unpark);
-        return false;
-    }
-    if slot.pending.capacity() == 0 {
-        slot.pending = spare.take();
-        slot.pending.reserve(OUTBOX_INITIAL.max(bytes.len()));
-    }
-    slot.pending.extend_from_slice(bytes);
-    true
 }
 
 fn recycle(spare: &mut Spares, mut buf: Vec<u8>) {

@@ -375,3 +375,24 @@ pub fn raw_authed(addr: SocketAddr, user: &str) -> Raw {
     assert_eq!(raw.recv()["type"], "auth_success");
     raw
 }
+
+/// Reads a stream of price updates numbered `data.i` = 0, 1, ... until the
+/// close frame (answering nothing): every text frame must parse whole and
+/// continue the numbering without a gap. Returns the last number read (-1
+/// for none) and the close code.
+pub fn drain_numbered_until_close(raw: &mut Raw) -> (i64, u16) {
+    let mut last_i = -1i64;
+    loop {
+        match raw.read_frame() {
+            Some((1, payload)) => {
+                let v: Value = serde_json::from_slice(&payload).expect("whole frames only");
+                let i = v["data"]["i"].as_i64().unwrap();
+                assert_eq!(i, last_i + 1, "a prefix of the stream, no gaps inside it");
+                last_i = i;
+            }
+            Some((8, payload)) => return (last_i, u16::from_be_bytes([payload[0], payload[1]])),
+            Some((9, _)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

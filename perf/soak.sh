@@ -12,7 +12,7 @@
 # (SIGSTOP) for 20 s, then killed and restarted 10 s later. The producer is
 # idempotent then, so every gap or duplicate is the server's; /health must
 # be "healthy" again at the end.
-# Usage: SOAK_SECS=3600 [SOAK_FAULTS=1] perf/soak.sh
+# Usage: SOAK_SECS=3600 [SOAK_FAULTS=1] [SOAK_PARK_IDLE_MS=200] perf/soak.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${SOAK_SECS:-3600}
@@ -39,6 +39,9 @@ else
   BROKER_SECS=$((secs + 600)) start_broker "$out"
 fi
 B=$BROKERS
+# Idle connections park after SOAK_PARK_IDLE_MS (default 200, so the churned
+# ones park too and every update reaches parked sockets).
+server_env+=(WS_PARK_IDLE_MS="${SOAK_PARK_IDLE_MS:-200}")
 start_moonx 3106 "$out/server.log" "${server_env[@]}"
 pid=$SERVER_PID
 sample() {

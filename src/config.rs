@@ -160,6 +160,12 @@ pub struct Config {
     /// per 64 sockets) or syscalls (one send/sendmsg per socket).
     #[arg(long, env = "WS_FANOUT_IO", default_value = "uring", value_parser = ["uring", "syscalls"])]
     pub ws_fanout_io: String,
+    /// Adaptive write coalescing, in ms: after a sweep that took at least
+    /// half of this and ended with new frames already queued (a saturated
+    /// core), the next sweep starts no sooner than this after that one
+    /// began. Below saturation it adds no latency. 0: off.
+    #[arg(long, env = "WS_FLUSH_ADAPTIVE_MS", default_value_t = 40)]
+    pub ws_flush_adaptive_ms: u64,
     /// Updates each shard's inbox holds before the oldest is dropped (and counted).
     #[arg(long, env = "WS_SHARD_QUEUE_CAPACITY", default_value = "65536")]
     pub ws_shard_queue_capacity: NonZeroUsize,

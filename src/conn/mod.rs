@@ -141,7 +141,8 @@ pub async fn run_shard(
     let publisher = global.publisher.clone();
     let shard = ctx.shard.clone();
     let interval = global.config.ws_flush_interval_us;
-    let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id), interval).await });
+    let adaptive = Duration::from_millis(global.config.ws_flush_adaptive_ms);
+    let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id), interval, adaptive).await });
     let tick = spawn_local(tick_loop(ctx.clone()));
     let parker = spawn_local(park::run(ctx.clone()));
 

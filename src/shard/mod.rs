@@ -749,8 +749,15 @@ fn wake(slot: &mut Slot, key: usize, unpark: &mut Vec<usize>) {
 /// one interval of added latency. Zero starts the next sweep as soon as the
 /// last one ends: under saturation the batching is then set by the sweep's
 /// own length.
-pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval: Duration) {
+///
+/// `adaptive` (`WS_FLUSH_ADAPTIVE_MS`) applies an interval only while the
+/// core is saturated: after a sweep that took at least half of it and ended
+/// with new frames already queued, the next one starts no sooner than
+/// `adaptive` after that sweep began. Otherwise sweeps start at once, as
+/// with interval 0.
+pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval: Duration, adaptive: Duration) {
     let mut last_sweep = Instant::now();
+    let mut saturated = false;
     // Kafka timestamps of updates queued before the current sweep began
     // (recorded as written when it ends) and since (the next sweep's).
     let mut in_sweep: Vec<i64> = Vec::new();
@@ -775,15 +782,17 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval
             }
             stats.updates_processed.add(taken as u64);
             drop(hist);
-            if !shard.sweeping()
-                && shard.has_dirty()
-                && (flush_interval.is_zero() || last_sweep.elapsed() >= flush_interval)
-            {
+            let interval = pacing(flush_interval, adaptive, saturated);
+            if !shard.sweeping() && shard.has_dirty() && (interval.is_zero() || last_sweep.elapsed() >= interval) {
                 shard.begin_sweep();
                 last_sweep = Instant::now();
                 std::mem::swap(&mut in_sweep, &mut unflushed);
             }
-            if shard.sweeping() && shard.flush_step(FLUSH_CHUNK) && !in_sweep.is_empty() {
+            let done = shard.sweeping() && shard.flush_step(FLUSH_CHUNK);
+            if done {
+                saturated = last_sweep.elapsed() * 2 >= adaptive && shard.has_dirty();
+            }
+            if done && !in_sweep.is_empty() {
                 let now = epoch_ms() as i64;
                 let mut e2e = stats.e2e_latency_us.lock();
                 for ts in in_sweep.drain(..) {
@@ -799,7 +808,7 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval
         if shard.borrow().has_dirty() {
             // Frames are waiting for the next sweep: sleep until it is due
             // (updates arriving meanwhile join the same writes).
-            let due = flush_interval.saturating_sub(last_sweep.elapsed());
+            let due = pacing(flush_interval, adaptive, saturated).saturating_sub(last_sweep.elapsed());
             glommio::timer::sleep(due).await;
             continue;
         }
@@ -812,6 +821,16 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval
             }
         })
         .await;
+    }
+}
+
+/// The least time between sweep starts: the fixed interval, or the adaptive
+/// one after a saturated sweep.
+fn pacing(fixed: Duration, adaptive: Duration, saturated: bool) -> Duration {
+    if !adaptive.is_zero() && saturated {
+        fixed.max(adaptive)
+    } else {
+        fixed
     }
 }
 
@@ -942,6 +961,16 @@ mod tests {
         assert!(s.slot(k).slow);
         assert_eq!(s.slot(k).pending, &*u.frame, "the first frame stays whole for the driver to finish");
         assert_eq!(s.slot(k).pre_sent, 10);
+    }
+
+    #[test]
+    fn sweeps_are_spaced_only_after_a_saturated_sweep() {
+        let ms = Duration::from_millis;
+        assert_eq!(pacing(ms(0), ms(40), false), ms(0), "not saturated: start at once");
+        assert_eq!(pacing(ms(0), ms(40), true), ms(40), "saturated: space sweeps");
+        assert_eq!(pacing(ms(0), ms(0), true), ms(0), "adaptive off");
+        assert_eq!(pacing(ms(60), ms(40), true), ms(60), "a longer fixed interval wins");
+        assert_eq!(pacing(ms(10), ms(40), false), ms(10), "the fixed interval always applies");
     }
 
     #[test]

@@ -117,30 +117,13 @@ pub fn run(start: Start) -> Pump {
     ctx.stats.connections_active.inc();
     let mono = ctx.global.clock.mono_ms();
     let now = ctx.global.clock.epoch_ms();
-    let mut conn = Conn {
-        id: ctx.next_conn_id(),
-        key,
-        stream,
-        rbuf: leftover,
-        asm: Assembler::default(),
-        session: Session::new(now, ctx.timers),
-        frames_from: greeting.len(),
-        sending: greeting,
-        sent: 0,
-        pre_auth: RateCounter::default(),
-        user_rate: None,
-        pending_auth: None,
-        pong: None,
-        next_ping_ms: mono + ctx.global.config.ws_ping_interval.as_millis() as u64,
-        ping_sent_ms: None,
-        peer_closed: false,
-        phase: Phase::Open,
-        close_code: None,
-        admission: Some(admission),
-        last_input_ms: mono,
-        parked: false,
-        ctx,
-    };
+    let id = ctx.next_conn_id();
+    let session = Session::new(now, ctx.timers);
+    let next_ping_ms = mono + ctx.global.config.ws_ping_interval.as_millis() as u64;
+    let mut conn = Conn::open(ctx, key, id, stream, session, admission, next_ping_ms);
+    conn.rbuf = leftover;
+    conn.frames_from = greeting.len();
+    conn.sending = greeting;
     tracing::debug!(conn = conn.id, %ip, "connection upgraded");
     if let Some(cluster) = &conn.ctx.global.cluster {
         cluster.event(RegistryEvent::Open { id: conn.id, ip, at_ms: now });
@@ -269,7 +252,7 @@ impl Conn {
             }
         };
         let Some(admission) = self.admission.take() else {
-            return false;
+            return false; // not reached: only a parked connection has none
         };
         let parked = Parked {
             fd,
@@ -298,33 +281,51 @@ impl Conn {
         }
     }
 
-    /// A parked connection's driver, resumed where it parked.
-    pub(super) fn resume(ctx: Rc<ShardCtx>, key: usize, parked: Parked) -> Conn {
-        let mono = ctx.global.clock.mono_ms();
+    /// An open connection's driver with nothing read, queued or owed.
+    fn open(
+        ctx: Rc<ShardCtx>,
+        key: usize,
+        id: u64,
+        stream: Stream,
+        session: Session,
+        admission: Admission,
+        next_ping_ms: u64,
+    ) -> Conn {
         Conn {
             key,
-            id: parked.id,
-            stream: Stream::Plain(crate::sys::tcp_stream(parked.fd)),
+            id,
+            stream,
             rbuf: Vec::new(),
             asm: Assembler::default(),
-            session: Session::resume(parked.session, ctx.timers),
+            session,
             sending: Vec::new(),
             sent: 0,
             frames_from: 0,
-            pre_auth: parked.pre_auth.map(|b| *b).unwrap_or_default(),
-            user_rate: parked.user_rate,
+            pre_auth: RateCounter::default(),
+            user_rate: None,
             pending_auth: None,
             pong: None,
-            next_ping_ms: parked.next_ping_ms,
-            ping_sent_ms: parked.ping_sent_ms,
+            next_ping_ms,
+            ping_sent_ms: None,
             peer_closed: false,
             phase: Phase::Open,
             close_code: None,
-            admission: Some(parked.admission),
-            last_input_ms: mono,
+            admission: Some(admission),
+            last_input_ms: ctx.global.clock.mono_ms(),
             parked: false,
             ctx,
         }
+    }
+
+    /// A parked connection's driver, resumed where it parked.
+    pub(super) fn resume(ctx: Rc<ShardCtx>, key: usize, parked: Parked) -> Conn {
+        let stream = Stream::Plain(crate::sys::tcp_stream(parked.fd));
+        let session = Session::resume(parked.session, ctx.timers);
+        let mut conn = Conn::open(ctx, key, parked.id, stream, session, parked.admission, parked.next_ping_ms);
+        conn.pre_auth = parked.pre_auth.map(|b| *b).unwrap_or_default();
+        conn.user_rate = parked.user_rate;
+        conn.ping_sent_ms = parked.ping_sent_ms;
+        conn
     }
 
     /// Reads and handles input; returns true when the budget ran out.

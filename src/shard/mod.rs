@@ -517,11 +517,6 @@ impl Shard {
         Some(record)
     }
 
-    /// Whether the connection is parked.
-    pub fn is_parked(&self, key: usize) -> bool {
-        self.conns.get(key).is_some_and(|s| s.parked != 0)
-    }
-
     /// The parked connections woken since the last call, oldest first.
     pub fn take_unparks(&mut self, into: &mut Vec<usize>) {
         into.append(&mut self.out.unpark);

@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use hashbrown::HashTable;
 use parking_lot::Mutex;
 
 use crate::config::Config;
@@ -31,7 +32,9 @@ pub struct Limits {
     max_total: usize,
     total: AtomicUsize,
     ips: Stripes<IpAddr, u32>,
-    users: Stripes<Arc<str>, Arc<RateCounter>>,
+    /// Each user's counter, found by the id it holds (a map keyed by a copy
+    /// of the id took 24 bytes more per user, and a second allocation).
+    users: [Mutex<HashTable<Arc<UserRate>>>; STRIPES],
     hasher: std::collections::hash_map::RandomState,
     /// Tells Redis an IP's new local count when a connection closes.
     remote_release: OnceLock<RemoteRelease>,
@@ -113,11 +116,8 @@ impl Limits {
     }
 
     /// Every user with an open connection here, with their counter.
-    pub fn user_counters(&self) -> Vec<(Arc<str>, Arc<RateCounter>)> {
-        self.users
-            .iter()
-            .flat_map(|s| s.lock().iter().map(|(u, c)| (u.clone(), c.clone())).collect::<Vec<_>>())
-            .collect()
+    pub fn user_counters(&self) -> Vec<Arc<UserRate>> {
+        self.users.iter().flat_map(|s| s.lock().iter().cloned().collect::<Vec<_>>()).collect()
     }
 
     fn stripe<'a, K: Hash, V>(&self, stripes: &'a Stripes<K, V>, key: &K) -> &'a Mutex<HashMap<K, V>> {
@@ -150,19 +150,36 @@ impl Limits {
         self.total.load(Ordering::Relaxed)
     }
 
+    /// The stripe and table hash of a user id. The stripe takes bits the
+    /// table does not use (it indexes by the low bits, tags by the top 7).
+    fn user_hash(&self, user: &str) -> (&Mutex<HashTable<Arc<UserRate>>>, u64) {
+        let hash = self.hasher.hash_one(user);
+        (&self.users[(hash >> 32) as usize % STRIPES], hash)
+    }
+
     /// The counter shared by all of `user`'s connections on this instance.
-    pub fn user_counter(&self, user: &Arc<str>) -> Arc<RateCounter> {
-        let mut users = self.stripe(&self.users, user).lock();
-        users.entry(user.clone()).or_default().clone()
+    pub fn user_counter(&self, user: &Arc<str>) -> Arc<UserRate> {
+        let (stripe, hash) = self.user_hash(user);
+        let mut users = stripe.lock();
+        if let Some(found) = users.find(hash, |e| *e.user == **user) {
+            return found.clone();
+        }
+        let counter = Arc::new(UserRate { user: user.clone(), counter: RateCounter::default() });
+        users.insert_unique(hash, counter.clone(), |e| self.hasher.hash_one(&*e.user));
+        counter
     }
 
     /// Drops a connection's hold on its user's counter, forgetting the user
     /// when no connection of theirs is left.
-    pub fn release_user(&self, user: &Arc<str>, counter: Arc<RateCounter>) {
-        let mut users = self.stripe(&self.users, user).lock();
+    pub fn release_user(&self, counter: Arc<UserRate>) {
+        let (stripe, hash) = self.user_hash(&counter.user);
+        let mut users = stripe.lock();
+        let ptr = Arc::as_ptr(&counter);
         drop(counter);
-        if users.get(user).is_some_and(|c| Arc::strong_count(c) == 1) {
-            users.remove(user);
+        if let Ok(entry) = users.find_entry(hash, |e| Arc::as_ptr(e) == ptr) {
+            if Arc::strong_count(entry.get()) == 1 {
+                entry.remove();
+            }
         }
     }
 
@@ -185,6 +202,27 @@ impl Limits {
         } else {
             RateDecision::Limited { retry_after_ms: WINDOW_MS - now_ms % WINDOW_MS }
         }
+    }
+}
+
+/// A user's message counter on this instance, with the user it counts.
+#[derive(Debug)]
+pub struct UserRate {
+    user: Arc<str>,
+    counter: RateCounter,
+}
+
+impl UserRate {
+    pub fn user(&self) -> &Arc<str> {
+        &self.user
+    }
+}
+
+impl std::ops::Deref for UserRate {
+    type Target = RateCounter;
+
+    fn deref(&self) -> &RateCounter {
+        &self.counter
     }
 }
 
@@ -319,11 +357,17 @@ mod tests {
         let l = limits(&[]);
         let u: Arc<str> = "u1".into();
         let (a, b) = (l.user_counter(&u), l.user_counter(&u));
+        let other = l.user_counter(&"u2".into());
         a.hit(0, 5);
         assert_eq!(b.current(0), 5);
-        l.release_user(&u, a);
-        assert_eq!(l.user_counter(&u).current(0), 5, "still held by b");
-        l.release_user(&u, b);
+        assert_eq!(other.current(0), 0, "another user counts apart");
+        l.release_user(a);
+        let c = l.user_counter(&u);
+        assert_eq!(c.current(0), 5, "still held by b");
+        l.release_user(c);
+        l.release_user(b);
+        assert_eq!(l.user_counters().len(), 1, "u1 is forgotten, u2 is not");
         assert_eq!(l.user_counter(&u).current(0), 0, "forgotten");
+        l.release_user(other);
     }
 }

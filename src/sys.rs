@@ -315,7 +315,7 @@ pub fn tcp_stream(fd: OwnedFd) -> glommio::net::TcpStream {
 pub fn release_free_memory() {
     // SAFETY: mi_collect takes a plain bool and only touches the calling
     // thread's own allocator state.
-    unsafe { libmimalloc_sys::mi_collect(false) }
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// Opts the process out of transparent huge pages (`PR_SET_THP_DISABLE`).

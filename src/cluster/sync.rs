@@ -162,8 +162,8 @@ impl Worker {
         }
         let mut pipe = redis::pipe();
         let mut locals = Vec::with_capacity(users.len());
-        for (user, counter) in &users {
-            let key = format!("{}ratelimit:{user}:{window}", self.s.prefix);
+        for counter in &users {
+            let key = format!("{}ratelimit:{}:{window}", self.s.prefix, counter.user());
             let local = counter.current(now);
             let delta = local.saturating_sub(counter.pushed(window));
             if delta > 0 {
@@ -174,7 +174,7 @@ impl Worker {
             locals.push(local);
         }
         let totals: Vec<Option<u32>> = pipe.query(c)?;
-        for (((_, counter), total), local) in users.iter().zip(totals).zip(locals) {
+        for ((counter, total), local) in users.iter().zip(totals).zip(locals) {
             counter.set_pushed(window, local);
             counter.set_others(window, total.unwrap_or(0).saturating_sub(local));
         }

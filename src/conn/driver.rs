@@ -29,7 +29,7 @@ use super::stream::Stream;
 use super::ShardCtx;
 use crate::auth::Identity;
 use crate::cluster::RegistryEvent;
-use crate::limits::{Admission, RateCounter};
+use crate::limits::{Admission, RateCounter, UserRate};
 use crate::protocol::frame::{
     decode_frame, encode_close, encode_frame, server_frame_len, Assembler, Message, OP_PING, OP_PONG,
 };
@@ -87,7 +87,7 @@ pub(super) struct Conn {
     pub(super) frames_from: usize,
     pub(super) pre_auth: RateCounter,
     /// The user's shared message counter, once authenticated.
-    pub(super) user_rate: Option<(Arc<str>, Arc<RateCounter>)>,
+    pub(super) user_rate: Option<Arc<UserRate>>,
     pub(super) pending_auth: Option<Box<PendingAuth>>,
     pub(super) pong: Option<Box<[u8]>>,
     pub(super) next_ping_ms: u64,
@@ -261,7 +261,7 @@ impl Conn {
             session: std::mem::replace(&mut self.session, Session::new(0, self.ctx.timers)).store(),
             user_rate: self.user_rate.take(),
             next_ping_ms: self.next_ping_ms,
-            ping_sent_ms: self.ping_sent_ms,
+            ping_sent_ms: self.ping_sent_ms.unwrap_or(u64::MAX),
             admission,
         };
         match self.ctx.parker.park(&self.ctx, self.key, parked) {
@@ -324,7 +324,7 @@ impl Conn {
         let mut conn = Conn::open(ctx, key, parked.id, stream, session, parked.admission, parked.next_ping_ms);
         conn.pre_auth = parked.pre_auth.map(|b| *b).unwrap_or_default();
         conn.user_rate = parked.user_rate;
-        conn.ping_sent_ms = parked.ping_sent_ms;
+        conn.ping_sent_ms = (parked.ping_sent_ms != u64::MAX).then_some(parked.ping_sent_ms);
         conn
     }
 
@@ -599,8 +599,8 @@ impl Drop for Conn {
         }
         self.ctx.shard.borrow_mut().remove(self.key);
         self.ctx.stats.connections_active.sub(1);
-        if let Some((user, counter)) = self.user_rate.take() {
-            self.ctx.global.limits.release_user(&user, counter);
+        if let Some(counter) = self.user_rate.take() {
+            self.ctx.global.limits.release_user(counter);
         }
         self.registry(RegistryEvent::Close { id: self.id });
         tracing::debug!(conn = self.id, code = ?self.close_code.map(|c| c.0), "connection closed");

@@ -42,7 +42,7 @@ impl Conn {
             Err(ParseError::UnknownType { id }) => (id.as_deref(), 5),
         };
         stats.received[received_idx].inc();
-        let counter = self.user_rate.as_ref().map_or(&self.pre_auth, |(_, c)| &**c);
+        let counter = self.user_rate.as_ref().map_or(&self.pre_auth, |c| &**c);
         match self.ctx.global.limits.check_message(counter, now) {
             RateDecision::Allowed => {}
             RateDecision::Limited { retry_after_ms } => {
@@ -128,7 +128,7 @@ impl Conn {
                 self.ctx.shard.borrow_mut().set_user(self.key, identity.user_id.clone());
                 let counter = self.ctx.global.limits.user_counter(&identity.user_id);
                 counter.hit(now, self.pre_auth.current(now));
-                self.user_rate = Some((identity.user_id.clone(), counter));
+                self.user_rate = Some(counter);
                 self.registry(RegistryEvent::Auth { id: self.id, user: identity.user_id.clone() });
                 self.auth_success(&identity, request_id);
                 tracing::debug!(conn = self.id, user = %identity.user_id, "authenticated");

@@ -24,13 +24,15 @@
 pub mod inbox;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use hashbrown::HashTable;
 use slab::Slab;
 
 use crate::protocol::frame::server_frame_len;
@@ -62,6 +64,9 @@ pub struct Slot {
     user: Option<Arc<str>>,
     subs: u8,
     prices_pos: u32,
+    /// The next of this user's connections on the shard (`NOT_LISTED` ends
+    /// the list; the head is in the shard's user index).
+    next_user: u32,
     /// Backlog dropped: the driver must close with 4009.
     pub slow: bool,
     /// No more updates: the connection is closing.
@@ -130,7 +135,12 @@ pub struct Shard {
     /// The log's head when the sweep in progress began: once it ends, every
     /// subscriber is past it.
     sweep_head: u64,
-    users: HashMap<Arc<str>, UserKeys>,
+    /// Private routing: each user's first connection (the rest follow
+    /// `Slot::next_user`). Holding slot keys only (the id is in the slot)
+    /// keeps this to 5 bytes per bucket instead of a map entry with its own
+    /// copy of the id.
+    users: HashTable<u32>,
+    hasher: RandomState,
     /// Spare outboxes, parked connections to resume, the buffer limit.
     out: Outboxes,
     /// Connections the fan-out queued bytes for that no sweep has reached.
@@ -154,7 +164,8 @@ impl Shard {
             prices: Vec::new(),
             log: PriceLog::default(),
             sweep_head: 0,
-            users: HashMap::new(),
+            users: HashTable::new(),
+            hasher: RandomState::new(),
             out: Outboxes { spare: Spares::default(), unpark: Vec::new(), max_buffered },
             dirty: Vec::new(),
             sweep: Vec::new(),
@@ -187,6 +198,7 @@ impl Shard {
     pub fn insert(&mut self, fd: RawFd, inflight: usize) -> usize {
         self.conns.insert(Slot {
             prices_pos: NOT_LISTED,
+            next_user: NOT_LISTED,
             shutdown: self.shutting_down,
             deadline_ms: u64::MAX,
             fd,
@@ -229,8 +241,19 @@ impl Shard {
         if slot.user.is_some() || slot.closing {
             return;
         }
-        slot.user = Some(user.clone());
-        self.users.entry(user).or_default().push(key);
+        let hash = self.hasher.hash_one(&*user);
+        slot.user = Some(user);
+        let conns = &self.conns;
+        let same_user = |&k: &u32| conns[k as usize].user == conns[key].user;
+        match self.users.find_mut(hash, same_user) {
+            // Prepended: the order of a user's connections does not matter.
+            Some(head) => self.conns[key].next_user = std::mem::replace(head, key as u32),
+            None => {
+                let hasher = &self.hasher;
+                let rehash = |&k: &u32| hasher.hash_one(conns[k as usize].user.as_deref().unwrap_or_default());
+                self.users.insert_unique(hash, key as u32, rehash);
+            }
+        }
         self.stats.connections_authenticated.inc();
     }
 
@@ -284,17 +307,51 @@ impl Shard {
         for ch in Channel::ALL {
             self.unsubscribe(key, ch);
         }
-        let slot = &mut self.conns[key];
-        slot.closing = true;
-        if let Some(user) = slot.user.take() {
+        self.conns[key].closing = true;
+        if self.conns[key].user.is_some() {
+            self.unlink_user(key);
             self.stats.connections_authenticated.sub(1);
-            if let Some(list) = self.users.get_mut(&user) {
-                list.remove(key);
-                if list.as_slice().is_empty() {
-                    self.users.remove(&user);
-                }
-            }
         }
+    }
+
+    /// Takes the connection out of its user's list (and the user out of the
+    /// index with their last connection).
+    fn unlink_user(&mut self, key: usize) {
+        let next = std::mem::replace(&mut self.conns[key].next_user, NOT_LISTED);
+        let conns = &self.conns;
+        let user = conns[key].user.as_deref();
+        let hash = self.hasher.hash_one(user.unwrap_or_default());
+        let found = self.users.find_entry(hash, |&k| conns[k as usize].user.as_deref() == user);
+        let Ok(head) = found else {
+            // Impossible: set_user listed it; there is nothing to unlink.
+            self.conns[key].user = None;
+            return;
+        };
+        let mut k = *head.get() as usize;
+        if k == key {
+            if next == NOT_LISTED {
+                head.remove();
+            } else {
+                *head.into_mut() = next;
+            }
+            self.conns[key].user = None;
+            return;
+        }
+        self.conns[key].user = None;
+        while self.conns[k].next_user != NOT_LISTED {
+            if self.conns[k].next_user as usize == key {
+                self.conns[k].next_user = next;
+                return;
+            }
+            k = self.conns[k].next_user as usize;
+        }
+    }
+
+    /// The first of `user`'s connections on this shard, if any.
+    fn first_of(&self, user: &str) -> Option<usize> {
+        let hash = self.hasher.hash_one(user);
+        let conns = &self.conns;
+        self.users.find(hash, |&k| conns[k as usize].user.as_deref() == Some(user)).map(|&k| k as usize)
     }
 
     /// Takes back a written-out buffer for reuse by any connection.
@@ -330,11 +387,11 @@ impl Shard {
                 }
             }
             Route::User { channel, user } => {
-                let Some(keys) = self.users.get(&**user) else {
-                    return 0;
-                };
-                for &key in keys.as_slice() {
+                let mut next = self.first_of(user).unwrap_or(NOT_LISTED as usize);
+                while next != NOT_LISTED as usize {
+                    let key = next;
                     let slot = &mut self.conns[key];
+                    next = slot.next_user as usize;
                     if slot.subs & channel.bit() == 0 {
                         continue;
                     }
@@ -643,45 +700,6 @@ fn recycle(spare: &mut Spares, mut buf: Vec<u8>) {
     }
 }
 
-/// A user's connections on the shard: most users have one, held inline
-/// (no allocation per user).
-#[derive(Debug)]
-enum UserKeys {
-    One(usize),
-    Many(Vec<usize>),
-}
-
-impl Default for UserKeys {
-    fn default() -> Self {
-        UserKeys::Many(Vec::new())
-    }
-}
-
-impl UserKeys {
-    fn push(&mut self, key: usize) {
-        match self {
-            UserKeys::Many(v) if v.is_empty() => *self = UserKeys::One(key),
-            UserKeys::Many(v) => v.push(key),
-            UserKeys::One(first) => *self = UserKeys::Many(vec![*first, key]),
-        }
-    }
-
-    fn remove(&mut self, key: usize) {
-        match self {
-            UserKeys::One(k) if *k == key => *self = UserKeys::Many(Vec::new()),
-            UserKeys::One(_) => {}
-            UserKeys::Many(v) => v.retain(|k| *k != key),
-        }
-    }
-
-    fn as_slice(&self) -> &[usize] {
-        match self {
-            UserKeys::One(k) => std::slice::from_ref(k),
-            UserKeys::Many(v) => v,
-        }
-    }
-}
-
 /// Empty outbox buffers kept for reuse, with the pool's low-water mark
 /// since the last trim: buffers below it were never needed meanwhile.
 #[derive(Debug, Default)]
@@ -968,26 +986,57 @@ mod tests {
         assert_eq!(pacing(ms(10), ms(40), false), ms(10), "the fixed interval always applies");
     }
 
+    /// A user's connections, added and removed in every position of their
+    /// list, are exactly the ones a private update reaches.
     #[test]
-    fn user_keys_hold_one_inline_and_many_in_order() {
-        let mut k = UserKeys::default();
-        assert!(k.as_slice().is_empty());
-        k.push(3);
-        assert!(matches!(k, UserKeys::One(3)));
-        k.push(5);
-        k.push(9);
-        assert_eq!(k.as_slice(), &[3, 5, 9]);
-        k.remove(5);
-        assert_eq!(k.as_slice(), &[3, 9]);
-        k.remove(3);
-        k.remove(9);
-        assert!(k.as_slice().is_empty());
-        let mut one = UserKeys::default();
-        one.push(7);
-        one.remove(8);
-        assert_eq!(one.as_slice(), &[7], "removing another key keeps it");
-        one.remove(7);
-        assert!(one.as_slice().is_empty());
+    fn the_user_index_follows_connections_in_and_out() {
+        let mut s = shard(1 << 20);
+        let orders =
+            |user: &str| Update::encode(Route::User { channel: Channel::Orders, user: user.into() }, "u1", 0, b"{}");
+        let reached = |s: &mut Shard, user: &str, keys: &[usize]| {
+            let keys: Vec<usize> = keys.iter().copied().filter(|&k| s.conns.contains(k)).collect();
+            for &k in &keys {
+                s.slot(k).pending.clear();
+            }
+            let n = s.fanout(&orders(user));
+            let mut got: Vec<usize> = keys.iter().copied().filter(|&k| !s.slot(k).pending.is_empty()).collect();
+            got.sort();
+            (n, got)
+        };
+        let keys: Vec<usize> = (0..6).map(|_| s.insert(-1, 0)).collect();
+        // alice: 0, 2, 3, 5; bob: 1; carol: 4.
+        for (i, &k) in keys.iter().enumerate() {
+            let user = match i {
+                1 => "bob",
+                4 => "carol",
+                _ => "alice",
+            };
+            s.set_user(k, user.into());
+            s.subscribe(k, Channel::Orders);
+        }
+        assert_eq!(reached(&mut s, "alice", &keys), (4, vec![keys[0], keys[2], keys[3], keys[5]]));
+        assert_eq!(reached(&mut s, "bob", &keys), (1, vec![keys[1]]));
+        // The list is newest first: 5 is its head, 3 in the middle, 0 its tail.
+        s.remove(keys[3]);
+        assert_eq!(reached(&mut s, "alice", &keys), (3, vec![keys[0], keys[2], keys[5]]));
+        s.remove(keys[5]);
+        assert_eq!(reached(&mut s, "alice", &keys), (2, vec![keys[0], keys[2]]));
+        s.remove(keys[0]);
+        assert_eq!(reached(&mut s, "alice", &keys), (1, vec![keys[2]]));
+        s.remove(keys[2]);
+        assert_eq!(reached(&mut s, "alice", &keys), (0, vec![]));
+        assert_eq!(reached(&mut s, "carol", &keys), (1, vec![keys[4]]), "other users keep their routes");
+        assert_eq!(s.users.len(), 2, "alice left the index with her last connection");
+        // A new connection takes a freed slot: it must not inherit a route.
+        let again = s.insert(-1, 0);
+        s.subscribe(again, Channel::Orders);
+        assert_eq!(reached(&mut s, "alice", &[again]), (0, vec![]));
+        s.set_user(again, "alice".into());
+        assert_eq!(reached(&mut s, "alice", &[again]), (1, vec![again]));
+        s.remove(keys[1]);
+        s.remove(keys[4]);
+        s.remove(again);
+        assert!(s.users.is_empty());
     }
 
     /// A sweep's write that the socket cuts short, of log bytes that are

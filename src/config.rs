@@ -139,8 +139,8 @@ pub struct Config {
     /// Subscriptions allowed per connection.
     #[arg(long, env = "WS_MAX_SUBSCRIPTIONS", default_value = "64")]
     pub ws_max_subscriptions: NonZeroU32,
-    /// Unsent output after which a connection is a slow consumer (close 4009), in bytes.
-    #[arg(long, env = "WS_MAX_BUFFERED_BYTES", default_value = "1048576")]
+    /// Unsent output after which a connection is a slow consumer (close 4009), in bytes (at most 1 GiB).
+    #[arg(long, env = "WS_MAX_BUFFERED_BYTES", default_value = "1048576", value_parser = parse_buffer_limit)]
     pub ws_max_buffered_bytes: NonZeroUsize,
     /// Time a client has to send its complete request head, in ms.
     #[arg(long, env = "WS_HANDSHAKE_TIMEOUT_MS", default_value = "5000", value_parser = parse_ms)]
@@ -204,6 +204,15 @@ fn parse_ms(s: &str) -> Result<Duration, String> {
         return Err("must be greater than 0".into());
     }
     Ok(Duration::from_millis(ms))
+}
+
+/// A connection's output limit: its slot counts bytes in 32 bits.
+fn parse_buffer_limit(s: &str) -> Result<NonZeroUsize, String> {
+    let n: NonZeroUsize = s.trim().parse().map_err(|e| format!("expected a byte count above 0: {e}"))?;
+    if n.get() > 1 << 30 {
+        return Err("must be at most 1073741824 (1 GiB)".into());
+    }
+    Ok(n)
 }
 
 fn parse_us(s: &str) -> Result<Duration, String> {
@@ -311,5 +320,11 @@ mod tests {
         assert!(err.contains("WS_PING_INTERVAL"), "{err}");
         let err = parse(&[], &[("TRUSTED_PROXIES", "nope")]).unwrap_err().to_string();
         assert!(err.contains("TRUSTED_PROXIES"), "{err}");
+        let err = parse(&[], &[("WS_MAX_BUFFERED_BYTES", "2147483648")]).unwrap_err().to_string();
+        assert!(err.contains("WS_MAX_BUFFERED_BYTES") && err.contains("1 GiB"), "{err}");
+        assert_eq!(
+            parse(&[], &[("WS_MAX_BUFFERED_BYTES", "1073741824")]).unwrap().ws_max_buffered_bytes.get(),
+            1 << 30
+        );
     }
 }

@@ -57,9 +57,17 @@ pub enum RateDecision {
 
 /// A slot held by one open WebSocket connection; releases it when dropped.
 pub struct Admission {
-    limits: Arc<Limits>,
+    /// None once handed over to a [`ParkedAdmission`].
+    limits: Option<Arc<Limits>>,
     ip: IpAddr,
     local: u32,
+}
+
+/// An admission held by a parked connection: its IP only (17 bytes, not
+/// 32), the limits being the shard's. It does not release on drop: a
+/// parked connection is always resumed ([`Admission::resume`]) to close.
+pub struct ParkedAdmission {
+    ip: IpAddr,
 }
 
 impl Admission {
@@ -67,12 +75,26 @@ impl Admission {
     pub fn local_count(&self) -> u32 {
         self.local
     }
+
+    /// Keeps the slot, without the limits' handle, for a parked connection.
+    pub fn park(mut self) -> ParkedAdmission {
+        self.limits = None;
+        ParkedAdmission { ip: self.ip }
+    }
+
+    /// The slot a parked connection kept, with its limits again.
+    pub fn resume(limits: &Arc<Limits>, parked: ParkedAdmission) -> Admission {
+        Admission { limits: Some(limits.clone()), ip: parked.ip, local: 0 }
+    }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.limits.total.fetch_sub(1, Ordering::Relaxed);
-        let mut ips = self.limits.stripe(&self.limits.ips, &self.ip).lock();
+        let Some(limits) = self.limits.take() else {
+            return; // parked: the slot is still held
+        };
+        limits.total.fetch_sub(1, Ordering::Relaxed);
+        let mut ips = limits.stripe(&limits.ips, &self.ip).lock();
         let left = match ips.get_mut(&self.ip) {
             Some(n) => {
                 *n -= 1;
@@ -84,7 +106,7 @@ impl Drop for Admission {
             ips.remove(&self.ip);
         }
         drop(ips);
-        if let Some(release) = self.limits.remote_release.get() {
+        if let Some(release) = limits.remote_release.get() {
             release(self.ip, left);
         }
     }
@@ -142,7 +164,7 @@ impl Limits {
             return Err(Refusal::new(503, "server at connection capacity"));
         }
         *count += 1;
-        Ok(Admission { limits: self.clone(), ip, local: *count })
+        Ok(Admission { limits: Some(self.clone()), ip, local: *count })
     }
 
     /// Open WebSocket connections on this instance.
@@ -350,6 +372,21 @@ mod tests {
         assert_eq!(l.admit(ip).err().map(|r| r.status), Some(503));
         let c = RateCounter::default();
         assert!((0..1000).all(|_| l.check_message(&c, 0) == RateDecision::Allowed));
+    }
+
+    #[test]
+    fn a_parked_admission_keeps_its_slot_until_resumed_and_dropped() {
+        let l = Arc::new(limits(&[("RATE_LIMIT_MAX_CONNECTIONS_PER_IP", "1")]));
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let parked = l.admit(ip).unwrap().park();
+        assert_eq!(l.open_connections(), 1, "parking releases nothing");
+        assert_eq!(l.admit(ip).err().map(|r| r.status), Some(429), "the IP's slot is still taken");
+        let resumed = Admission::resume(&l, parked);
+        assert_eq!(l.open_connections(), 1);
+        drop(resumed);
+        assert_eq!(l.open_connections(), 0, "released once, on the resumed admission's drop");
+        assert_eq!(l.ip_counts(), vec![]);
+        let _again = l.admit(ip).unwrap();
     }
 
     #[test]

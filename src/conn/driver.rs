@@ -262,7 +262,7 @@ impl Conn {
             user_rate: self.user_rate.take(),
             next_ping_ms: self.next_ping_ms,
             ping_sent_ms: self.ping_sent_ms.unwrap_or(u64::MAX),
-            admission,
+            admission: admission.park(),
         };
         match self.ctx.parker.park(&self.ctx, self.key, parked) {
             None => {
@@ -275,7 +275,7 @@ impl Conn {
                     self.pre_auth = *counter;
                 }
                 self.user_rate = parked.user_rate;
-                self.admission = Some(parked.admission);
+                self.admission = Some(Admission::resume(&self.ctx.global.limits, parked.admission));
                 false
             }
         }
@@ -321,7 +321,8 @@ impl Conn {
     pub(super) fn resume(ctx: Rc<ShardCtx>, key: usize, parked: Parked) -> Conn {
         let stream = Stream::Plain(crate::sys::tcp_stream(parked.fd));
         let session = Session::resume(parked.session, ctx.timers);
-        let mut conn = Conn::open(ctx, key, parked.id, stream, session, parked.admission, parked.next_ping_ms);
+        let admission = Admission::resume(&ctx.global.limits, parked.admission);
+        let mut conn = Conn::open(ctx, key, parked.id, stream, session, admission, parked.next_ping_ms);
         conn.pre_auth = parked.pre_auth.map(|b| *b).unwrap_or_default();
         conn.user_rate = parked.user_rate;
         conn.ping_sent_ms = (parked.ping_sent_ms != u64::MAX).then_some(parked.ping_sent_ms);
@@ -552,8 +553,8 @@ impl Conn {
                 }
                 let next = std::mem::take(&mut slot.pending);
                 // A direct write by the fan-out may have sent a prefix already.
-                self.sent = std::mem::take(&mut slot.pre_sent);
-                slot.inflight = next.len() - self.sent;
+                self.sent = std::mem::take(&mut slot.pre_sent) as usize;
+                slot.inflight = (next.len() - self.sent) as u32;
                 shard.recycle(std::mem::replace(&mut self.sending, next));
                 self.frames_from = 0;
             }
@@ -563,7 +564,7 @@ impl Conn {
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => {
                     let left = self.sending.len() - self.sent;
-                    self.ctx.shard.borrow_mut().slot(self.key).inflight = left;
+                    self.ctx.shard.borrow_mut().slot(self.key).inflight = left as u32;
                     return Ok(());
                 }
             }

@@ -33,7 +33,7 @@ use slab::Slab;
 
 use super::driver::{Conn, Pump};
 use super::ShardCtx;
-use crate::limits::{Admission, RateCounter, UserRate};
+use crate::limits::{ParkedAdmission, RateCounter, UserRate};
 use crate::protocol::session::StoredSession;
 use crate::sys::PollRing;
 use crate::telemetry::LogLimiter;
@@ -57,7 +57,7 @@ pub(super) struct Parked {
     /// When the unanswered ping went out; `u64::MAX` when none is (an
     /// `Option` would take 8 bytes more on every parked connection).
     pub ping_sent_ms: u64,
-    pub admission: Admission,
+    pub admission: ParkedAdmission,
 }
 
 struct Record {

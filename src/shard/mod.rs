@@ -58,7 +58,8 @@ pub struct Slot {
     /// Whole frames not yet handed to the socket.
     pub pending: Vec<u8>,
     /// Bytes handed to the socket and not yet written (kept by the driver).
-    pub inflight: usize,
+    /// (32 bits: `WS_MAX_BUFFERED_BYTES` is at most 1 GiB.)
+    pub inflight: u32,
     waker: Option<Waker>,
     wake_pending: bool,
     user: Option<Arc<str>>,
@@ -83,7 +84,7 @@ pub struct Slot {
     pub fd: RawFd,
     /// Bytes at the front of `pending` already written by a direct write
     /// that stopped part-way (the driver continues from there).
-    pub pre_sent: usize,
+    pub pre_sent: u32,
     /// Listed in the shard's dirty list (bytes queued since the last flush).
     dirty: bool,
     /// In the sweep step's batch of direct writes (a sweep can list a
@@ -202,7 +203,7 @@ impl Shard {
             shutdown: self.shutting_down,
             deadline_ms: u64::MAX,
             fd,
-            inflight,
+            inflight: inflight as u32,
             ..Slot::default()
         })
     }
@@ -506,7 +507,7 @@ impl Shard {
             let ok = if n > 0 {
                 // Short: the outbox becomes everything this write offered;
                 // the driver finishes it from byte `n`.
-                slot.pre_sent = n as usize;
+                slot.pre_sent = n as u32;
                 self.out.keep_offered(slot, key, &self.log)
             } else {
                 // Full (EAGAIN) or broken: the driver handles it.
@@ -638,7 +639,7 @@ impl Outboxes {
             slot.pending.extend_from_slice(offered);
             slot.cursor = log.head();
         }
-        let ok = slot.pending.len() + slot.inflight <= self.max_buffered;
+        let ok = slot.pending.len() + slot.inflight as usize <= self.max_buffered;
         if !ok {
             slot.slow = true;
             drop_backlog(slot);
@@ -661,7 +662,7 @@ impl Outboxes {
     /// consumer (counting `also_queued` bytes waiting elsewhere), in which
     /// case the backlog is dropped and the slot flagged.
     fn append(&mut self, slot: &mut Slot, key: usize, bytes: &[u8], also_queued: usize) -> bool {
-        if slot.pending.len() + slot.inflight + also_queued + bytes.len() > self.max_buffered {
+        if slot.pending.len() + slot.inflight as usize + also_queued + bytes.len() > self.max_buffered {
             slot.slow = true;
             drop_backlog(slot);
             wake(slot, key, &mut self.unpark);
@@ -684,7 +685,7 @@ fn drop_backlog(slot: &mut Slot) {
         return;
     }
     let mut end = 0;
-    while end < slot.pre_sent {
+    while end < slot.pre_sent as usize {
         match server_frame_len(&slot.pending[end..]) {
             Some(len) => end += len,
             None => return, // not frames (cannot happen): keep it all
@@ -949,7 +950,7 @@ mod tests {
         let (slow, fast) = (s.insert(-1, 0), s.insert(-1, 0));
         s.subscribe(slow, Channel::Prices);
         s.subscribe(fast, Channel::Prices);
-        s.slot(slow).inflight = u.frame.len();
+        s.slot(slow).inflight = u.frame.len() as u32;
         for _ in 0..3 {
             s.fanout(&u);
         }
@@ -1063,9 +1064,9 @@ mod tests {
             assert!(slot.slow, "past the limit (io_uring {uring})");
             assert!(slot.pre_sent > 0, "the write was short");
             let wire = received(&mut cli);
-            assert_eq!(wire.len(), slot.pre_sent, "pre_sent is what the socket took");
+            assert_eq!(wire.len(), slot.pre_sent as usize, "pre_sent is what the socket took");
             let mut stream = wire.clone();
-            stream.extend_from_slice(&slot.pending[slot.pre_sent..]);
+            stream.extend_from_slice(&slot.pending[slot.pre_sent as usize..]);
             let mut pos = 0;
             while pos < stream.len() {
                 let len = server_frame_len(&stream[pos..]).expect("whole frames");

@@ -2,8 +2,9 @@
 //!
 //! Owns: the instance-wide connection count (`WS_MAX_CONNECTIONS`, 503), open
 //! connections per client IP (429), and fixed-window message counters per
-//! user (per connection before auth). Counts live in striped maps touched once
-//! per connect/disconnect/login; the per-message path is one atomic on a
+//! user (per connection before auth). Counts live in striped tables touched
+//! once per connect/disconnect/login (a user's counter holds the user id, so
+//! a table entry is one pointer); the per-message path is one atomic on a
 //! counter shared only by one user's connections. Redis reconciliation
 //! (cluster-wide counts) plugs in here later without touching the callers.
 

@@ -2,8 +2,9 @@
 //! fan-out that turns one update into bytes queued for every subscriber.
 //!
 //! Owns: the connection slots (outbox, waker, user, subscriptions, next
-//! deadline), the subscription registry (a dense list for `prices`, a map
-//! from user to that user's connections for the private channels), the
+//! deadline), the subscription registry (a dense list for `prices`, an index
+//! from user to the first of that user's connections, the rest linked
+//! through their slots, for the private channels), the
 //! shard's price log, the slow-consumer rule, and the shard's background
 //! tasks (inbox fan-out and the coarse deadline tick). State is
 //! `Rc<RefCell<_>>`, touched only by this core; the only cross-thread input

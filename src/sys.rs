@@ -300,6 +300,13 @@ pub fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
     unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
 }
 
+/// A glommio listener over a bound, listening, blocking socket.
+pub fn glommio_listener(fd: OwnedFd) -> glommio::net::TcpListener {
+    // SAFETY: `fd` is an open listening socket whose ownership passes to
+    // the listener.
+    unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) }
+}
+
 /// A glommio stream over a socket this process owns.
 pub fn tcp_stream(fd: OwnedFd) -> glommio::net::TcpStream {
     // SAFETY: `fd` is an open socket whose ownership passes to the stream.

@@ -1,8 +1,9 @@
 //! Per-shard runtime: the shard's main task, the accept loop, and what every
 //! connection driver on the shard shares ([`ShardCtx`]).
 //!
-//! Owns: binding this shard's SO_REUSEPORT listener, spawning one task per
-//! accepted socket (`upgrade.rs` for the HTTP phase and TLS via
+//! Owns: binding this shard's SO_REUSEPORT listener and accepting from it
+//! (`accept4` until empty, then a one-shot poll on a small io_uring of its
+//! own; see [`accept_loop`]), spawning one task per accepted socket (`upgrade.rs` for the HTTP phase and TLS via
 //! `stream.rs`; `driver.rs` and `messages.rs` for the WebSocket phase),
 //! the coarse deadline tick (which also hands memory freed by parked
 //! connections back to the kernel), the parker task (`park.rs`), and the
@@ -22,7 +23,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use glommio::net::TcpListener;
 use glommio::spawn_local;
 
 use crate::protocol::frame;
@@ -125,7 +125,7 @@ pub async fn run_shard(
     addr: SocketAddr,
     ready: crossbeam::channel::Sender<Result<(), String>>,
 ) {
-    let listener = match TcpListener::bind(addr) {
+    let listener = match bind(addr) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(e.to_string()));
@@ -174,17 +174,105 @@ pub async fn run_shard(
     drop(parker);
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>) {
+/// Connections accepted before the accept loop lets other tasks run.
+const ACCEPT_BUDGET: usize = 64;
+
+/// This shard's listening socket (`SO_REUSEPORT`, so every shard has its
+/// own), non-blocking.
+fn bind(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock)
+}
+
+/// Accepts connections until the task is dropped. Each wake-up takes every
+/// pending connection with one `accept4` each (the peer's address comes
+/// with it); then a one-shot poll on a small io_uring of the shard's own
+/// waits for the next. glommio's `accept` costs three `fcntl` calls per
+/// connection (it switches the listener to non-blocking and back around
+/// each call) and the address a `getpeername` more; it is the fallback
+/// when the kernel refuses the ring.
+async fn accept_loop(listener: socket2::Socket, ctx: Rc<ShardCtx>) {
+    let (mut ring, signal) = match crate::sys::PollRing::new(4) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(shard = ctx.id, error = %e, "no poll ring for the listener: glommio accepts");
+            return glommio_accept_loop(listener, ctx).await;
+        }
+    };
+    let mut completions = Vec::new();
+    loop {
+        let mut accepted = 0;
+        let mut backoff = false;
+        while accepted < ACCEPT_BUDGET {
+            match listener.accept() {
+                Ok((sock, peer)) => {
+                    accepted += 1;
+                    let Some(peer) = peer.as_socket() else { continue };
+                    let stream = crate::sys::tcp_stream(sock.into());
+                    spawn_local(upgrade::serve(stream, peer, ctx.clone())).detach();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e)
+                    if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted) => {}
+                Err(e) => {
+                    accept_failed(&ctx, &e);
+                    backoff = true;
+                    break;
+                }
+            }
+        }
+        if backoff {
+            // Typically EMFILE: the connection stays pending, so back off
+            // instead of spinning on a listener that stays readable.
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        if accepted == ACCEPT_BUDGET {
+            glommio::yield_if_needed().await;
+            continue;
+        }
+        if let Err(e) = ring.poll_add(std::os::fd::AsFd::as_fd(&listener), 0) {
+            accept_failed(&ctx, &e);
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        if let Err(e) = signal.read_at(0, 8).await {
+            accept_failed(&ctx, &e);
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        ring.drain(&mut completions);
+        completions.clear();
+    }
+}
+
+fn accept_failed(ctx: &ShardCtx, e: &dyn std::fmt::Display) {
+    if let Some(suppressed) = ctx.accept_log.allow() {
+        tracing::warn!(shard = ctx.id, error = %e, suppressed, "accept failed");
+    }
+}
+
+/// glommio's own accept, for a kernel that gave no poll ring.
+async fn glommio_accept_loop(listener: socket2::Socket, ctx: Rc<ShardCtx>) {
+    if let Err(e) = listener.set_nonblocking(false) {
+        accept_failed(&ctx, &e);
+        return;
+    }
+    let listener = crate::sys::glommio_listener(listener.into());
     loop {
         match listener.accept().await {
-            Ok(stream) => {
-                spawn_local(upgrade::serve(stream, ctx.clone())).detach();
-            }
-            Err(e) => {
-                // Typically EMFILE: back off briefly instead of spinning.
-                if let Some(suppressed) = ctx.accept_log.allow() {
-                    tracing::warn!(shard = ctx.id, error = %e, suppressed, "accept failed");
+            Ok(stream) => match stream.peer_addr() {
+                Ok(peer) => {
+                    spawn_local(upgrade::serve(stream, peer, ctx.clone())).detach();
                 }
+                Err(e) => accept_failed(&ctx, &e),
+            },
+            Err(e) => {
+                accept_failed(&ctx, &e);
                 glommio::timer::sleep(Duration::from_millis(10)).await;
             }
         }

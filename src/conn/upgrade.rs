@@ -6,7 +6,7 @@
 //! whitelist, taking a connection slot from `limits`, and bearer-token auth
 //! on the upgrade request. Hands the socket to `driver.rs` once upgraded.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 
 use futures_lite::future;
@@ -27,9 +27,8 @@ use crate::protocol::handshake::{
 /// Bytes read per call while the head is incomplete.
 const HEAD_READ: usize = 2048;
 
-pub async fn serve(tcp: TcpStream, ctx: Rc<ShardCtx>) {
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
     let _ = tcp.set_nodelay(true);
-    let Ok(peer) = tcp.peer_addr() else { return };
     let mut buf = Vec::new();
     let timeout = ctx.global.config.ws_handshake_timeout_ms;
     // The TLS handshake (if any) and the request head share one deadline;

@@ -3,7 +3,7 @@
 //!
 //! Owns: binding this shard's SO_REUSEPORT listener and accepting from it
 //! (`accept4` until empty, then a one-shot poll on a small io_uring of its
-//! own; see [`accept_loop`]), spawning one task per accepted socket (`upgrade.rs` for the HTTP phase and TLS via
+//! own; see `accept_loop`), spawning one task per accepted socket (`upgrade.rs` for the HTTP phase and TLS via
 //! `stream.rs`; `driver.rs` and `messages.rs` for the WebSocket phase),
 //! the coarse deadline tick (which also hands memory freed by parked
 //! connections back to the kernel), the parker task (`park.rs`), and the

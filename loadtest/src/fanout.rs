@@ -191,10 +191,10 @@ pub async fn run(a: FanoutArgs) -> anyhow::Result<()> {
         "churn": {"opened": churn.opened, "failed": churn.failed, "setup": percentiles(&churn.setup)},
     });
     if c.json {
-        println!("{report}");
+        out!("{report}");
     } else {
-        println!("fanout: {subscribers} subscribers x {} updates/s for {} s ({} B values)", a.rate, a.duration, a.size);
-        println!(
+        out!("fanout: {subscribers} subscribers x {} updates/s for {} s ({} B values)", a.rate, a.duration, a.size);
+        out!(
             "  delivered {delivered} in {:.2} s = {rate:.0} deliveries/s; measured {}/{} expected; gaps {}, duplicates {}",
             window.as_secs_f64(),
             t.measured,
@@ -204,7 +204,7 @@ pub async fn run(a: FanoutArgs) -> anyhow::Result<()> {
         );
         print_table("publish -> receive (from intended send time)", &t.latency);
         if churn.opened + churn.failed > 0 {
-            println!(
+            out!(
                 "  churn: {} connections opened and dropped ({} failed), set-up p50 {:.1} ms p99 {:.1} ms",
                 churn.opened,
                 churn.failed,
@@ -213,13 +213,13 @@ pub async fn run(a: FanoutArgs) -> anyhow::Result<()> {
             );
         }
         if !server.is_null() {
-            println!(
+            out!(
                 "  server: {:.3} µs CPU per delivery ({:.0}% of a core)",
                 server["cpu_us_per_delivery"].as_f64().unwrap_or(0.0),
                 server["cpu_utilisation"].as_f64().unwrap_or(0.0) * 100.0
             );
         }
-        println!("  client: {:.0}% of a core", mine.as_secs_f64() / window.as_secs_f64() * 100.0);
+        out!("  client: {:.0}% of a core", mine.as_secs_f64() / window.as_secs_f64() * 100.0);
     }
     Ok(())
 }

@@ -9,6 +9,19 @@
 //! (a standalone Kafka-protocol broker for the server and the peers to
 //! share). Every run is bounded in count and time.
 
+/// `println!` that ends the process quietly once stdout is gone (a reader
+/// such as `| head` closed the pipe) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 mod fanout;
 mod kafka;
 mod private;
@@ -138,7 +151,7 @@ fn broker(a: BrokerArgs) -> anyhow::Result<()> {
         cluster.create_topic(t, a.partitions, 1).context("create topic")?;
     }
     let addr = cluster.bootstrap_servers();
-    println!("{addr}");
+    out!("{addr}");
     if let Some(path) = &a.address_file {
         std::fs::write(path, &addr)?;
     }
@@ -283,7 +296,7 @@ pub(crate) fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
 }
 
 pub(crate) fn print_table(title: &str, h: &Histogram<u64>) {
-    println!("  {title} latency ({} samples)", h.len());
+    out!("  {title} latency ({} samples)", h.len());
     for (label, p) in [
         ("50.000%", 0.5),
         ("75.000%", 0.75),
@@ -292,9 +305,9 @@ pub(crate) fn print_table(title: &str, h: &Histogram<u64>) {
         ("99.900%", 0.999),
         ("99.990%", 0.9999),
     ] {
-        println!("    {label}  {:>10.3} ms", h.value_at_quantile(p) as f64 / 1000.0);
+        out!("    {label}  {:>10.3} ms", h.value_at_quantile(p) as f64 / 1000.0);
     }
-    println!("    100.000%  {:>10.3} ms", h.max() as f64 / 1000.0);
+    out!("    100.000%  {:>10.3} ms", h.max() as f64 / 1000.0);
 }
 
 async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
@@ -352,28 +365,28 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         "client_cpu_ms": mine.as_secs_f64() * 1e3,
     });
     if c.json {
-        println!("{report}");
+        out!("{report}");
     } else {
-        println!(
+        out!(
             "connect: {open} connections in {:.2} s ({rate:.0}/s), {} failed",
             elapsed.as_secs_f64(),
             c.connections - open
         );
         for (cause, n) in &failures {
-            println!("  failure x{n}: {cause}");
+            out!("  failure x{n}: {cause}");
         }
         print_table("connect (TCP + upgrade + auth_required)", &hc);
         print_table("authenticate", &ha);
         print_table("subscribe", &hs);
         print_table("total set-up", &ht);
         if !server.is_null() {
-            println!(
+            out!(
                 "  server: {:.1} µs CPU per connection, {:.0} bytes RSS per held connection",
                 server["cpu_us_per_connection"].as_f64().unwrap_or(0.0),
                 server["rss_bytes_per_connection"].as_f64().unwrap_or(0.0)
             );
         }
-        println!("  client CPU: {:.0} ms", mine.as_secs_f64() * 1e3);
+        out!("  client CPU: {:.0} ms", mine.as_secs_f64() * 1e3);
     }
     Ok(())
 }

@@ -137,10 +137,10 @@ pub async fn run(a: PrivateArgs) -> anyhow::Result<()> {
         "client_cpu_ms": procstat::Sample::own().cpu_since(&me).as_secs_f64() * 1e3,
     });
     if c.json {
-        println!("{report}");
+        out!("{report}");
     } else {
-        println!("private: {users} users x {per_user} connections, {} updates/s for {} s", a.rate, a.duration);
-        println!(
+        out!("private: {users} users x {per_user} connections, {} updates/s for {} s", a.rate, a.duration);
+        out!(
             "  received {}/{} expected; misrouted {}, gaps {}, duplicates {} => {}",
             t.received,
             expected,

@@ -94,6 +94,9 @@ pub struct ShardStats {
     pub unparks: Counter,
     /// Parks refused by the kernel (the connection keeps its task).
     pub park_failures: Counter,
+    /// Failed accepts (typically out of descriptors: the connection waits
+    /// in the listen backlog while the shard backs off).
+    pub accept_failures: Counter,
     pub subscribers: [Counter; 4],
     /// Publish -> queued for every subscriber on the shard (the price log
     /// or the private subscribers' outboxes), in µs.
@@ -131,6 +134,7 @@ impl Default for ShardStats {
             parks: Counter::default(),
             unparks: Counter::default(),
             park_failures: Counter::default(),
+            accept_failures: Counter::default(),
             subscribers: Default::default(),
             // 1 µs .. 60 s at 3 significant figures; these bounds are valid.
             fanout_latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
@@ -240,6 +244,12 @@ pub fn render_prometheus(shards: &[std::sync::Arc<ShardStats>], extra: &Extra) -
         "moonx_ws_park_failures_total",
         "Parks the kernel refused (the connection kept its task); logged, rate-limited.",
         sum(&|s| s.park_failures.get()),
+    );
+    counter(
+        &mut out,
+        "moonx_ws_accept_failures_total",
+        "Failed accepts, typically out of file descriptors (the connection waits in the backlog); logged, rate-limited.",
+        sum(&|s| s.accept_failures.get()),
     );
     let _ = writeln!(
         out,

@@ -251,6 +251,7 @@ async fn accept_loop(listener: socket2::Socket, ctx: Rc<ShardCtx>) {
 }
 
 fn accept_failed(ctx: &ShardCtx, e: &dyn std::fmt::Display) {
+    ctx.stats.accept_failures.inc();
     if let Some(suppressed) = ctx.accept_log.allow() {
         tracing::warn!(shard = ctx.id, error = %e, suppressed, "accept failed");
     }

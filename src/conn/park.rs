@@ -51,7 +51,7 @@ pub(super) struct Parked {
     /// The pre-authentication message count; None once authenticated (it
     /// no longer counts then).
     pub pre_auth: Option<Box<RateCounter>>,
-    /// The user's shared message counter; the user is the session's.
+    /// The user's shared message counter (it holds the user id).
     pub user_rate: Option<Arc<UserRate>>,
     pub next_ping_ms: u64,
     /// When the unanswered ping went out; `u64::MAX` when none is (an

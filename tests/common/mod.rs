@@ -74,8 +74,23 @@ impl TestServer {
 /// Runs the `moonx-ws` binary on a free loopback port with only `env` (plus
 /// host and port) in its environment; returns once it accepts connections.
 pub fn spawn_server(env: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
+    spawn_server_limited(None, env)
+}
+
+/// [`spawn_server`], with at most `open_files` descriptors (`prlimit`)
+/// when given.
+pub fn spawn_server_limited(open_files: Option<u32>, env: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_moonx-ws"))
+    let bin = env!("CARGO_BIN_EXE_moonx-ws");
+    let mut command = match open_files {
+        Some(n) => {
+            let mut c = std::process::Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin);
+            c
+        }
+        None => std::process::Command::new(bin),
+    };
+    let child = command
         .env_clear()
         .env("WEBSOCKET_SERVICE_HOST", "127.0.0.1")
         .env("WEBSOCKET_SERVICE_PORT", port.to_string())

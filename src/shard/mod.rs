@@ -11,7 +11,7 @@
 //! is the [`inbox`].
 //!
 //! Price frames are queued once per shard, not once per subscriber: they go
-//! to the [`PriceLog`], and each subscriber keeps a cursor into it. A sweep
+//! to the `PriceLog`, and each subscriber keeps a cursor into it. A sweep
 //! writes each subscriber's outbox (replies, private updates) and its part
 //! of the log with one `sendmsg`, straight from the shared bytes. Only when
 //! a socket cannot take everything now (or its driver is mid-write, or it
@@ -755,7 +755,7 @@ fn wake(slot: &mut Slot, key: usize, unpark: &mut Vec<usize>) {
 /// parks on the inbox's waker when it is empty.
 ///
 /// Queued frames go out in sweeps over the connections that have any,
-/// written in steps of [`FLUSH_CHUNK`] sockets with the inbox drained
+/// written in steps of `FLUSH_CHUNK` sockets with the inbox drained
 /// between steps (see [`Shard::flush_step`]).
 ///
 /// `flush_interval` is the latency/CPU trade (`WS_FLUSH_INTERVAL_US`): a

@@ -3,8 +3,9 @@
 //!
 //! Owns: binding this shard's SO_REUSEPORT listener and accepting from it
 //! (`accept4` until empty, then a one-shot poll on a small io_uring of its
-//! own; see `accept_loop`), spawning one task per accepted socket (`upgrade.rs` for the HTTP phase and TLS via
-//! `stream.rs`; `driver.rs` and `messages.rs` for the WebSocket phase),
+//! own; see `accept_loop`), spawning one task per accepted socket
+//! (`upgrade.rs` for the HTTP phase and TLS via `stream.rs`; `driver.rs`
+//! and `messages.rs` for the WebSocket phase),
 //! the coarse deadline tick (which also hands memory freed by parked
 //! connections back to the kernel), the parker task (`park.rs`), and the
 //! shard's part of the
@@ -236,17 +237,17 @@ async fn accept_loop(listener: socket2::Socket, ctx: Rc<ShardCtx>) {
             glommio::yield_if_needed().await;
             continue;
         }
-        if let Err(e) = ring.poll_add(std::os::fd::AsFd::as_fd(&listener), 0) {
-            accept_failed(&ctx, &e);
-            glommio::timer::sleep(Duration::from_millis(10)).await;
-            continue;
-        }
-        if let Err(e) = signal.read_at(0, 8).await {
-            accept_failed(&ctx, &e);
-            glommio::timer::sleep(Duration::from_millis(10)).await;
-        }
+        // Nothing pending: wait until the listener is readable.
+        let waited = match ring.poll_add(std::os::fd::AsFd::as_fd(&listener), 0) {
+            Ok(()) => signal.read_at(0, 8).await.map(drop).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
         ring.drain(&mut completions);
         completions.clear();
+        if let Err(e) = waited {
+            accept_failed(&ctx, &e);
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

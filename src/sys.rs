@@ -228,7 +228,15 @@ impl PollRing {
     /// The ring, and the eventfd it signals as a glommio file to read.
     /// Must run on a glommio executor (the file belongs to its reactor).
     pub fn new(entries: u32) -> io::Result<(Self, glommio::io::BufferedFile)> {
-        let ring = IoUring::builder().setup_cqsize(entries.saturating_mul(2)).build(entries)?;
+        // Completions raised from another CPU wait for this thread's next
+        // kernel entry instead of interrupting it with an IPI (as glommio's
+        // own rings, see vendor/glommio/PATCHED.md); kernels before 5.19
+        // refuse the flag.
+        let ring = match IoUring::builder().setup_cqsize(entries.saturating_mul(2)).setup_coop_taskrun().build(entries)
+        {
+            Ok(ring) => ring,
+            Err(_) => IoUring::builder().setup_cqsize(entries.saturating_mul(2)).build(entries)?,
+        };
         // SAFETY: eventfd takes no pointers; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {

@@ -8,6 +8,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
 COPY loadtest ./loadtest
+COPY vendor ./vendor
 RUN cargo build --release --locked --bin moonx-ws && strip target/release/moonx-ws
 
 # Run: a slim image with the binary and a non-root user.

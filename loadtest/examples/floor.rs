@@ -1,0 +1,149 @@
+//! The kernel floor of a connection set-up: the least a server can do for
+//! `moonx-loadtest connect` and still pass it.
+//!
+//! One thread, level-triggered epoll, non-blocking sockets. Per connection:
+//! `accept4`, `TCP_NODELAY`, `epoll_ctl`, then for each of the client's
+//! three messages (upgrade request, `authenticate`, `subscribe`) one `read`
+//! and one `write` of a canned reply (101 with `auth_required`,
+//! `auth_success`, `subscribed`). It parses nothing beyond finding where a
+//! message ends, verifies no token and keeps no state but a counter, so it is
+//! not a server anyone should run: it measures what the system calls and the
+//! loopback TCP traffic of a set-up cost on this machine, which no real
+//! server can go below. `perf/floor.sh` runs it beside moonx-ws and the
+//! rust-tokio peer.
+//!
+//! `PORT` (default 3108) picks the port on 127.0.0.1. Runs until killed.
+
+use std::collections::HashMap;
+use std::io;
+
+/// The reply to the client's upgrade request, for the fixed key
+/// `moonx-loadtest` sends, followed by the `auth_required` frame.
+fn upgrade_reply() -> Vec<u8> {
+    let mut out = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+        .to_vec();
+    text_frame(&mut out, br#"{"type":"auth_required","data":{"timeout":10000}}"#);
+    out
+}
+
+/// An unmasked server text frame (payloads here are under 126 bytes).
+fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    assert!(payload.len() < 126);
+    out.push(0x81);
+    out.push(payload.len() as u8);
+    out.extend_from_slice(payload);
+}
+
+/// Bytes buffered for one connection and how many replies it has had.
+#[derive(Default)]
+struct Conn {
+    buf: Vec<u8>,
+    replies: u8,
+}
+
+impl Conn {
+    /// Length of the first complete message in `buf`: the HTTP head before
+    /// the first reply, a masked client frame (16-bit length at most) after.
+    fn complete(&self) -> Option<usize> {
+        if self.replies == 0 {
+            return self.buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+        }
+        let b = &self.buf;
+        if b.len() < 2 {
+            return None;
+        }
+        let (len, head) = match b[1] & 0x7f {
+            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+            126 => return None,
+            n => (n as usize, 2),
+        };
+        let total = head + 4 + len;
+        (b.len() >= total).then_some(total)
+    }
+}
+
+fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn main() -> io::Result<()> {
+    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3108);
+    let replies = {
+        let (mut auth, mut sub) = (Vec::new(), Vec::new());
+        text_frame(&mut auth, br#"{"id":"a","type":"auth_success","data":{"user_id":"floor"}}"#);
+        text_frame(&mut sub, br#"{"id":"s","type":"subscribed","data":{"channel":"prices"}}"#);
+        [upgrade_reply(), auth, sub]
+    };
+    // SAFETY: plain system calls on descriptors this function owns; every
+    // pointer passed points at a live local of the size given.
+    unsafe {
+        let lfd = check(libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0))?;
+        let one: libc::c_int = 1;
+        let int_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        check(libc::setsockopt(lfd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const libc::c_int).cast(), int_len))?;
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_port = port.to_be();
+        addr.sin_addr.s_addr = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+        let addr_len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        check(libc::bind(lfd, (&addr as *const libc::sockaddr_in).cast(), addr_len))?;
+        check(libc::listen(lfd, 1024))?;
+        let ep = check(libc::epoll_create1(libc::EPOLL_CLOEXEC))?;
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: lfd as u64 };
+        check(libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, lfd, &mut ev))?;
+        eprintln!("floor: listening on 127.0.0.1:{port}");
+
+        let mut conns: HashMap<libc::c_int, Conn> = HashMap::new();
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            let n = libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as libc::c_int, -1);
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for e in &events[..n as usize] {
+                let fd = e.u64 as libc::c_int;
+                if fd == lfd {
+                    loop {
+                        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+                        let c = libc::accept4(lfd, std::ptr::null_mut(), std::ptr::null_mut(), flags);
+                        if c < 0 {
+                            break;
+                        }
+                        libc::setsockopt(c, libc::IPPROTO_TCP, libc::TCP_NODELAY, (&one as *const libc::c_int).cast(), int_len);
+                        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: c as u64 };
+                        libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, c, &mut ev);
+                        conns.insert(c, Conn::default());
+                    }
+                    continue;
+                }
+                let r = libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len());
+                let Some(conn) = conns.get_mut(&fd) else { continue };
+                if r <= 0 {
+                    if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                        libc::close(fd); // also leaves the epoll set
+                        conns.remove(&fd);
+                    }
+                    continue;
+                }
+                conn.buf.extend_from_slice(&chunk[..r as usize]);
+                while let Some(len) = conn.complete() {
+                    conn.buf.drain(..len);
+                    if let Some(reply) = replies.get(conn.replies as usize) {
+                        libc::write(fd, reply.as_ptr().cast(), reply.len());
+                        conn.replies += 1;
+                    }
+                }
+            }
+        }
+    }
+}

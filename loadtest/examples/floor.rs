@@ -71,6 +71,16 @@ fn check(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// Sets an integer socket option to 1.
+///
+/// # Safety
+/// `fd` must be an open socket.
+unsafe fn enable(fd: libc::c_int, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let one: libc::c_int = 1;
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    check(libc::setsockopt(fd, level, name, (&one as *const libc::c_int).cast(), len))
+}
+
 fn main() -> io::Result<()> {
     let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3108);
     let replies = {
@@ -83,9 +93,7 @@ fn main() -> io::Result<()> {
     // pointer passed points at a live local of the size given.
     unsafe {
         let lfd = check(libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0))?;
-        let one: libc::c_int = 1;
-        let int_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        check(libc::setsockopt(lfd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const libc::c_int).cast(), int_len))?;
+        enable(lfd, libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
         let mut addr: libc::sockaddr_in = std::mem::zeroed();
         addr.sin_family = libc::AF_INET as libc::sa_family_t;
         addr.sin_port = port.to_be();
@@ -119,7 +127,7 @@ fn main() -> io::Result<()> {
                         if c < 0 {
                             break;
                         }
-                        libc::setsockopt(c, libc::IPPROTO_TCP, libc::TCP_NODELAY, (&one as *const libc::c_int).cast(), int_len);
+                        let _ = enable(c, libc::IPPROTO_TCP, libc::TCP_NODELAY);
                         let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: c as u64 };
                         libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, c, &mut ev);
                         conns.insert(c, Conn::default());

@@ -232,10 +232,11 @@ impl PollRing {
         // kernel entry instead of interrupting it with an IPI (as glommio's
         // own rings, see vendor/glommio/PATCHED.md); kernels before 5.19
         // refuse the flag.
-        let ring = match IoUring::builder().setup_cqsize(entries.saturating_mul(2)).setup_coop_taskrun().build(entries)
-        {
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(entries.saturating_mul(2));
+        let ring = match builder.clone().setup_coop_taskrun().build(entries) {
             Ok(ring) => ring,
-            Err(_) => IoUring::builder().setup_cqsize(entries.saturating_mul(2)).build(entries)?,
+            Err(_) => builder.build(entries)?,
         };
         // SAFETY: eventfd takes no pointers; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };

@@ -320,15 +320,14 @@ impl Shard {
     /// index with their last connection).
     fn unlink_user(&mut self, key: usize) {
         let next = std::mem::replace(&mut self.conns[key].next_user, NOT_LISTED);
+        let Some(user) = self.conns[key].user.take() else { return };
+        let hash = self.hasher.hash_one(&*user);
         let conns = &self.conns;
-        let user = conns[key].user.as_deref();
-        let hash = self.hasher.hash_one(user.unwrap_or_default());
-        let found = self.users.find_entry(hash, |&k| conns[k as usize].user.as_deref() == user);
-        let Ok(head) = found else {
-            // Impossible: set_user listed it; there is nothing to unlink.
-            self.conns[key].user = None;
-            return;
-        };
+        // The head is this connection (its id is already taken) or another
+        // of the user's.
+        let found =
+            self.users.find_entry(hash, |&k| k as usize == key || conns[k as usize].user.as_deref() == Some(&*user));
+        let Ok(head) = found else { return }; // impossible: set_user listed it
         let mut k = *head.get() as usize;
         if k == key {
             if next == NOT_LISTED {
@@ -336,10 +335,8 @@ impl Shard {
             } else {
                 *head.into_mut() = next;
             }
-            self.conns[key].user = None;
             return;
         }
-        self.conns[key].user = None;
         while self.conns[k].next_user != NOT_LISTED {
             if self.conns[k].next_user as usize == key {
                 self.conns[k].next_user = next;

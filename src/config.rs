@@ -29,6 +29,14 @@ pub struct Config {
     /// Executors (one per core, each owning its connections). Default: available cores.
     #[arg(long, env = "WS_SHARDS")]
     pub ws_shards: Option<NonZeroUsize>,
+    /// Start even when another process already listens on the port, and
+    /// share it (SO_REUSEPORT): for a restart without refusing connections
+    /// (start the new process, then SIGTERM the old one). Off: a port in use
+    /// is an error at start, so a stray second instance cannot silently take
+    /// part of the connections.
+    #[arg(long, env = "WS_SHARE_PORT", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub ws_share_port: bool,
 
     /// HMAC secret for HS256/384/512 tokens (local verification).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]

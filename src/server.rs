@@ -150,6 +150,9 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     // Hold the port while the shards bind theirs (SO_REUSEPORT), so a port
     // of 0 resolves to one port for all of them. Not listening: it never
     // receives connections.
+    if requested.port() != 0 && !config.ws_share_port {
+        ensure_port_free(requested)?;
+    }
     let placeholder = reserve_port(requested).with_context(|| format!("cannot bind {requested}"))?;
     let addr = placeholder.local_addr()?;
 
@@ -216,6 +219,24 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     handle.ingest =
         Some(ingest::start(&global.config, global.publisher.clone(), &global.instance_id, global.ingest.clone())?);
     Ok(handle)
+}
+
+/// Fails when another socket already listens on `addr`. The shards bind
+/// with SO_REUSEPORT, which the kernel would otherwise let them share with
+/// any process of the same user (`WS_SHARE_PORT` allows that on purpose).
+/// The probe sets SO_REUSEADDR only, so connections of an earlier process
+/// lingering in TIME_WAIT do not count as the port being in use.
+fn ensure_port_free(addr: SocketAddr) -> anyhow::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    match sock.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(anyhow::anyhow!(
+            "cannot bind {addr}: another process is listening on it (set WS_SHARE_PORT=true to share the port, e.g. to restart without refusing connections)"
+        )),
+        Err(e) => Err(e).with_context(|| format!("cannot bind {addr}")),
+    }
 }
 
 fn reserve_port(addr: SocketAddr) -> std::io::Result<StdListener> {

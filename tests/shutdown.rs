@@ -118,3 +118,35 @@ fn shutdown_under_load_closes_thousands_with_1001_and_no_cut_frames() {
     }
     handle.join();
 }
+
+/// A second instance on a port in use is refused unless `WS_SHARE_PORT` is
+/// set. With it the two share the port, and once the first has shut down the
+/// second takes every new connection: a restart that refuses nobody.
+#[test]
+fn a_port_in_use_is_refused_unless_shared_and_the_sharer_outlives_the_old_instance() {
+    let mut old = TestServer::start(&[]);
+    let port = old.addr.port().to_string();
+    let refused = match TestServer::try_start(&[("WEBSOCKET_SERVICE_PORT", &port)]) {
+        Ok(_) => panic!("a second instance started on a port in use"),
+        Err(e) => e,
+    };
+    assert!(refused.contains("another process is listening") && refused.contains("WS_SHARE_PORT"), "{refused}");
+    // The refused start left the first instance serving.
+    let mut ws = authed(old.addr, "first");
+    subscribe(&mut ws, "prices");
+    drop(ws);
+
+    let new = TestServer::start(&[("WEBSOCKET_SERVICE_PORT", &port), ("WS_SHARE_PORT", "true")]);
+    assert_eq!(new.addr, old.addr);
+    let handle = old.handle.take().unwrap();
+    handle.shutdown();
+    handle.join();
+    // Every connection now lands on the new instance (the old one's
+    // listeners are closed, so none is refused).
+    for i in 0..20 {
+        let mut ws = authed(new.addr, &format!("after{i}"));
+        subscribe(&mut ws, "prices");
+    }
+    let (status, body) = get(new.addr, "/health/live");
+    assert_eq!(status, 200, "{body}");
+}

@@ -25,6 +25,11 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server with test defaults overridden by `env`.
     pub fn start(env: &[(&str, &str)]) -> TestServer {
+        Self::try_start(env).expect("server starts")
+    }
+
+    /// [`TestServer::start`], returning the start error as text.
+    pub fn try_start(env: &[(&str, &str)]) -> Result<TestServer, String> {
         let mut map: HashMap<String, String> = [
             ("WEBSOCKET_SERVICE_HOST", "127.0.0.1"),
             ("WEBSOCKET_SERVICE_PORT", "0"),
@@ -49,9 +54,9 @@ impl TestServer {
             }
         }
         let config = Config::from_sources(["moonx-ws"], |k| map.get(k).cloned()).expect("test config");
-        let handle = server::start(config).expect("server starts");
+        let handle = server::start(config).map_err(|e| format!("{e:#}"))?;
         let addr = handle.local_addr();
-        TestServer { handle: Some(handle), addr }
+        Ok(TestServer { handle: Some(handle), addr })
     }
 
     pub fn handle(&self) -> &ServerHandle {

@@ -12,10 +12,28 @@
 //! server can go below. `perf/floor.sh` runs it beside moonx-ws and the
 //! rust-tokio peer.
 //!
+//! With `KAFKA_BROKERS` set it is also the floor of a fan-out, for
+//! `moonx-loadtest fanout`: a consumer thread reads `price.updates` (librdkafka,
+//! assigned at the end of every partition, `fetch.wait.max.ms=5` like the
+//! servers compared), wraps each value as `{"type":"price","data":…}` in one
+//! frame appended to a buffer all subscribers share, and the main thread
+//! writes that buffer to every subscribed socket in io_uring batches of 64
+//! `send`s, at once or every `FLUSH_MS` milliseconds. No per-connection
+//! queue, no slow-reader handling (a socket that does not take the whole
+//! buffer is only counted), no envelope ids: what is left is the Kafka
+//! consumer, one frame per update and the sends, the part of a fan-out's cost
+//! no server avoids. `perf/floor.sh` and `perf/flush-curve.sh` compare it.
+//!
 //! `PORT` (default 3108) picks the port on 127.0.0.1. Runs until killed.
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types, IoUring};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 /// The reply to the client's upgrade request, for the fixed key
 /// `moonx-loadtest` sends, followed by the `auth_required` frame.
@@ -33,6 +51,92 @@ fn text_frame(out: &mut Vec<u8>, payload: &[u8]) {
     out.push(0x81);
     out.push(payload.len() as u8);
     out.extend_from_slice(payload);
+}
+
+const ENVELOPE: (&[u8], &[u8]) = (br#"{"type":"price","data":"#, b"}");
+
+/// Appends `{"type":"price","data":VALUE}` as one unmasked text frame.
+fn price_frame(out: &mut Vec<u8>, value: &[u8]) {
+    let len = ENVELOPE.0.len() + value.len() + ENVELOPE.1.len();
+    out.push(0x81);
+    match len {
+        0..=125 => out.push(len as u8),
+        126..=65535 => {
+            out.push(126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(ENVELOPE.0);
+    out.extend_from_slice(value);
+    out.extend_from_slice(ENVELOPE.1);
+}
+
+/// Frames not yet written, shared by the consumer thread and the writer.
+struct Pending {
+    frames: Mutex<Vec<u8>>,
+    /// Signalled when `frames` goes from empty to not (the writer's epoll
+    /// watches it).
+    eventfd: libc::c_int,
+}
+
+/// Reads every partition of `price.updates` from its end and appends a
+/// frame per message to `pending`.
+fn consume(brokers: &str, pending: &Pending) {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "floor")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .expect("kafka consumer");
+    let topic = "price.updates";
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("topic metadata");
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics().iter().flat_map(|t| t.partitions()) {
+        tpl.add_partition_offset(topic, p.id(), Offset::End).expect("partition offset");
+    }
+    consumer.assign(&tpl).expect("assign partitions");
+    eprintln!("floor: consuming {} partitions of {topic} from {brokers}", tpl.count());
+    loop {
+        let Some(Ok(msg)) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let was_empty = {
+            let mut frames = pending.frames.lock().unwrap();
+            let was_empty = frames.is_empty();
+            price_frame(&mut frames, msg.payload().unwrap_or(b"null"));
+            was_empty
+        };
+        if was_empty {
+            let one: u64 = 1;
+            // SAFETY: an 8-byte write from a live local to an eventfd.
+            unsafe { libc::write(pending.eventfd, (&one as *const u64).cast(), 8) };
+        }
+    }
+}
+
+/// Writes `buf` to every socket in `subs`, 64 sends per submission;
+/// returns how many took less than all of it.
+fn send_all(ring: &mut IoUring, subs: &[libc::c_int], buf: &[u8]) -> io::Result<u64> {
+    let mut short = 0;
+    for chunk in subs.chunks(64) {
+        {
+            let mut sq = ring.submission();
+            for (i, fd) in chunk.iter().enumerate() {
+                let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+                let send = opcode::Send::new(types::Fd(*fd), buf.as_ptr(), buf.len() as u32).flags(flags);
+                // SAFETY: `buf` outlives the submission: every completion is
+                // reaped below before this function returns.
+                unsafe { sq.push(&send.build().user_data(i as u64)).expect("the ring has 64 entries") };
+            }
+        }
+        ring.submit_and_wait(chunk.len())?;
+        short += ring.completion().filter(|c| c.result() != buf.len() as i32).count() as u64;
+    }
+    Ok(short)
 }
 
 /// Bytes buffered for one connection and how many replies it has had.
@@ -106,11 +210,43 @@ fn main() -> io::Result<()> {
         check(libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, lfd, &mut ev))?;
         eprintln!("floor: listening on 127.0.0.1:{port}");
 
+        // The fan-out: the consumer thread, the shared frames and the ring.
+        let pending = Arc::new(Pending {
+            frames: Mutex::new(Vec::new()),
+            eventfd: check(libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))?,
+        });
+        let flush = Duration::from_millis(std::env::var("FLUSH_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0));
+        if let Some(brokers) = std::env::var("KAFKA_BROKERS").ok().filter(|b| !b.is_empty()) {
+            let pending = pending.clone();
+            std::thread::spawn(move || consume(&brokers, &pending));
+        }
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: pending.eventfd as u64 };
+        check(libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, pending.eventfd, &mut ev))?;
+        let mut ring = IoUring::new(64)?;
+        let mut subs: Vec<libc::c_int> = Vec::new();
+        let mut out: Vec<u8> = Vec::new();
+        let (mut waiting, mut last_flush, mut short, mut report) = (false, Instant::now(), 0u64, Instant::now());
+
         let mut conns: HashMap<libc::c_int, Conn> = HashMap::new();
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut chunk = vec![0u8; 16 * 1024];
         loop {
-            let n = libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as libc::c_int, -1);
+            // Sweeps start at most once per `flush` (as the server's do).
+            if waiting && last_flush.elapsed() >= flush {
+                (waiting, last_flush) = (false, Instant::now());
+                std::mem::swap(&mut out, &mut pending.frames.lock().unwrap());
+                short += send_all(&mut ring, &subs, &out)?;
+                out.clear();
+            }
+            if report.elapsed() >= Duration::from_secs(5) && !subs.is_empty() {
+                eprintln!("floor: {} subscribers, {short} short writes", subs.len());
+                report = Instant::now();
+            }
+            let timeout = match waiting {
+                true => flush.saturating_sub(last_flush.elapsed()).as_micros().div_ceil(1000) as i32,
+                false => -1,
+            };
+            let n = libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as libc::c_int, timeout);
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -120,6 +256,12 @@ fn main() -> io::Result<()> {
             }
             for e in &events[..n as usize] {
                 let fd = e.u64 as libc::c_int;
+                if fd == pending.eventfd {
+                    let mut count = 0u64;
+                    libc::read(fd, (&mut count as *mut u64).cast(), 8);
+                    waiting = true;
+                    continue;
+                }
                 if fd == lfd {
                     loop {
                         let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
@@ -140,6 +282,7 @@ fn main() -> io::Result<()> {
                     if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
                         libc::close(fd); // also leaves the epoll set
                         conns.remove(&fd);
+                        subs.retain(|s| *s != fd);
                     }
                     continue;
                 }
@@ -149,6 +292,9 @@ fn main() -> io::Result<()> {
                     if let Some(reply) = replies.get(conn.replies as usize) {
                         libc::write(fd, reply.as_ptr().cast(), reply.len());
                         conn.replies += 1;
+                        if conn.replies as usize == replies.len() {
+                            subs.push(fd);
+                        }
                     }
                 }
             }

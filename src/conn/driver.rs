@@ -270,7 +270,8 @@ impl Conn {
                 true
             }
             Some(parked) => {
-                self.session = Session::resume(parked.session, self.ctx.timers);
+                let user = parked.user_rate.as_ref().map(|r| r.user());
+                self.session = Session::resume(parked.session, user, self.ctx.timers);
                 if let Some(counter) = parked.pre_auth {
                     self.pre_auth = *counter;
                 }
@@ -320,7 +321,7 @@ impl Conn {
     /// A parked connection's driver, resumed where it parked.
     pub(super) fn resume(ctx: Rc<ShardCtx>, key: usize, parked: Parked) -> Conn {
         let stream = Stream::Plain(crate::sys::tcp_stream(parked.fd));
-        let session = Session::resume(parked.session, ctx.timers);
+        let session = Session::resume(parked.session, parked.user_rate.as_ref().map(|r| r.user()), ctx.timers);
         let admission = Admission::resume(&ctx.global.limits, parked.admission);
         let mut conn = Conn::open(ctx, key, parked.id, stream, session, admission, parked.next_ping_ms);
         conn.pre_auth = parked.pre_auth.map(|b| *b).unwrap_or_default();

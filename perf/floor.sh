@@ -7,7 +7,8 @@
 # fanout: CPU per delivery and latency of `fanout -c 5000 -r RATE`; the floor
 #   consumes Kafka, frames each update once and writes the frames to every
 #   subscriber in io_uring batches, a sweep at most every FLUSH_MS (moonx-ws
-#   runs with WS_FLUSH_ADAPTIVE_MS=FLUSH_MS). Fresh broker per server process.
+#   runs with WS_FLUSH_ADAPTIVE_MS=FLUSH_MS, unstretched: WS_FLUSH_BUSY_PCT=100).
+#   Fresh broker per server process.
 #
 # Usage: perf/floor.sh [servers...]   (default: floor moonx-ws rust-tokio)
 #   SCENARIO    connect (default) or fanout
@@ -47,7 +48,7 @@ for run in $(seq "$RUNS"); do
         wait_port $PORT
         [ "$SCENARIO" = fanout ] && sleep 2
         ;;
-      moonx-ws) start_moonx $PORT "$out/moonx-ws.log" WS_FLUSH_ADAPTIVE_MS="$FLUSH_MS" ;;
+      moonx-ws) start_moonx $PORT "$out/moonx-ws.log" WS_FLUSH_ADAPTIVE_MS="$FLUSH_MS" WS_FLUSH_BUSY_PCT=100 ;;
       rust-tokio)
         env PORT=$PORT JWT_SECRET=loadtest-secret KAFKA_BROKERS="$BROKERS" \
           taskset -c 0 "$PEERS_DIR/rust-tokio/target/release/rust-tokio-peer" > "$out/rust-tokio.log" 2>&1 &

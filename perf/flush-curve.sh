@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The latency/CPU trade of WS_FLUSH_INTERVAL_US under 5000 subscribers x
 # 200 updates/s: one fan-out run per interval, then perf/flush-curve.png
-# (p99 latency against server CPU per delivery) and a table.
+# (p99 latency against server CPU per delivery) and a table. The fixed
+# interval alone: WS_FLUSH_ADAPTIVE_MS=0 (no saturation pacing on top).
 # Usage: perf/flush-curve.sh [intervals in µs...]   (bounded: ~25 s per point)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ build_release
 trap 'pkill -P $$ 2>/dev/null || true' EXIT
 start_broker "$out"
 for us in "${intervals[@]}"; do
-  start_moonx 3102 "$out/server-$us.log" WS_FLUSH_INTERVAL_US="$us"
+  start_moonx 3102 "$out/server-$us.log" WS_FLUSH_INTERVAL_US="$us" WS_FLUSH_ADAPTIVE_MS=0
   pid=$SERVER_PID
   taskset -c 1 timeout 300 "$LT" fanout --server 127.0.0.1:3102 --brokers "$BROKERS" -c 5000 -r 200 -d "${FANOUT_SECS:-10}" \
     --sources 64 --jwt-secret loadtest-secret --server-pid "$pid" --json | sed "s/^{/{\"flush_interval_us\":$us,/" >> "$out/curve.jsonl"

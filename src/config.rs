@@ -174,6 +174,14 @@ pub struct Config {
     /// began. Below saturation it adds no latency. 0: off.
     #[arg(long, env = "WS_FLUSH_ADAPTIVE_MS", default_value_t = 40)]
     pub ws_flush_adaptive_ms: u64,
+    /// The share of the core, in percent, that saturated sweeps may take:
+    /// when they get costlier (a slower or busier machine, more
+    /// connections), the adaptive interval stretches to the sweeps' running
+    /// average over this share (up to 4× `WS_FLUSH_ADAPTIVE_MS`), so CPU per
+    /// delivery holds and latency gives instead. 100: never stretch.
+    #[arg(long, env = "WS_FLUSH_BUSY_PCT", default_value_t = 65,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub ws_flush_busy_pct: u8,
     /// Updates each shard's inbox holds before the oldest is dropped (and counted).
     #[arg(long, env = "WS_SHARD_QUEUE_CAPACITY", default_value = "65536")]
     pub ws_shard_queue_capacity: NonZeroUsize,

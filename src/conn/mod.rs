@@ -30,7 +30,7 @@ use crate::protocol::frame;
 use crate::protocol::message::{encode_outgoing, Outgoing};
 use crate::protocol::session::SessionTimers;
 use crate::server::Global;
-use crate::shard::{run_fanout, Shard};
+use crate::shard::{run_fanout, Pacing, Shard};
 use crate::telemetry::{sent_index, LogLimiter, ShardStats};
 
 /// Everything a connection task on this shard shares.
@@ -141,9 +141,12 @@ pub async fn run_shard(
     let accept = spawn_local(accept_loop(listener, ctx.clone()));
     let publisher = global.publisher.clone();
     let shard = ctx.shard.clone();
-    let interval = global.config.ws_flush_interval_us;
-    let adaptive = Duration::from_millis(global.config.ws_flush_adaptive_ms);
-    let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id), interval, adaptive).await });
+    let pacing = Pacing {
+        fixed: global.config.ws_flush_interval_us,
+        adaptive: Duration::from_millis(global.config.ws_flush_adaptive_ms),
+        busy_pct: global.config.ws_flush_busy_pct,
+    };
+    let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id), pacing).await });
     let tick = spawn_local(tick_loop(ctx.clone()));
     let parker = spawn_local(park::run(ctx.clone()));
 

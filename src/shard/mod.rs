@@ -766,10 +766,14 @@ fn wake(slot: &mut Slot, key: usize, unpark: &mut Vec<usize>) {
 /// core is saturated: after a sweep that took at least half of it and ended
 /// with new frames already queued, the next one starts no sooner than
 /// `adaptive` after that sweep began. Otherwise sweeps start at once, as
-/// with interval 0.
-pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval: Duration, adaptive: Duration) {
+/// with interval 0. `busy_pct` (`WS_FLUSH_BUSY_PCT`) stretches that
+/// interval when sweeps take longer than that share of it (see
+/// [`Pacing::saturated_interval`]).
+pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing) {
     let mut last_sweep = Instant::now();
     let mut saturated = false;
+    // Running average of how long sweeps take (start to last write).
+    let mut sweep_avg = Duration::ZERO;
     // Kafka timestamps of updates queued before the current sweep began
     // (recorded as written when it ends) and since (the next sweep's).
     let mut in_sweep: Vec<i64> = Vec::new();
@@ -794,7 +798,7 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval
             }
             stats.updates_processed.add(taken as u64);
             drop(hist);
-            let interval = pacing(flush_interval, adaptive, saturated);
+            let interval = pacing.interval(saturated, sweep_avg);
             if !shard.sweeping() && shard.has_dirty() && (interval.is_zero() || last_sweep.elapsed() >= interval) {
                 shard.begin_sweep();
                 last_sweep = Instant::now();
@@ -802,7 +806,9 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval
             }
             let done = shard.sweeping() && shard.flush_step(FLUSH_CHUNK);
             if done {
-                saturated = last_sweep.elapsed() * 2 >= adaptive && shard.has_dirty();
+                let took = last_sweep.elapsed();
+                saturated = took * 2 >= pacing.adaptive && shard.has_dirty();
+                sweep_avg = if sweep_avg.is_zero() { took } else { (sweep_avg * 3 + took) / 4 };
             }
             if done && !in_sweep.is_empty() {
                 let now = epoch_ms() as i64;
@@ -820,7 +826,7 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval
         if shard.borrow().has_dirty() {
             // Frames are waiting for the next sweep: sleep until it is due
             // (updates arriving meanwhile join the same writes).
-            let due = pacing(flush_interval, adaptive, saturated).saturating_sub(last_sweep.elapsed());
+            let due = pacing.interval(saturated, sweep_avg).saturating_sub(last_sweep.elapsed());
             glommio::timer::sleep(due).await;
             continue;
         }
@@ -836,13 +842,42 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, flush_interval
     }
 }
 
-/// The least time between sweep starts: the fixed interval, or the adaptive
-/// one after a saturated sweep.
-fn pacing(fixed: Duration, adaptive: Duration, saturated: bool) -> Duration {
-    if !adaptive.is_zero() && saturated {
-        fixed.max(adaptive)
-    } else {
-        fixed
+/// How sweeps are spaced (`WS_FLUSH_INTERVAL_US`, `WS_FLUSH_ADAPTIVE_MS`,
+/// `WS_FLUSH_BUSY_PCT`).
+#[derive(Debug, Clone, Copy)]
+pub struct Pacing {
+    /// Always applies; zero: none.
+    pub fixed: Duration,
+    /// Applies after a saturated sweep; zero: never.
+    pub adaptive: Duration,
+    /// The share of the core (1–100) saturated sweeps may take.
+    pub busy_pct: u8,
+}
+
+/// The adaptive interval stretches to at most this many times its setting.
+const MAX_STRETCH: u32 = 4;
+
+impl Pacing {
+    /// The least time between sweep starts: the fixed interval, or the
+    /// saturated one after a saturated sweep.
+    fn interval(&self, saturated: bool, sweep_avg: Duration) -> Duration {
+        if saturated {
+            self.fixed.max(self.saturated_interval(sweep_avg))
+        } else {
+            self.fixed
+        }
+    }
+
+    /// `adaptive`, or longer when sweeps (`sweep_avg` each) would otherwise
+    /// take more than `busy_pct` of the core: then sweep time over that
+    /// share, capped at `MAX_STRETCH` × `adaptive`. The interval follows
+    /// the cost of a sweep on this machine, not one tuned elsewhere.
+    fn saturated_interval(&self, sweep_avg: Duration) -> Duration {
+        if self.adaptive.is_zero() {
+            return Duration::ZERO;
+        }
+        let share = sweep_avg * 100 / u32::from(self.busy_pct.clamp(1, 100));
+        self.adaptive.max(share).min(self.adaptive * MAX_STRETCH)
     }
 }
 
@@ -978,11 +1013,26 @@ mod tests {
     #[test]
     fn sweeps_are_spaced_only_after_a_saturated_sweep() {
         let ms = Duration::from_millis;
-        assert_eq!(pacing(ms(0), ms(40), false), ms(0), "not saturated: start at once");
-        assert_eq!(pacing(ms(0), ms(40), true), ms(40), "saturated: space sweeps");
-        assert_eq!(pacing(ms(0), ms(0), true), ms(0), "adaptive off");
-        assert_eq!(pacing(ms(60), ms(40), true), ms(60), "a longer fixed interval wins");
-        assert_eq!(pacing(ms(10), ms(40), false), ms(10), "the fixed interval always applies");
+        let p = |fixed, adaptive| Pacing { fixed: ms(fixed), adaptive: ms(adaptive), busy_pct: 100 };
+        let short = ms(5);
+        assert_eq!(p(0, 40).interval(false, short), ms(0), "not saturated: start at once");
+        assert_eq!(p(0, 40).interval(true, short), ms(40), "saturated: space sweeps");
+        assert_eq!(p(0, 0).interval(true, short), ms(0), "adaptive off");
+        assert_eq!(p(60, 40).interval(true, short), ms(60), "a longer fixed interval wins");
+        assert_eq!(p(10, 40).interval(false, short), ms(10), "the fixed interval always applies");
+    }
+
+    #[test]
+    fn saturated_sweeps_keep_to_their_share_of_the_core() {
+        let ms = Duration::from_millis;
+        let p = |adaptive, busy_pct| Pacing { fixed: ms(0), adaptive: ms(adaptive), busy_pct };
+        assert_eq!(p(40, 65).interval(true, ms(26)), ms(40), "26 ms is 65% of 40: no stretch");
+        assert_eq!(p(40, 65).interval(true, ms(39)), ms(60), "39 ms sweeps: 65% of 60 ms");
+        assert_eq!(p(40, 50).interval(true, ms(30)), ms(60));
+        assert_eq!(p(40, 65).interval(true, ms(500)), ms(160), "capped at 4x");
+        assert_eq!(p(40, 100).interval(true, ms(55)), ms(55), "100%: next sweep when the last ends");
+        assert_eq!(p(40, 65).interval(false, ms(39)), ms(0), "only when saturated");
+        assert_eq!(p(0, 65).interval(true, ms(39)), ms(0), "adaptive off: no stretch either");
     }
 
     /// A user's connections, added and removed in every position of their

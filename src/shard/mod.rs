@@ -873,10 +873,10 @@ impl Pacing {
     /// share, capped at `MAX_STRETCH` × `adaptive`. The interval follows
     /// the cost of a sweep on this machine, not one tuned elsewhere.
     fn saturated_interval(&self, sweep_avg: Duration) -> Duration {
-        if self.adaptive.is_zero() {
-            return Duration::ZERO;
+        if self.adaptive.is_zero() || self.busy_pct >= 100 {
+            return self.adaptive;
         }
-        let share = sweep_avg * 100 / u32::from(self.busy_pct.clamp(1, 100));
+        let share = sweep_avg * 100 / u32::from(self.busy_pct.max(1));
         self.adaptive.max(share).min(self.adaptive * MAX_STRETCH)
     }
 }
@@ -1030,7 +1030,7 @@ mod tests {
         assert_eq!(p(40, 65).interval(true, ms(39)), ms(60), "39 ms sweeps: 65% of 60 ms");
         assert_eq!(p(40, 50).interval(true, ms(30)), ms(60));
         assert_eq!(p(40, 65).interval(true, ms(500)), ms(160), "capped at 4x");
-        assert_eq!(p(40, 100).interval(true, ms(55)), ms(55), "100%: next sweep when the last ends");
+        assert_eq!(p(40, 100).interval(true, ms(55)), ms(40), "100: never stretched");
         assert_eq!(p(40, 65).interval(false, ms(39)), ms(0), "only when saturated");
         assert_eq!(p(0, 65).interval(true, ms(39)), ms(0), "adaptive off: no stretch either");
     }

@@ -22,7 +22,7 @@
 //! queue, no slow-reader handling (a socket that does not take the whole
 //! buffer is only counted), no envelope ids: what is left is the Kafka
 //! consumer, one frame per update and the sends, the part of a fan-out's cost
-//! no server avoids. `perf/floor.sh` and `perf/flush-curve.sh` compare it.
+//! no server avoids. `SCENARIO=fanout perf/floor.sh` runs it beside the servers.
 //!
 //! `PORT` (default 3108) picks the port on 127.0.0.1. Runs until killed.
 

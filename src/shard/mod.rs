@@ -755,20 +755,20 @@ fn wake(slot: &mut Slot, key: usize, unpark: &mut Vec<usize>) {
 /// written in steps of `FLUSH_CHUNK` sockets with the inbox drained
 /// between steps (see [`Shard::flush_step`]).
 ///
-/// `flush_interval` is the latency/CPU trade (`WS_FLUSH_INTERVAL_US`): a
+/// `pacing.fixed` is the latency/CPU trade (`WS_FLUSH_INTERVAL_US`): a
 /// sweep starts at most once per interval, so under load each socket write
 /// carries more frames (fewer syscalls per delivery) at the price of up to
 /// one interval of added latency. Zero starts the next sweep as soon as the
 /// last one ends: under saturation the batching is then set by the sweep's
 /// own length.
 ///
-/// `adaptive` (`WS_FLUSH_ADAPTIVE_MS`) applies an interval only while the
+/// `pacing.adaptive` (`WS_FLUSH_ADAPTIVE_MS`) applies an interval only while the
 /// core is saturated: after a sweep that took at least half of it and ended
 /// with new frames already queued, the next one starts no sooner than
 /// `adaptive` after that sweep began. Otherwise sweeps start at once, as
-/// with interval 0. `busy_pct` (`WS_FLUSH_BUSY_PCT`) stretches that
+/// with interval 0. `pacing.busy_pct` (`WS_FLUSH_BUSY_PCT`) stretches that
 /// interval when sweeps take longer than that share of it (see
-/// [`Pacing::saturated_interval`]).
+/// `Pacing::saturated_interval`).
 pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing) {
     let mut last_sweep = Instant::now();
     let mut saturated = false;

@@ -224,8 +224,9 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
 /// Fails when another socket already listens on `addr`. The shards bind
 /// with SO_REUSEPORT, which the kernel would otherwise let them share with
 /// any process of the same user (`WS_SHARE_PORT` allows that on purpose).
-/// The probe sets SO_REUSEADDR only, so connections of an earlier process
-/// lingering in TIME_WAIT do not count as the port being in use.
+/// The probe sets SO_REUSEADDR only: a listener conflicts with it, while
+/// an earlier instance's connections still closing (its listeners set
+/// SO_REUSEADDR too, which they inherit) do not.
 fn ensure_port_free(addr: SocketAddr) -> anyhow::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

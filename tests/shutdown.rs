@@ -123,6 +123,23 @@ fn shutdown_under_load_closes_thousands_with_1001_and_no_cut_frames() {
 /// set. With it the two share the port, and once the first has shut down the
 /// second takes every new connection: a restart that refuses nobody.
 #[test]
+fn a_restart_on_the_same_port_is_not_refused_for_the_old_instances_closing_connections() {
+    let mut old = TestServer::start(&[]);
+    let port = old.addr.port().to_string();
+    // Clients that stay open and never answer the close: the old instance's
+    // side of each is left bound to the port (FIN_WAIT2) after it exits.
+    let held: Vec<_> = (0..5).map(|i| authed(old.addr, &format!("held{i}"))).collect();
+    let handle = old.handle.take().unwrap();
+    handle.shutdown();
+    handle.join();
+    let new = TestServer::try_start(&[("WEBSOCKET_SERVICE_PORT", &port)])
+        .unwrap_or_else(|e| panic!("restart on the old instance's port refused: {e}"));
+    let mut ws = authed(new.addr, "after");
+    subscribe(&mut ws, "prices");
+    drop(held);
+}
+
+#[test]
 fn a_port_in_use_is_refused_unless_shared_and_the_sharer_outlives_the_old_instance() {
     let mut old = TestServer::start(&[]);
     let port = old.addr.port().to_string();

@@ -182,11 +182,14 @@ pub async fn run_shard(
 const ACCEPT_BUDGET: usize = 64;
 
 /// This shard's listening socket (`SO_REUSEPORT`, so every shard has its
-/// own), non-blocking.
+/// own), non-blocking. `SO_REUSEADDR` too: connections accepted from it
+/// inherit the flag, so those still closing after this process exits
+/// (FIN_WAIT2, TIME_WAIT) do not fail the next instance's port check.
 fn bind(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_port(true)?;
+    sock.set_reuse_address(true)?;
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
     sock.set_nonblocking(true)?;

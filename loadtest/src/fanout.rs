@@ -52,11 +52,23 @@ pub struct FanoutArgs {
     /// outages (for runs against `broker --down-every`); adds latency.
     #[arg(long)]
     pub(crate) idempotent: bool,
+    /// Ask the kernel to stamp data as it reaches each subscriber's socket
+    /// (`SO_TIMESTAMPNS`): each latency is then also split into the
+    /// server's part (publish → bytes in the client's socket, which this
+    /// client's own lag does not inflate) and the client's (socket →
+    /// parsed). A diagnostic: the stamps cost the client ~15% more CPU and
+    /// the server a clock read per packet, so headline runs leave it off.
+    #[arg(long)]
+    pub(crate) arrival_stamps: bool,
 }
 
 /// What the subscribers share (one runtime thread: no locking).
 struct Tally {
     latency: Histogram<u64>,
+    /// Intended send time → kernel receive stamp (the server's part).
+    to_socket: Histogram<u64>,
+    /// Kernel receive stamp → parsed (this client's part).
+    client_lag: Histogram<u64>,
     received: u64,
     measured: u64,
     gaps: u64,
@@ -72,14 +84,27 @@ pub async fn run(a: FanoutArgs) -> anyhow::Result<()> {
         bail!("no connection could be set up: {failures:?}");
     }
     let subscribers = setups.len();
-    let tally = Rc::new(RefCell::new(Tally { latency: histogram(), received: 0, measured: 0, gaps: 0, dups: 0 }));
+    let tally = Rc::new(RefCell::new(Tally {
+        latency: histogram(),
+        to_socket: histogram(),
+        client_lag: histogram(),
+        received: 0,
+        measured: 0,
+        gaps: 0,
+        dups: 0,
+    }));
     // Updates with a seq at or past this are measured (set when warm-up ends).
     let measure_from = Rc::new(std::cell::Cell::new(u64::MAX));
     let mut readers = Vec::with_capacity(subscribers);
+    let stamps = a.arrival_stamps;
     for s in setups {
         let (tally, measure_from) = (tally.clone(), measure_from.clone());
         readers.push(tokio::task::spawn_local(async move {
             let mut ws = s.ws;
+            if stamps {
+                // Without stamps the run still measures publish -> receive.
+                let _ = ws.stamp_arrivals();
+            }
             let mut sequence = Sequence::default();
             while let Some(f) = ws.next_text_frame().await {
                 let p = ws.payload(&f);
@@ -95,6 +120,10 @@ pub async fn run(a: FanoutArgs) -> anyhow::Result<()> {
                 if seq >= measure_from.get() {
                     t.measured += 1;
                     t.latency.saturating_record((now.saturating_sub(sent) / 1000).max(1));
+                    if let Some(at) = ws.arrived_ns() {
+                        t.to_socket.saturating_record((at.saturating_sub(sent) / 1000).max(1));
+                        t.client_lag.saturating_record((now.saturating_sub(at) / 1000).max(1));
+                    }
                 }
             }
         }));
@@ -186,6 +215,7 @@ pub async fn run(a: FanoutArgs) -> anyhow::Result<()> {
         "expected_measured": expected_measured, "measured": t.measured,
         "delivered_in_window": delivered, "window_s": window.as_secs_f64(), "deliveries_per_s": rate,
         "gaps": t.gaps, "duplicates": t.dups, "latency": percentiles(&t.latency), "server": server,
+        "latency_to_socket": percentiles(&t.to_socket), "client_lag": percentiles(&t.client_lag),
         "client_cpu_ms": mine.as_secs_f64() * 1e3,
         "client_cpu_utilisation": mine.as_secs_f64() / window.as_secs_f64(),
         "churn": {"opened": churn.opened, "failed": churn.failed, "setup": percentiles(&churn.setup)},
@@ -203,6 +233,15 @@ pub async fn run(a: FanoutArgs) -> anyhow::Result<()> {
             t.dups
         );
         print_table("publish -> receive (from intended send time)", &t.latency);
+        if !t.to_socket.is_empty() {
+            print_table("publish -> in the client's socket (kernel receive stamp)", &t.to_socket);
+            out!(
+                "  client lag (socket -> parsed): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                t.client_lag.value_at_quantile(0.5) as f64 / 1000.0,
+                t.client_lag.value_at_quantile(0.99) as f64 / 1000.0,
+                t.client_lag.max() as f64 / 1000.0
+            );
+        }
         if churn.opened + churn.failed > 0 {
             out!(
                 "  churn: {} connections opened and dropped ({} failed), set-up p50 {:.1} ms p99 {:.1} ms",

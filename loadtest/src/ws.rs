@@ -3,10 +3,12 @@
 //! frames (no per-frame allocation). Not a general client: it assumes a
 //! conforming server, as the server under test is not what it checks.
 
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// One connection's socket plus its read buffer.
@@ -14,6 +16,9 @@ pub struct Ws {
     pub stream: TcpStream,
     buf: Vec<u8>,
     start: usize,
+    /// With arrival stamps on (`stamp_arrivals`): the kernel's receive
+    /// time of the newest bytes read, in ns since the epoch (0: none yet).
+    arrived_ns: Option<u64>,
 }
 
 /// A server frame located in the read buffer.
@@ -56,7 +61,27 @@ impl Ws {
                 String::from_utf8_lossy(&buf[..buf.iter().position(|b| *b == b'\r').unwrap_or(buf.len())]).into_owned();
             bail!("upgrade refused: {line}");
         }
-        Ok(Ws { stream, buf, start: head_end })
+        Ok(Ws { stream, buf, start: head_end, arrived_ns: None })
+    }
+
+    /// Has the kernel stamp data as it reaches this socket (`SO_TIMESTAMPNS`):
+    /// on loopback that is the moment the server's write lands, so
+    /// `arrived_ns` splits publish→receive into the server's part and the
+    /// time this client took to get to the bytes.
+    pub fn stamp_arrivals(&mut self) -> std::io::Result<()> {
+        stamp_arrivals(&self.stream)?;
+        self.arrived_ns = Some(0);
+        Ok(())
+    }
+
+    /// When the newest bytes read so far reached the socket (kernel receive
+    /// time, ns since the epoch); None unless `stamp_arrivals` is on and a
+    /// stamped read happened (the kernel starts stamping shortly after the
+    /// first socket asks). A frame parsed after a read completed in it:
+    /// for frames that came in earlier segments of the same read this is
+    /// late, so the server's part is over- and the client's understated.
+    pub fn arrived_ns(&self) -> Option<u64> {
+        self.arrived_ns.filter(|t| *t > 0)
     }
 
     /// Sends one masked text frame.
@@ -92,7 +117,11 @@ impl Ws {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            if read_more(&mut self.stream, &mut self.buf).await? == 0 {
+            let n = match self.arrived_ns.as_mut() {
+                Some(at) => read_stamped(&self.stream, &mut self.buf, at).await?,
+                None => read_more(&mut self.stream, &mut self.buf).await?,
+            };
+            if n == 0 {
                 return Ok(None);
             }
         }
@@ -137,6 +166,83 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<
     }
     let n = stream.read_buf(buf).await?;
     Ok(n)
+}
+
+/// Turns on kernel receive stamps (`SO_TIMESTAMPNS`) for `stream`.
+fn stamp_arrivals(stream: &TcpStream) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a plain int option on an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `read_more` through `recvmsg`, keeping the kernel's receive stamp of
+/// the newest segment read in `at`.
+async fn read_stamped(stream: &TcpStream, buf: &mut Vec<u8>, at: &mut u64) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    loop {
+        stream.readable().await?;
+        let spare = buf.spare_capacity_mut();
+        let spare_len = spare.len();
+        match stream.try_io(Interest::READABLE, || recv_stamped(stream.as_raw_fd(), spare, at)) {
+            Ok(n) => {
+                let short = n < spare_len;
+                // SAFETY: recvmsg initialised the first n bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+                if short {
+                    // A short read drained the socket: clear the readiness
+                    // without the EAGAIN call that would (as tokio's own
+                    // reads do on epoll).
+                    let _ = stream.try_io(Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
+                }
+                return Ok(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn recv_stamped(fd: RawFd, spare: &mut [MaybeUninit<u8>], at: &mut u64) -> std::io::Result<usize> {
+    let mut iov = libc::iovec { iov_base: spare.as_mut_ptr().cast(), iov_len: spare.len() };
+    // Room for one SCM_TIMESTAMPNS message, aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: fd is an open socket; iov points into spare, which it may fill.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: walking the control messages the kernel wrote into `control`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                *at = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(n as usize)
 }
 
 /// (opcode, payload start, frame end) of the unmasked frame at `b[0..]`.
@@ -236,6 +342,56 @@ mod tests {
         assert_eq!(field_u64(br#"{"data":{"seq":42,"sentNs":7}}"#, &SEQ), Some(42));
         assert_eq!(field_u64(br#"{"data":{"seq":42,"sentNs":7}}"#, &SENT_NS), Some(7));
         assert_eq!(field_u64(br#"{"x":1}"#, &SEQ), None);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stamped_read_carries_the_kernels_arrival_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        stamp_arrivals(&client).unwrap();
+        let mut buf = Vec::new();
+        let mut at = 0;
+        // The kernel turns stamping on shortly after the first socket asks
+        // (deferred work): until then reads leave `at` alone.
+        for _ in 0..200 {
+            server.write_all(b"warm").await.unwrap();
+            read_stamped(&client, &mut buf, &mut at).await.unwrap();
+            if at != 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_ne!(at, 0, "no receive stamp within 2 s");
+        buf.clear();
+        for (i, chunk) in [&b"first"[..], b"second"].into_iter().enumerate() {
+            let before = crate::now_ns();
+            server.write_all(chunk).await.unwrap();
+            let n = read_stamped(&client, &mut buf, &mut at).await.unwrap();
+            let after = crate::now_ns();
+            assert_eq!(&buf[buf.len() - n..], chunk, "read {i}");
+            assert!((before..=after).contains(&at), "read {i}: stamp {at} outside {before}..={after}");
+        }
+        assert_eq!(buf, b"firstsecond");
+        // A stamp is the newest segment's: a read of two writes has the second's.
+        server.write_all(b"third").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let between = crate::now_ns();
+        server.write_all(b"fourth").await.unwrap();
+        // Both queued before the one read (bounded wait).
+        for _ in 0..200 {
+            let mut queued: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int.
+            unsafe { libc::ioctl(client.as_raw_fd(), libc::FIONREAD, &mut queued) };
+            if queued as usize >= "thirdfourth".len() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        buf.clear();
+        read_stamped(&client, &mut buf, &mut at).await.unwrap();
+        assert_eq!(buf, b"thirdfourth");
+        assert!(at >= between, "stamp {at} is the older segment's (before {between})");
     }
 
     #[test]

@@ -205,7 +205,9 @@ async fn read_stamped(stream: &TcpStream, buf: &mut Vec<u8>, at: &mut u64) -> st
                 if short {
                     // A short read drained the socket: clear the readiness
                     // without the EAGAIN call that would (as tokio's own
-                    // reads do on epoll).
+                    // reads do on epoll). Safe on the current-thread
+                    // runtime the client uses: its I/O driver cannot record
+                    // a new readiness between the read and this call.
                     let _ = stream.try_io(Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
                 }
                 return Ok(n);

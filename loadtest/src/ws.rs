@@ -160,10 +160,15 @@ impl Ws {
     }
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<usize> {
+/// Room for the next read: at least 4 KiB free, grown 16 KiB at a time.
+fn make_room(buf: &mut Vec<u8>) {
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(16 * 1024);
     }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<usize> {
+    make_room(buf);
     let n = stream.read_buf(buf).await?;
     Ok(n)
 }
@@ -190,9 +195,7 @@ fn stamp_arrivals(stream: &TcpStream) -> std::io::Result<()> {
 /// `read_more` through `recvmsg`, keeping the kernel's receive stamp of
 /// the newest segment read in `at`.
 async fn read_stamped(stream: &TcpStream, buf: &mut Vec<u8>, at: &mut u64) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(16 * 1024);
-    }
+    make_room(buf);
     loop {
         stream.readable().await?;
         let spare = buf.spare_capacity_mut();

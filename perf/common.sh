@@ -34,3 +34,13 @@ start_moonx() {
   wait_port "$port"
   sleep 2 # partitions assigned at their high watermark
 }
+
+# start_rust_tokio PORT LOG: the rust-tokio peer (built under PEERS_DIR,
+# default /tmp/peers) on core 0; sets SERVER_PID.
+start_rust_tokio() {
+  env PORT="$1" JWT_SECRET=loadtest-secret KAFKA_BROKERS="$BROKERS" \
+    taskset -c 0 "${PEERS_DIR:-/tmp/peers}/rust-tokio/target/release/rust-tokio-peer" > "$2" 2>&1 &
+  SERVER_PID=$!
+  wait_port "$1"
+  sleep 2 # the consumer joins and positions
+}

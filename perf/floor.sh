@@ -49,13 +49,7 @@ for run in $(seq "$RUNS"); do
         [ "$SCENARIO" = fanout ] && sleep 2
         ;;
       moonx-ws) start_moonx $PORT "$out/moonx-ws.log" WS_FLUSH_ADAPTIVE_MS="$FLUSH_MS" WS_FLUSH_BUSY_PCT=100 ;;
-      rust-tokio)
-        env PORT=$PORT JWT_SECRET=loadtest-secret KAFKA_BROKERS="$BROKERS" \
-          taskset -c 0 "$PEERS_DIR/rust-tokio/target/release/rust-tokio-peer" > "$out/rust-tokio.log" 2>&1 &
-        SERVER_PID=$!
-        wait_port $PORT
-        sleep 2
-        ;;
+      rust-tokio) start_rust_tokio $PORT "$out/rust-tokio.log" ;;
       *) echo "unknown server $name" >&2; exit 2 ;;
     esac
     if [ "$SCENARIO" = fanout ]; then

@@ -33,13 +33,7 @@ for run in $(seq "$RUNS"); do
     start_broker "$out"
     case "$name" in
       moonx-ws:*) start_moonx $PORT "$out/$name.log" WS_FLUSH_BUSY_PCT="${name#moonx-ws:}" ;;
-      rust-tokio)
-        env PORT=$PORT JWT_SECRET=loadtest-secret KAFKA_BROKERS="$BROKERS" \
-          taskset -c 0 "$PEERS_DIR/rust-tokio/target/release/rust-tokio-peer" > "$out/rust-tokio.log" 2>&1 &
-        SERVER_PID=$!
-        wait_port $PORT
-        sleep 2
-        ;;
+      rust-tokio) start_rust_tokio $PORT "$out/rust-tokio.log" ;;
       *) echo "unknown server $name" >&2; exit 2 ;;
     esac
     taskset -c 1 timeout 120 "$LT" fanout --brokers "$BROKERS" -c 5000 -r "$RATE" -d "${SECS:-8}" --sources 64 \

@@ -7,9 +7,18 @@
 # Usage: conformance/run.sh [--update]   (--update rewrites expected.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python3 -c "import kosoku" 2>/dev/null; then
-  echo "installing kosoku (PyPI)"
-  python3 -m pip install -q kosoku
+# kosoku lives in a virtual environment of its own (target/conformance-venv),
+# never in the system Python.
+venv=target/conformance-venv
+if ! "$venv/bin/python" -c "import kosoku" 2>/dev/null; then
+  echo "installing kosoku (PyPI) into $venv"
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    # Debian's python3 needs python3-venv for this.
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/python" -m pip install -q kosoku
 fi
 cargo build --quiet --example autobahn_echo
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -20,7 +29,7 @@ for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break;
 out=$(mktemp -d)
 cases=()
 for s in 1 2 3 4 5 6 7 9 10; do cases+=(-i "$s.*"); done
-timeout 600 python3 -c "import sys; from kosoku._cli import main; sys.argv[0] = 'kosoku'; sys.exit(main())" -p 4 "${cases[@]}" -o "$out" "127.0.0.1:$port" > "$out/run.log" 2>&1 || { cat "$out/run.log"; exit 1; }
+timeout 600 "$venv/bin/python" -c "import sys; from kosoku._cli import main; sys.argv[0] = 'kosoku'; sys.exit(main())" -p 4 "${cases[@]}" -o "$out" "127.0.0.1:$port" > "$out/run.log" 2>&1 || { cat "$out/run.log"; exit 1; }
 python3 - "$out/index.json" conformance/expected.json "${1:-}" <<'PY'
 import json, sys, collections
 got_all = json.load(open(sys.argv[1]))

@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
             "embedded auth: no JWT_SECRET, JWT_PUBLIC_KEY or AUTH_SERVICE_URL set, so a random dev secret was generated; this token is valid for 24 h"
         );
         tracing::info!(
-            "try it: websocat ws://{}/ws  then send {{\"type\":\"authenticate\",\"data\":{{\"token\":\"{}\"}}}}",
+            "try it: cargo run --release --example wsclient -- ws://{}/ws --token {} --subscribe prices",
             display_addr(addr),
             dev.token
         );

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# Runs every test. The Redis tests start a real redis-server on a free port,
-# the browser test a headless Chromium and the descriptor-limit test uses
-# prlimit, so these are installed from Debian's packages first when missing.
+# Runs every test: `cargo test --workspace` (the service and the load tool),
+# then the service's end-to-end tests once more with idle connections parked
+# at every chance.
+#
+# What it installs, and only when missing (Debian packages, without their
+# recommended extras):
+#   redis-server  the Redis tests start real servers on free ports
+#   chromium      tests/browser.rs drives /docs in headless Chromium
+#   util-linux    tests/descriptors.rs runs the server under prlimit
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The browser test drives Debian's headless Chromium.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-# The descriptor-limit test runs the server under util-linux's prlimit.
 command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing ${missing[*]} (Debian packages) for the tests"
+  echo "installing ${missing[*]} (Debian packages, no recommends) for the tests"
   export DEBIAN_FRONTEND=noninteractive
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 cargo test --workspace "$@"
 # The end-to-end tests once more with idle connections parked at every

@@ -206,6 +206,11 @@ pub struct Config {
     /// Time allowed for close handshakes on shutdown, in ms.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value = "5000", value_parser = parse_ms)]
     pub shutdown_grace_ms: Duration,
+    /// On shutdown each client is told to reconnect after a random delay
+    /// below this (the 1001 close reason's `retryAfterMs`; a 503's
+    /// `Retry-After`), so thousands do not reconnect at once; in ms, 0: none.
+    #[arg(long, env = "SHUTDOWN_RECONNECT_SPREAD_MS", default_value = "5000", value_parser = parse_ms_or_zero)]
+    pub shutdown_reconnect_spread_ms: Duration,
     /// Log format: pretty or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "pretty", value_parser = ["pretty", "json"])]
     pub log_format: String,
@@ -219,6 +224,11 @@ fn parse_ms(s: &str) -> Result<Duration, String> {
     if ms == 0 {
         return Err("must be greater than 0".into());
     }
+    Ok(Duration::from_millis(ms))
+}
+
+fn parse_ms_or_zero(s: &str) -> Result<Duration, String> {
+    let ms: u64 = s.trim().parse().map_err(|e| format!("expected milliseconds: {e}"))?;
     Ok(Duration::from_millis(ms))
 }
 
@@ -285,6 +295,19 @@ impl Config {
         self.ws_shards
             .map(NonZeroUsize::get)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, NonZeroUsize::get))
+    }
+
+    /// How tokens are verified: `jwt` (a configured key), `remote` (the
+    /// Auth Service) or `dev` (a random secret generated at start: the
+    /// quick start's embedded mode, never for production).
+    pub fn auth_mode(&self) -> &'static str {
+        if self.jwt_secret.is_some() || self.jwt_public_key.is_some() {
+            "jwt"
+        } else if self.auth_service_url.is_some() {
+            "remote"
+        } else {
+            "dev"
+        }
     }
 }
 

@@ -21,6 +21,9 @@ use crate::config::Config;
 use crate::protocol::handshake::Refusal;
 
 const STRIPES: usize = 16;
+/// `Retry-After` of a 503 for capacity: long enough for the load balancer
+/// to send the retry elsewhere or for connections here to close.
+pub const CAPACITY_RETRY_AFTER_S: u32 = 5;
 const WINDOW_MS: u64 = 60_000;
 
 type Stripes<K, V> = [Mutex<HashMap<K, V>>; STRIPES];
@@ -72,6 +75,11 @@ pub struct ParkedAdmission {
 }
 
 impl Admission {
+    /// The client IP the slot is held for.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
     /// This instance's connections from the IP, this one included, at admission.
     pub fn local_count(&self) -> u32 {
         self.local
@@ -162,7 +170,7 @@ impl Limits {
             if *count == 0 {
                 ips.remove(&ip);
             }
-            return Err(Refusal::new(503, "server at connection capacity"));
+            return Err(Refusal::unavailable("server at connection capacity", CAPACITY_RETRY_AFTER_S));
         }
         *count += 1;
         Ok(Admission { limits: Some(self.clone()), ip, local: *count })

@@ -103,8 +103,9 @@ fn instance_capacity_gives_503() {
     let srv = TestServer::start(&[("WS_MAX_CONNECTIONS", "2")]);
     let _a = connect(srv.addr);
     let _b = connect(srv.addr);
-    let (status, _, _) = http(srv.addr, &upgrade_request(""));
+    let (status, head, _) = http(srv.addr, &upgrade_request(""));
     assert_eq!(status, 503);
+    assert!(head.lines().any(|l| l == "Retry-After: 5"), "a 503 says when to come back: {head}");
 }
 
 #[test]
@@ -144,6 +145,11 @@ fn health_endpoints() {
     assert_eq!(h["status"], "healthy");
     assert!(h["timestamp"].as_u64().unwrap() > 1_600_000_000_000);
     assert_eq!(h["services"], json!({"redis": true, "kafka": true, "auth": true}));
+    assert_eq!(
+        h["modes"],
+        json!({"redis": "not_configured", "kafka": "embedded", "auth": "jwt"}),
+        "what each `true` stands for: no KAFKA_BROKERS means the embedded broker"
+    );
     assert_eq!(h["metrics"]["activeConnections"], 1);
     assert_eq!(h["metrics"]["totalConnections"], 1);
     assert_eq!(h["metrics"]["messagesReceived"], 2);

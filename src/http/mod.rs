@@ -73,10 +73,15 @@ fn health(ctx: &ShardCtx, out: &mut Vec<u8>) {
     } else {
         "degraded"
     };
+    // What `true` stands for: a service that answers, or one this
+    // configuration does not use (Redis unset) or runs in-process.
+    let kafka_mode = if g.ingest.embedded.load(std::sync::atomic::Ordering::Relaxed) { "embedded" } else { "external" };
+    let redis_mode = if g.cluster.is_some() { "external" } else { "not_configured" };
     let body = json!({
         "status": status,
         "timestamp": g.clock.epoch_ms(),
         "services": { "redis": redis, "kafka": kafka, "auth": auth },
+        "modes": { "redis": redis_mode, "kafka": kafka_mode, "auth": g.config.auth_mode() },
         "metrics": {
             "totalConnections": total(stats, |s| s.connections_accepted.get()),
             "activeConnections": g.limits.open_connections(),

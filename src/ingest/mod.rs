@@ -115,7 +115,11 @@ pub fn start(
             let (addr, thread) = embedded::start(&names, demo, stop.clone())?;
             threads.push(thread);
             stats.embedded.store(true, Ordering::Relaxed);
-            tracing::info!(bootstrap = %addr, "embedded Kafka-protocol broker started (KAFKA_BROKERS unset): produce to it with any Kafka client");
+            if cfg.auth_mode() == "dev" {
+                tracing::warn!(bootstrap = %addr, "KAFKA_BROKERS is not set: serving updates from an embedded Kafka-protocol broker on loopback (the quick start; produce to it with any Kafka client). Set KAFKA_BROKERS in production");
+            } else {
+                tracing::warn!(bootstrap = %addr, "KAFKA_BROKERS is not set although authentication is configured: serving from an embedded broker on loopback, so no update from your Kafka can ever arrive. Set KAFKA_BROKERS");
+            }
             // The mock broker holds an empty fetch for the whole wait.
             (addr, 5)
         }

@@ -44,11 +44,19 @@ pub enum Parsed {
 pub struct Refusal {
     pub status: u16,
     pub message: &'static str,
+    /// Seconds for a `Retry-After` header (503: the client should come
+    /// back, or try another instance, after this long).
+    pub retry_after_s: Option<u32>,
 }
 
 impl Refusal {
     pub const fn new(status: u16, message: &'static str) -> Self {
-        Self { status, message }
+        Self { status, message, retry_after_s: None }
+    }
+
+    /// A 503 with `Retry-After: retry_after_s`.
+    pub const fn unavailable(message: &'static str, retry_after_s: u32) -> Self {
+        Self { status: 503, message, retry_after_s: Some(retry_after_s) }
     }
 }
 
@@ -182,7 +190,12 @@ pub fn write_response(status: u16, content_type: &str, extra_headers: &[(&str, &
 /// Appends a refusal: the status with a `{"error": "..."}` body.
 pub fn write_refusal(refusal: Refusal, out: &mut Vec<u8>) {
     let body = serde_json::json!({ "error": refusal.message }).to_string();
-    let extra: &[(&str, &str)] = if refusal.status == 426 { &[("Sec-WebSocket-Version", "13")] } else { &[] };
+    let retry = refusal.retry_after_s.map(|s| s.to_string());
+    let extra: &[(&str, &str)] = match (refusal.status, &retry) {
+        (426, _) => &[("Sec-WebSocket-Version", "13")],
+        (_, Some(secs)) => &[("Retry-After", secs.as_str())],
+        _ => &[],
+    };
     write_response(refusal.status, "application/json", extra, body.as_bytes(), out);
 }
 
@@ -206,6 +219,18 @@ fn reason_phrase(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_503_says_when_to_retry() {
+        let mut out = Vec::new();
+        write_refusal(Refusal::unavailable("full", 5), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
+        assert!(text.contains("\r\nRetry-After: 5\r\n"), "{text}");
+        let mut out = Vec::new();
+        write_refusal(Refusal::new(403, "no"), &mut out);
+        assert!(!String::from_utf8(out).unwrap().contains("Retry-After"));
+    }
 
     const UPGRADE: &str = "GET /ws?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: https://app.example\r\nX-Forwarded-For: 1.1.1.1, 2.2.2.2\r\nX-Forwarded-For: 3.3.3.3\r\n\r\n";
 

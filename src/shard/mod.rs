@@ -94,6 +94,9 @@ pub struct Slot {
     /// Parked (no task; see `conn::park`): its record's index + 1, else 0.
     /// Its `waker` is then the parker's, and waking it asks for an unpark.
     parked: u32,
+    /// The first recipient of a private update whose latency sample waits
+    /// for this connection's next write (see [`Stamps`]).
+    stamped: bool,
 }
 
 /// The price frames a shard has queued since its last completed sweep, one
@@ -156,7 +159,33 @@ pub struct Shard {
     writer: SendBatch,
     pub stats: Arc<ShardStats>,
     shutting_down: bool,
+    /// Latency samples of updates queued and not yet written to any socket.
+    stamps: Stamps,
 }
+
+/// Latency samples waiting for their update's first socket write, for
+/// `moonx_ws_kafka_to_socket_latency_seconds`. An update is sampled only
+/// when it was queued for at least one connection, and recorded when the
+/// first of them is written (or handed to its task, for a connection the
+/// fan-out cannot write directly). Each queue is bounded: past
+/// [`MAX_STAMPS`] an update goes unsampled, counted in
+/// `moonx_ws_latency_samples_skipped_total`.
+#[derive(Debug, Default)]
+struct Stamps {
+    /// Price frames: the log offset where the frame ends, and its Kafka
+    /// timestamp (ms). Written once any subscriber's write passes the end.
+    log: std::collections::VecDeque<(u64, i64)>,
+    /// Private frames: the first recipient's key (its slot is `stamped`)
+    /// and the Kafka timestamp.
+    private: std::collections::VecDeque<(u32, i64)>,
+    /// Stamped slots written (or handed over) in the current sweep step.
+    written: Vec<u32>,
+    /// How far into the price log a write of this step reached.
+    log_written: u64,
+}
+
+/// Samples each [`Stamps`] queue holds at most.
+const MAX_STAMPS: usize = 4096;
 
 impl Shard {
     pub fn new(id: usize, max_buffered: usize, stats: Arc<ShardStats>) -> Self {
@@ -176,6 +205,7 @@ impl Shard {
             writer: SendBatch::new(true),
             stats,
             shutting_down: false,
+            stamps: Stamps::default(),
         }
     }
 
@@ -212,7 +242,12 @@ impl Shard {
     /// Removes a connection and every registration it had.
     pub fn remove(&mut self, key: usize) {
         self.stop_updates(key);
-        self.conns.try_remove(key);
+        if let Some(slot) = self.conns.try_remove(key) {
+            if slot.stamped {
+                // Its samples were never written: they are not latencies.
+                self.stamps.private.retain(|&(k, _)| k as usize != key);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -383,9 +418,14 @@ impl Shard {
                 if !self.prices.is_empty() {
                     self.log.buf.extend_from_slice(&update.frame);
                     delivered = self.prices.len();
+                    if update.kafka_ts_ms > 0 {
+                        let (head, ts) = (self.log.head(), update.kafka_ts_ms);
+                        push_stamp(&mut self.stamps.log, (head, ts), &self.stats);
+                    }
                 }
             }
             Route::User { channel, user } => {
+                let mut first = None;
                 let mut next = self.first_of(user).unwrap_or(NOT_LISTED as usize);
                 while next != NOT_LISTED as usize {
                     let key = next;
@@ -398,8 +438,14 @@ impl Shard {
                     if self.out.append(slot, key, &update.frame, lagging) {
                         mark_dirty(slot, key, &mut self.dirty);
                         delivered += 1;
+                        first.get_or_insert(key);
                     } else {
                         slow.push(key);
+                    }
+                }
+                if let (Some(key), true) = (first, update.kafka_ts_ms > 0) {
+                    if push_stamp(&mut self.stamps.private, (key as u32, update.kafka_ts_ms), &self.stats) {
+                        self.conns[key].stamped = true;
                     }
                 }
             }
@@ -480,6 +526,9 @@ impl Shard {
                 self.direct.push(key);
                 continue;
             }
+            // Handed to its task, which writes it within its next poll.
+            self.stamps.log_written = self.stamps.log_written.max(self.log.head());
+            take_stamp(slot, key, &mut self.stamps.written);
             if !self.out.hand_to_driver(slot, key, &self.log) {
                 slow.push(key);
             }
@@ -493,6 +542,16 @@ impl Shard {
             let slot = &mut self.conns[key];
             slot.batched = false;
             let total = slot.pending.len() + lag(slot, &self.log);
+            // What the write took of the log is on the wire (the outbox goes
+            // first); the rest, and all of it when the socket took nothing,
+            // is handed to the driver below, which is woken now.
+            let reached = if n > 0 {
+                slot.cursor + (n as usize).saturating_sub(slot.pending.len()) as u64
+            } else {
+                self.log.head()
+            };
+            self.stamps.log_written = self.stamps.log_written.max(reached);
+            take_stamp(slot, key, &mut self.stamps.written);
             if n >= 0 && n as usize == total {
                 slot.cursor = self.log.head();
                 self.stats.direct_writes.inc();
@@ -520,10 +579,46 @@ impl Shard {
             self.stop_updates(key);
         }
         if self.sweeping() {
+            self.record_written();
             return false;
         }
+        // Every subscriber is past the sweep's head now: written, or handed
+        // to its task (an unsubscribe copies what it had not been sent).
+        self.stamps.log_written = self.stamps.log_written.max(self.sweep_head);
+        self.record_written();
         self.log.trim_to(self.sweep_head);
         true
+    }
+
+    /// Records the samples of updates this sweep step wrote to a socket.
+    fn record_written(&mut self) {
+        let stamps = &mut self.stamps;
+        let log_done = stamps.log.front().is_some_and(|&(end, _)| end <= stamps.log_written);
+        if !log_done && stamps.written.is_empty() {
+            return;
+        }
+        let now = epoch_ms() as i64;
+        let mut hist = self.stats.e2e_latency_us.lock();
+        let mut record = |ts: i64| hist.saturating_record(((now - ts).max(0) as u64 * 1000).max(1));
+        while let Some(&(end, ts)) = stamps.log.front() {
+            if end > stamps.log_written {
+                break;
+            }
+            record(ts);
+            stamps.log.pop_front();
+        }
+        if !stamps.written.is_empty() {
+            stamps.written.sort_unstable();
+            let written = &stamps.written;
+            stamps.private.retain(|&(key, ts)| {
+                let done = written.binary_search(&key).is_ok();
+                if done {
+                    record(ts);
+                }
+                !done
+            });
+            stamps.written.clear();
+        }
     }
 
     /// Wakes every connection whose deadline has passed.
@@ -536,10 +631,17 @@ impl Shard {
         }
     }
 
-    /// Flags every connection for a 1001 close and wakes it.
-    pub fn begin_shutdown(&mut self) {
+    /// Marks the shard as shutting down (a connection inserted from now on
+    /// is flagged for its 1001 close at once) and lists the open ones, for
+    /// [`Shard::shut_down`] to close in batches.
+    pub fn begin_shutdown(&mut self) -> Vec<usize> {
         self.shutting_down = true;
-        for (key, slot) in self.conns.iter_mut() {
+        self.conns.iter().map(|(key, _)| key).collect()
+    }
+
+    /// Flags a connection for a 1001 close and wakes it (none: it is gone).
+    pub fn shut_down(&mut self, key: usize) {
+        if let Some(slot) = self.conns.get_mut(key) {
             slot.shutdown = true;
             wake(slot, key, &mut self.out.unpark);
         }
@@ -581,6 +683,23 @@ impl Shard {
     /// Whether any parked connection was woken.
     pub fn has_unparks(&self) -> bool {
         !self.out.unpark.is_empty()
+    }
+}
+
+/// Queues a latency sample unless its queue is full (then counted).
+fn push_stamp<T>(queue: &mut std::collections::VecDeque<T>, stamp: T, stats: &ShardStats) -> bool {
+    if queue.len() >= MAX_STAMPS {
+        stats.latency_samples_skipped.inc();
+        return false;
+    }
+    queue.push_back(stamp);
+    true
+}
+
+/// Notes that a stamped slot's queued frames were written (or handed over).
+fn take_stamp(slot: &mut Slot, key: usize, written: &mut Vec<u32>) {
+    if std::mem::take(&mut slot.stamped) {
+        written.push(key as u32);
     }
 }
 
@@ -774,10 +893,6 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing
     let mut saturated = false;
     // Running average of how long sweeps take (start to last write).
     let mut sweep_avg = Duration::ZERO;
-    // Kafka timestamps of updates queued before the current sweep began
-    // (recorded as written when it ends) and since (the next sweep's).
-    let mut in_sweep: Vec<i64> = Vec::new();
-    let mut unflushed: Vec<i64> = Vec::new();
     loop {
         let mut taken = 0;
         let sweeping = {
@@ -792,9 +907,6 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing
                 taken += 1;
                 let us = update.published_at.elapsed().as_micros() as u64;
                 hist.saturating_record(us.max(1));
-                if update.kafka_ts_ms > 0 {
-                    unflushed.push(update.kafka_ts_ms);
-                }
             }
             stats.updates_processed.add(taken as u64);
             drop(hist);
@@ -802,20 +914,12 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing
             if !shard.sweeping() && shard.has_dirty() && (interval.is_zero() || last_sweep.elapsed() >= interval) {
                 shard.begin_sweep();
                 last_sweep = Instant::now();
-                std::mem::swap(&mut in_sweep, &mut unflushed);
             }
             let done = shard.sweeping() && shard.flush_step(FLUSH_CHUNK);
             if done {
                 let took = last_sweep.elapsed();
                 saturated = took * 2 >= pacing.adaptive && shard.has_dirty();
                 sweep_avg = if sweep_avg.is_zero() { took } else { (sweep_avg * 3 + took) / 4 };
-            }
-            if done && !in_sweep.is_empty() {
-                let now = epoch_ms() as i64;
-                let mut e2e = stats.e2e_latency_us.lock();
-                for ts in in_sweep.drain(..) {
-                    e2e.saturating_record(((now - ts).max(0) as u64 * 1000).max(1));
-                }
             }
             shard.sweeping()
         };
@@ -1280,6 +1384,62 @@ mod tests {
             }
             assert!(s.log.buf.is_empty(), "seed {seed} (io_uring {uring}): the log is empty once every sweep is done");
         }
+    }
+
+    fn e2e_samples(s: &Shard) -> u64 {
+        s.stats.e2e_latency_us.lock().len()
+    }
+
+    /// An update is sampled for the Kafka-to-socket latency only when it
+    /// reaches a socket, at that write; nothing is kept for updates that
+    /// no connection on the shard takes, however many arrive.
+    #[test]
+    fn latency_is_sampled_at_the_first_write_of_a_delivered_update() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+        let stamped = |mut u: Update| {
+            u.kafka_ts_ms = epoch_ms() as i64 - 5;
+            u
+        };
+        let mut s = shard(1 << 20);
+        for _ in 0..10_000 {
+            s.fanout(&stamped(price("{}")));
+            let orders = Route::User { channel: Channel::Orders, user: "nobody".into() };
+            s.fanout(&stamped(Update::encode(orders, "u1", 0, b"{}")));
+        }
+        assert!(s.stamps.log.is_empty() && s.stamps.private.is_empty(), "no subscriber: nothing kept");
+        assert!(!s.has_dirty(), "and nothing to write");
+
+        let (srv, mut cli) = UnixStream::pair().unwrap();
+        let k = s.insert(srv.as_raw_fd(), 0);
+        s.set_user(k, "alice".into());
+        s.subscribe(k, Channel::Prices);
+        s.subscribe(k, Channel::Orders);
+        s.fanout(&stamped(price("{}")));
+        let orders = Route::User { channel: Channel::Orders, user: "alice".into() };
+        s.fanout(&stamped(Update::encode(orders, "u2", 0, b"{}")));
+        assert_eq!(e2e_samples(&s), 0, "queued, not yet written");
+        s.begin_sweep();
+        assert!(s.flush_step(64));
+        assert!(!received(&mut cli).is_empty());
+        assert_eq!(e2e_samples(&s), 2, "one sample per delivered update, at its write");
+        let min = s.stats.e2e_latency_us.lock().min();
+        assert!(min >= 5_000, "measured from the Kafka timestamp: {min} µs");
+        assert!(!s.slot(k).stamped);
+    }
+
+    #[test]
+    fn latency_samples_are_bounded_and_counted() {
+        let mut s = shard(1 << 30);
+        let k = s.insert(-1, 0);
+        s.subscribe(k, Channel::Prices);
+        for _ in 0..MAX_STAMPS + 10 {
+            let mut u = price("{}");
+            u.kafka_ts_ms = 1;
+            s.fanout(&u);
+        }
+        assert_eq!(s.stamps.log.len(), MAX_STAMPS);
+        assert_eq!(s.stats.latency_samples_skipped.get(), 10);
     }
 
     #[test]

@@ -101,10 +101,13 @@ pub struct ShardStats {
     /// Publish -> queued for every subscriber on the shard (the price log
     /// or the private subscribers' outboxes), in µs.
     pub fanout_latency_us: Mutex<Histogram<u64>>,
-    /// Kafka message timestamp -> the end of the first sweep that began
-    /// after it was queued (connections whose driver writes follow within
-    /// its next poll), in µs.
+    /// Kafka message timestamp -> the first write of the update's frame to
+    /// a subscriber's socket on this shard, in µs (see `shard::Stamps`).
     pub e2e_latency_us: Mutex<Histogram<u64>>,
+    /// Updates not sampled for `e2e_latency_us` (the sample queue was full).
+    pub latency_samples_skipped: Counter,
+    /// Per-connection log lines held back by the shard's [`LogBudget`].
+    pub log_lines_suppressed: Counter,
 }
 
 /// Statuses counted in `handshake_refusals` (index = position).
@@ -139,6 +142,8 @@ impl Default for ShardStats {
             // 1 µs .. 60 s at 3 significant figures; these bounds are valid.
             fanout_latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
             e2e_latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
+            latency_samples_skipped: Counter::default(),
+            log_lines_suppressed: Counter::default(),
         }
     }
 }
@@ -220,6 +225,18 @@ pub fn render_prometheus(shards: &[std::sync::Arc<ShardStats>], extra: &Extra) -
         "moonx_ws_deliveries_total",
         "Update frames queued to subscribers.",
         sum(&|s| s.deliveries.get()),
+    );
+    counter(
+        &mut out,
+        "moonx_ws_log_lines_suppressed_total",
+        "Per-connection log lines (refused upgrades, failed authentications, server closes) held back by the rate limit; the next line written says how many.",
+        sum(&|s| s.log_lines_suppressed.get()),
+    );
+    counter(
+        &mut out,
+        "moonx_ws_latency_samples_skipped_total",
+        "Updates left out of moonx_ws_kafka_to_socket_latency_seconds because a shard's sample queue was full.",
+        sum(&|s| s.latency_samples_skipped.get()),
     );
     counter(
         &mut out,
@@ -308,13 +325,13 @@ pub fn render_prometheus(shards: &[std::sync::Arc<ShardStats>], extra: &Extra) -
     histogram(
         &mut out,
         "moonx_ws_fanout_latency_seconds",
-        "Time from publish to the frame being queued for every subscriber on a shard.",
+        "Time from an update's publish by Kafka ingest to a shard's fan-out queueing it for that shard's subscribers; recorded once per shard for every update it takes, subscribed or not.",
         shards.iter().map(|s| &s.fanout_latency_us),
     );
     histogram(
         &mut out,
         "moonx_ws_kafka_to_socket_latency_seconds",
-        "Time from the Kafka message timestamp to the fan-out's write of the frame to its subscribers' sockets.",
+        "Time from the Kafka message timestamp to the first write of the update's frame to a subscriber's socket (or its hand-over to the connection's own task, for TLS and full sockets), once per shard that had a subscriber for it; updates no connection was subscribed to are not recorded.",
         shards.iter().map(|s| &s.e2e_latency_us),
     );
     out
@@ -369,11 +386,59 @@ impl LogLimiter {
     }
 }
 
+/// A token bucket for per-connection log lines on one shard (refused
+/// upgrades, failed authentications, server closes): up to `burst` lines
+/// at once and `per_sec` a second after that, so a flood of bad clients
+/// cannot fill the disk. What it holds back is counted: the next line
+/// carries the count (`suppressed`), and the shard's
+/// `log_lines_suppressed` total is exported.
+#[derive(Debug)]
+pub struct LogBudget {
+    per_sec: u32,
+    burst: u32,
+    state: std::cell::Cell<(u32, Instant)>,
+    suppressed: std::cell::Cell<u64>,
+}
+
+impl LogBudget {
+    pub fn new(per_sec: u32, burst: u32) -> Self {
+        Self {
+            per_sec,
+            burst,
+            state: std::cell::Cell::new((burst, Instant::now())),
+            suppressed: std::cell::Cell::new(0),
+        }
+    }
+
+    /// `Some(n)` when a line may be written now, `n` being how many were
+    /// held back since the last one; `None` (and counted in `stats`) when
+    /// the budget is spent.
+    pub fn allow(&self, now: Instant, stats: &ShardStats) -> Option<u64> {
+        let (mut tokens, since) = self.state.get();
+        let earned = (now.saturating_duration_since(since).as_millis() as u64 * self.per_sec as u64 / 1000) as u32;
+        let mut since = since;
+        if earned > 0 {
+            tokens = tokens.saturating_add(earned).min(self.burst);
+            since = now;
+        }
+        if tokens == 0 {
+            self.state.set((0, since));
+            self.suppressed.set(self.suppressed.get() + 1);
+            stats.log_lines_suppressed.inc();
+            return None;
+        }
+        self.state.set((tokens - 1, since));
+        Some(self.suppressed.replace(0))
+    }
+}
+
 /// Installs the global tracing subscriber (`LOG_FORMAT`, `LOG_LEVEL`).
 pub fn init_logging(format: &str, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal: escape codes in a file or pipe break grep.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = if format == "json" { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
 }
 
@@ -396,6 +461,28 @@ mod tests {
         assert!(text.contains("moonx_ws_shard_queue_dropped_total{shard=\"1\"} 2\n"));
         assert!(text.contains("moonx_ws_fanout_latency_seconds_bucket{le=\"0.00025\"} 1\n"));
         assert!(text.contains("moonx_ws_fanout_latency_seconds_bucket{le=\"0.0001\"} 0\n"));
+    }
+
+    #[test]
+    fn log_budget_allows_a_burst_then_a_rate_and_counts_the_rest() {
+        let stats = ShardStats::default();
+        let budget = LogBudget::new(10, 3);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(budget.allow(t0, &stats), Some(0));
+        }
+        assert_eq!(budget.allow(t0, &stats), None);
+        assert_eq!(budget.allow(t0, &stats), None);
+        assert_eq!(stats.log_lines_suppressed.get(), 2);
+        // 100 ms later one token (10 a second) has been earned.
+        assert_eq!(budget.allow(t0 + Duration::from_millis(100), &stats), Some(2), "reports what it held back");
+        assert_eq!(budget.allow(t0 + Duration::from_millis(100), &stats), None);
+        // A long quiet refills the burst, no more.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert!(budget.allow(later, &stats).is_some());
+        }
+        assert_eq!(budget.allow(later, &stats), None);
     }
 
     #[test]

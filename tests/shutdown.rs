@@ -100,7 +100,7 @@ fn shutdown_under_load_closes_thousands_with_1001_and_no_cut_frames() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     feeder.join().unwrap();
     for (k, c) in clients.iter_mut().enumerate() {
-        let mut last = None;
+        let mut last: Option<u64> = None;
         let code = loop {
             match c.read_frame() {
                 Some((1, payload)) => {
@@ -115,7 +115,64 @@ fn shutdown_under_load_closes_thousands_with_1001_and_no_cut_frames() {
             }
         };
         assert_eq!(code, 1001, "client {k}");
+        // Updates were flowing when the shutdown began (they started 100 ms
+        // before it): a run in which nobody received one proves nothing.
+        assert!(last.is_some(), "client {k} received updates before its close");
     }
+    handle.join();
+}
+
+/// §10: the 1001 close reason tells each client when to reconnect, spread
+/// at random over SHUTDOWN_RECONNECT_SPREAD_MS; a request that arrives
+/// while the server drains gets 503 with Retry-After.
+#[test]
+fn shutdown_spreads_reconnects_and_refuses_with_retry_after() {
+    let mut srv = TestServer::start(&[
+        ("WS_SHARDS", "1"),
+        ("SHUTDOWN_GRACE_MS", "4000"),
+        ("SHUTDOWN_RECONNECT_SPREAD_MS", "3000"),
+    ]);
+    let mut clients: Vec<Raw> = (0..40).map(|i| raw_authed(srv.addr, &format!("r{i}"))).collect();
+    // A connection accepted but still sending its request head when the
+    // shutdown begins (one shard: the /health below is served after it).
+    let mut late = std::net::TcpStream::connect(srv.addr).unwrap();
+    late.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    std::io::Write::write_all(&mut late, b"GET /ws HTTP/1.1\r\n").unwrap();
+    assert_eq!(get(srv.addr, "/health/live").0, 200);
+    let handle = srv.handle.take().unwrap();
+    handle.shutdown();
+    let mut delays = std::collections::BTreeSet::new();
+    for (k, c) in clients.iter_mut().enumerate() {
+        let payload = loop {
+            match c.read_frame() {
+                Some((8, payload)) => break payload,
+                Some(_) => {}
+                None => panic!("client {k}: no close frame"),
+            }
+        };
+        assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1001);
+        let reason: serde_json::Value = serde_json::from_slice(&payload[2..]).expect("the reason is JSON");
+        assert_eq!(reason["reconnect"], true, "{reason}");
+        let after = reason["retryAfterMs"].as_u64().expect("retryAfterMs");
+        assert!(after < 3000, "within the spread: {after}");
+        delays.insert(after);
+    }
+    assert!(delays.len() > 1, "spread at random, not one value for all: {delays:?}");
+    // Still draining (no client answered its close): the late request is refused.
+    let rest = upgrade_request("").replacen("GET /ws HTTP/1.1\r\n", "", 1);
+    std::io::Write::write_all(&mut late, rest.as_bytes()).unwrap();
+    let mut response = String::new();
+    let _ = std::io::Read::read_to_string(&mut late, &mut response);
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    let retry: u64 = response
+        .lines()
+        .find_map(|l| l.strip_prefix("Retry-After: "))
+        .expect("Retry-After header")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(retry <= 3, "seconds, within the spread: {retry}");
+    drop(clients);
     handle.join();
 }
 

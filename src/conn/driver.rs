@@ -52,6 +52,8 @@ thread_local! {
 pub struct Start {
     pub stream: Stream,
     pub ctx: Rc<ShardCtx>,
+    /// The connection's id, given at accept (logs, `connectionId`).
+    pub id: u64,
     pub ip: IpAddr,
     pub admission: Admission,
     /// Set when the upgrade request carried a valid bearer token.
@@ -111,13 +113,12 @@ pub(super) struct Conn {
 /// body here kept both its argument and the connection in the task, 992
 /// bytes instead of 472, on every idle connection.
 pub fn run(start: Start) -> Pump {
-    let Start { stream, ctx, ip, admission, identity, greeting, leftover } = start;
+    let Start { stream, ctx, id, ip, admission, identity, greeting, leftover } = start;
     let key = ctx.shard.borrow_mut().insert(stream.direct_fd(), greeting.len());
     ctx.stats.connections_accepted.inc();
     ctx.stats.connections_active.inc();
     let mono = ctx.global.clock.mono_ms();
     let now = ctx.global.clock.epoch_ms();
-    let id = ctx.next_conn_id();
     let session = Session::new(now, ctx.timers);
     let next_ping_ms = mono + ctx.global.config.ws_ping_interval.as_millis() as u64;
     let mut conn = Conn::open(ctx, key, id, stream, session, admission, next_ping_ms);
@@ -133,7 +134,8 @@ pub fn run(start: Start) -> Pump {
         None => {
             let timeout_ms = conn.ctx.timers.auth_timeout_ms;
             let mut first = std::mem::take(&mut conn.sending);
-            conn.ctx.encode(&Outgoing::AuthRequired { timeout_ms }, &mut first);
+            let connection_id = conn.public_id();
+            conn.ctx.encode(&Outgoing::AuthRequired { timeout_ms, connection_id: &connection_id }, &mut first);
             conn.sending = first;
         }
     }
@@ -378,7 +380,7 @@ impl Conn {
         if let Err(code) = result {
             self.ctx.stats.protocol_closes.inc();
             self.rbuf = Vec::new();
-            self.begin_close(code);
+            self.close_for(code, "frame-level protocol violation");
         }
     }
 
@@ -441,13 +443,14 @@ impl Conn {
         }
         if slow {
             self.ctx.stats.slow_consumer_closes.inc();
-            tracing::debug!(conn = self.id, "slow consumer: backlog dropped, closing with 4009");
             self.drop_unwritten_frames();
-            self.begin_close(CloseCode::SLOW_CONSUMER);
+            self.close_for(CloseCode::SLOW_CONSUMER, "unsent output over WS_MAX_BUFFERED_BYTES: backlog dropped");
         } else if shutdown {
-            self.begin_close(CloseCode::GOING_AWAY);
-            let grace = self.ctx.global.config.shutdown_grace_ms.as_millis() as u64;
-            self.phase = Phase::Closing { deadline_ms: mono + grace };
+            // Tells the client when to come back, spread at random so that
+            // thousands of clients do not all reconnect at once.
+            let reason = format!(r#"{{"reconnect":true,"retryAfterMs":{}}}"#, self.ctx.reconnect_after_ms());
+            self.begin_close_with(CloseCode::GOING_AWAY, &reason);
+            self.phase = Phase::Closing { deadline_ms: self.ctx.shutdown_deadline_ms().max(mono) };
         }
     }
 
@@ -466,15 +469,16 @@ impl Conn {
             if code == CloseCode::AUTH_FAILED {
                 self.ctx.stats.auth_failure.inc();
             }
+            self.log_auth_failure(reason);
             self.reply(&Outgoing::AuthFailed { error: reason, request_id: None });
-            self.begin_close(code);
+            self.close_for(code, reason);
             return;
         }
         let cfg = &self.ctx.global.config;
         match self.ping_sent_ms {
             Some(sent) if mono >= sent + cfg.ws_pong_timeout.as_millis() as u64 => {
                 self.ctx.stats.pong_timeouts.inc();
-                tracing::debug!(conn = self.id, "no frame after ping: dropping");
+                self.log_close(None, "no frame within WS_PONG_TIMEOUT of a ping: TCP connection dropped");
                 self.phase = Phase::Done;
             }
             None if mono >= self.next_ping_ms => {
@@ -488,9 +492,67 @@ impl Conn {
         }
     }
 
+    /// This connection's id as clients see it (`connectionId`): the
+    /// instance and the id its log lines carry, `<instance>/<conn>`.
+    pub(super) fn public_id(&self) -> String {
+        format!("{}/{}", self.ctx.global.instance_id, self.id)
+    }
+
+    /// The client's IP (the unspecified address only while handing the
+    /// connection to the parker, when it has no admission).
+    fn ip(&self) -> IpAddr {
+        self.admission.as_ref().map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), Admission::ip)
+    }
+
+    /// Closes with `code` on the server's initiative, with one log line
+    /// (within the shard's log budget) saying why.
+    pub(super) fn close_for(&mut self, code: CloseCode, why: &str) {
+        if self.phase == Phase::Open {
+            self.log_close(Some(code), why);
+        }
+        self.begin_close(code);
+    }
+
+    /// The log line of a close by the server (`code` None: the TCP
+    /// connection is dropped without a close frame).
+    fn log_close(&self, code: Option<CloseCode>, why: &str) {
+        if let Some(suppressed) = self.ctx.conn_log.allow(std::time::Instant::now(), &self.ctx.stats) {
+            tracing::info!(
+                conn = self.id,
+                ip = %self.ip(),
+                instance = %self.ctx.global.instance_id,
+                user = self.session.identity().map(|i| &*i.user_id),
+                code = code.map(|c| c.0),
+                reason = why,
+                suppressed,
+                "connection closed by the server"
+            );
+        }
+    }
+
+    /// The log line of a refused token (the user when the session knew it).
+    pub(super) fn log_auth_failure(&self, reason: &str) {
+        if let Some(suppressed) = self.ctx.conn_log.allow(std::time::Instant::now(), &self.ctx.stats) {
+            tracing::info!(
+                conn = self.id,
+                ip = %self.ip(),
+                instance = %self.ctx.global.instance_id,
+                user = self.session.identity().map(|i| &*i.user_id),
+                reason,
+                suppressed,
+                "authentication failed"
+            );
+        }
+    }
+
     /// Queues our close frame after everything already queued and stops
     /// further updates.
     pub(super) fn begin_close(&mut self, code: CloseCode) {
+        self.begin_close_with(code, code.reason());
+    }
+
+    /// [`Conn::begin_close`] with a reason text of the caller's.
+    fn begin_close_with(&mut self, code: CloseCode, reason: &str) {
         if self.phase != Phase::Open {
             return;
         }
@@ -498,8 +560,8 @@ impl Conn {
         self.pending_auth = None;
         self.pong = None;
         self.close_code = Some(code);
-        let mut frame = Vec::with_capacity(32);
-        encode_close(code, code.reason(), &mut frame);
+        let mut frame = Vec::with_capacity(32 + reason.len());
+        encode_close(code, reason, &mut frame);
         let mut shard = self.ctx.shard.borrow_mut();
         shard.stop_updates(self.key);
         shard.slot(self.key).pending.extend_from_slice(&frame);
@@ -605,6 +667,6 @@ impl Drop for Conn {
             self.ctx.global.limits.release_user(counter);
         }
         self.registry(RegistryEvent::Close { id: self.id });
-        tracing::debug!(conn = self.id, code = ?self.close_code.map(|c| c.0), "connection closed");
+        tracing::debug!(conn = self.id, code = self.close_code.map(|c| c.0), "connection closed");
     }
 }

@@ -58,7 +58,7 @@ impl Conn {
             RateDecision::Close => {
                 stats.rate_limited.inc();
                 stats.rate_limit_closes.inc();
-                self.begin_close(CloseCode::RATE_LIMITED);
+                self.close_for(CloseCode::RATE_LIMITED, "twice RATE_LIMIT_MAX_MESSAGES_PER_MINUTE in one window");
                 return;
             }
         }
@@ -80,8 +80,9 @@ impl Conn {
             }
             Decision::AuthFailed(reason) => {
                 self.ctx.stats.auth_failure.inc();
+                self.log_auth_failure(reason);
                 self.reply(&Outgoing::AuthFailed { error: reason, request_id });
-                self.begin_close(CloseCode::AUTH_FAILED);
+                self.close_for(CloseCode::AUTH_FAILED, reason);
             }
             Decision::Verify(token) => match self.ctx.global.auth.verify(token) {
                 Verification::Done(result) => self.on_verified(result, request_id, now),
@@ -139,16 +140,19 @@ impl Conn {
             }
             Verified::Failed(reason) => {
                 self.ctx.stats.auth_failure.inc();
+                self.log_auth_failure(&reason);
                 self.reply(&Outgoing::AuthFailed { error: &reason, request_id });
-                self.begin_close(CloseCode::AUTH_FAILED);
+                self.close_for(CloseCode::AUTH_FAILED, &reason);
             }
         }
     }
 
     fn auth_success(&mut self, identity: &Identity, request_id: Option<&str>) {
         self.ctx.stats.auth_success.inc();
+        let connection_id = self.public_id();
         self.reply(&Outgoing::AuthSuccess {
             user: UserView { id: &identity.user_id, email: identity.email.as_deref() },
+            connection_id: &connection_id,
             request_id,
         });
     }

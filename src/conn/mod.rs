@@ -31,7 +31,7 @@ use crate::protocol::message::{encode_outgoing, Outgoing};
 use crate::protocol::session::SessionTimers;
 use crate::server::Global;
 use crate::shard::{run_fanout, Pacing, Shard};
-use crate::telemetry::{sent_index, LogLimiter, ShardStats};
+use crate::telemetry::{sent_index, LogBudget, LogLimiter, ShardStats};
 
 /// Everything a connection task on this shard shares.
 pub struct ShardCtx {
@@ -46,8 +46,18 @@ pub struct ShardCtx {
     json: RefCell<Vec<u8>>,
     frame: RefCell<Vec<u8>>,
     pub(crate) accept_log: LogLimiter,
+    /// Per-connection log lines (refusals, failed authentications, server
+    /// closes) on this shard: a burst, then a steady rate.
+    pub(crate) conn_log: LogBudget,
+    /// Monotonic ms by which every close handshake of a shutdown must end.
+    shutdown_deadline_ms: Cell<u64>,
     parker: park::Parker,
 }
+
+/// Per-connection log lines a shard writes: this many at once, then
+/// [`CONN_LOG_PER_SEC`] a second; the rest are counted.
+const CONN_LOG_BURST: u32 = 200;
+const CONN_LOG_PER_SEC: u32 = 20;
 
 impl ShardCtx {
     fn new(id: usize, global: Arc<Global>) -> Self {
@@ -77,6 +87,8 @@ impl ShardCtx {
             json: RefCell::new(Vec::with_capacity(512)),
             frame: RefCell::new(Vec::with_capacity(512)),
             accept_log: LogLimiter::new(Duration::from_secs(5)),
+            conn_log: LogBudget::new(CONN_LOG_PER_SEC, CONN_LOG_BURST),
+            shutdown_deadline_ms: Cell::new(0),
             parker: park::Parker::new(id, cfg.ws_park_idle_ms, share),
             global,
         }
@@ -92,6 +104,21 @@ impl ShardCtx {
         id.push('-');
         id.push_str(buf.format(n));
         id
+    }
+
+    /// When a client told to go away should come back: random below
+    /// `SHUTDOWN_RECONNECT_SPREAD_MS`, so they do not all return at once.
+    fn reconnect_after_ms(&self) -> u64 {
+        let spread = self.global.config.shutdown_reconnect_spread_ms.as_millis() as u64;
+        if spread == 0 {
+            0
+        } else {
+            rand::random_range(0..spread)
+        }
+    }
+
+    fn shutdown_deadline_ms(&self) -> u64 {
+        self.shutdown_deadline_ms.get()
     }
 
     /// A connection id unique within the instance.
@@ -162,10 +189,24 @@ pub async fn run_shard(
 
     drop(accept); // cancels the accept loop and closes this shard's listener
     global.listening.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    let open = ctx.shard.borrow().len();
-    tracing::info!(shard = id, open, "shutting down: closing connections with 1001");
-    ctx.shard.borrow_mut().begin_shutdown();
-    let deadline = Instant::now() + global.config.shutdown_grace_ms;
+    let grace = global.config.shutdown_grace_ms;
+    let deadline = Instant::now() + grace;
+    ctx.shutdown_deadline_ms.set(global.clock.mono_ms() + grace.as_millis() as u64);
+    let open = ctx.shard.borrow_mut().begin_shutdown();
+    tracing::info!(shard = id, open = open.len(), "shutting down: closing connections with 1001");
+    // In batches over the first half of the grace period: a burst of
+    // thousands of closes at once would be thousands of reconnects at once
+    // (the close reasons spread them further) and one long stall here.
+    let (batch, step) = shutdown_pacing(open.len(), grace);
+    for (i, keys) in open.chunks(batch).enumerate() {
+        if i > 0 {
+            glommio::timer::sleep(step).await;
+        }
+        let mut shard = ctx.shard.borrow_mut();
+        for &key in keys {
+            shard.shut_down(key);
+        }
+    }
     while !ctx.shard.borrow().is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
@@ -176,6 +217,19 @@ pub async fn run_shard(
     drop(fanout);
     drop(tick);
     drop(parker);
+}
+
+/// Connections closed together at least, on shutdown.
+const SHUTDOWN_MIN_BATCH: usize = 64;
+/// Time between shutdown batches.
+const SHUTDOWN_STEP: Duration = Duration::from_millis(10);
+
+/// How `open` connections are closed on shutdown: batches of this many,
+/// one every returned interval, spread over the first half of the grace
+/// period (the rest is for the close handshakes).
+fn shutdown_pacing(open: usize, grace: Duration) -> (usize, Duration) {
+    let steps = ((grace / 2).as_millis() / SHUTDOWN_STEP.as_millis()).max(1) as usize;
+    (open.div_ceil(steps).max(SHUTDOWN_MIN_BATCH), SHUTDOWN_STEP)
 }
 
 /// Connections accepted before the accept loop lets other tasks run.
@@ -313,5 +367,23 @@ async fn tick_loop(ctx: Rc<ShardCtx>) {
                 crate::sys::release_free_memory();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_closes_go_out_in_batches_over_half_the_grace_period() {
+        let grace = Duration::from_millis(5000);
+        // 2.5 s of 10 ms steps: 250 batches at most.
+        assert_eq!(shutdown_pacing(10_000, grace), (64, SHUTDOWN_STEP), "small batches are rounded up to 64");
+        assert_eq!(shutdown_pacing(50_000, grace), (200, SHUTDOWN_STEP));
+        assert_eq!(shutdown_pacing(20, grace).0, 64, "a few connections close together");
+        assert_eq!(shutdown_pacing(1000, Duration::from_millis(1)).0, 1000, "no time to spread: all at once");
+        let (batch, step) = shutdown_pacing(50_000, grace);
+        let batches = 50_000usize.div_ceil(batch) as u32;
+        assert!(step * (batches - 1) <= grace / 2, "the last batch leaves half the grace for handshakes");
     }
 }

@@ -29,6 +29,8 @@ const HEAD_READ: usize = 2048;
 
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
     let _ = tcp.set_nodelay(true);
+    // Named at accept, so a refusal's log line carries the id too.
+    let id = ctx.next_conn_id();
     let mut buf = Vec::new();
     let timeout = ctx.global.config.ws_handshake_timeout_ms;
     // The TLS handshake (if any) and the request head share one deadline;
@@ -40,10 +42,13 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
     .await;
     let (mut stream, head, used) = match opened {
         Some(Ok(o)) => o,
-        Some(Err(Opening::Refused(mut stream, refusal))) => return refuse(&mut stream, &ctx, refusal).await,
+        Some(Err(Opening::Refused(mut stream, refusal))) => {
+            return refuse(&mut stream, &ctx, Who { id, ip: peer.ip() }, refusal).await
+        }
         Some(Err(Opening::Gone)) => return, // the peer went away or failed TLS
         None => {
             ctx.stats.refused(408);
+            log_refusal(&ctx, Who { id, ip: peer.ip() }, 408, "request head not complete in time: closed");
             return;
         }
     };
@@ -56,38 +61,41 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
             let _ = stream.close().await; // flushes TLS and sends close_notify
             return;
         }
-        Route::Refused(r) => return refuse(&mut stream, &ctx, r).await,
+        Route::Refused(r) => return refuse(&mut stream, &ctx, Who { id, ip: peer.ip() }, r).await,
         Route::Upgrade { key } => key,
     };
     let cfg = &ctx.global.config;
-    if ctx.global.is_shutting_down() {
-        return refuse(&mut stream, &ctx, Refusal::new(503, "server shutting down")).await;
-    }
     let ip = client_ip(peer.ip(), &head.forwarded_for, &cfg.trusted_proxies);
+    let who = Who { id, ip };
+    if ctx.global.is_shutting_down() {
+        let refusal = Refusal::unavailable("server shutting down", ctx.reconnect_after_ms().div_ceil(1000) as u32);
+        return refuse(&mut stream, &ctx, who, refusal).await;
+    }
     if let (false, Some(origin)) = (cfg.allowed_origins.is_empty(), &head.origin) {
         if !cfg.allowed_origins.iter().any(|o| o.trim().eq_ignore_ascii_case(origin)) {
-            return refuse(&mut stream, &ctx, Refusal::new(403, "origin not allowed")).await;
+            return refuse(&mut stream, &ctx, who, Refusal::new(403, "origin not allowed")).await;
         }
     }
     if !cfg.ip_whitelist.is_empty() && !cfg.ip_whitelist.iter().any(|n| n.contains(&ip)) {
-        return refuse(&mut stream, &ctx, Refusal::new(403, "client IP not allowed")).await;
+        return refuse(&mut stream, &ctx, who, Refusal::new(403, "client IP not allowed")).await;
     }
     let admission = match ctx.global.limits.admit(ip) {
         Ok(a) => a,
-        Err(r) => return refuse(&mut stream, &ctx, r).await,
+        Err(r) => return refuse(&mut stream, &ctx, who, r).await,
     };
     if let (Some(cluster), true) = (&ctx.global.cluster, cfg.rate_limit_enabled) {
         // The one Redis round trip a new connection may make (bounded wait).
         if cluster.admit_ip(ip, admission.local_count()).await == IpVerdict::OverLimit {
             drop(admission);
-            return refuse(&mut stream, &ctx, Refusal::new(429, "too many connections from this IP")).await;
+            return refuse(&mut stream, &ctx, who, Refusal::new(429, "too many connections from this IP")).await;
         }
     }
     let identity = match &head.authorization {
         None => None,
         Some(value) => {
             let Some(token) = bearer_token(value) else {
-                return refuse(&mut stream, &ctx, Refusal::new(401, "expected Authorization: Bearer <token>")).await;
+                let refusal = Refusal::new(401, "expected Authorization: Bearer <token>");
+                return refuse(&mut stream, &ctx, who, refusal).await;
             };
             let result = match ctx.global.auth.verify(token) {
                 Verification::Done(r) => r,
@@ -99,6 +107,17 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
                 Ok(identity) => Some(identity),
                 Err(failure) => {
                     ctx.stats.auth_failure.inc();
+                    if let Some(suppressed) = ctx.conn_log.allow(std::time::Instant::now(), &ctx.stats) {
+                        tracing::info!(
+                            conn = id,
+                            %ip,
+                            instance = %ctx.global.instance_id,
+                            status = 401,
+                            reason = %failure.0,
+                            suppressed,
+                            "authentication failed: upgrade refused"
+                        );
+                    }
                     let mut out = Vec::new();
                     let body = serde_json::json!({ "error": failure.0 }).to_string();
                     crate::protocol::handshake::write_response(401, "application/json", &[], body.as_bytes(), &mut out);
@@ -116,7 +135,29 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
     // The WebSocket phase runs as a task of its own, so the memory of this
     // HTTP phase (request head, timers, read state) is freed now rather
     // than held for the connection's lifetime.
-    glommio::spawn_local(driver::run(Start { stream, ctx, ip, admission, identity, greeting, leftover })).detach();
+    glommio::spawn_local(driver::run(Start { stream, ctx, id, ip, admission, identity, greeting, leftover })).detach();
+}
+
+/// Which connection a log line is about.
+#[derive(Clone, Copy)]
+struct Who {
+    id: u64,
+    ip: IpAddr,
+}
+
+/// One line per refused upgrade, within the shard's log budget.
+fn log_refusal(ctx: &ShardCtx, who: Who, status: u16, reason: &str) {
+    if let Some(suppressed) = ctx.conn_log.allow(std::time::Instant::now(), &ctx.stats) {
+        tracing::info!(
+            conn = who.id,
+            ip = %who.ip,
+            instance = %ctx.global.instance_id,
+            status,
+            reason,
+            suppressed,
+            "upgrade refused"
+        );
+    }
 }
 
 enum Opening {
@@ -162,8 +203,9 @@ async fn read_head(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<(RequestHea
     }
 }
 
-async fn refuse(stream: &mut Stream, ctx: &ShardCtx, refusal: Refusal) {
+async fn refuse(stream: &mut Stream, ctx: &ShardCtx, who: Who, refusal: Refusal) {
     ctx.stats.refused(refusal.status);
+    log_refusal(ctx, who, refusal.status, refusal.message);
     let mut out = Vec::new();
     write_refusal(refusal, &mut out);
     let _ = stream.write_all(&out).await;

@@ -18,8 +18,8 @@ fn examples() -> String {
     let user = UserView { id: "user_123", email: Some("user@example.com") };
     let rid = Some("msg_1");
     let server: Vec<Outgoing> = vec![
-        Outgoing::AuthRequired { timeout_ms: 10_000 },
-        Outgoing::AuthSuccess { user, request_id: rid },
+        Outgoing::AuthRequired { timeout_ms: 10_000, connection_id: "ws-1-8f3a2c/42" },
+        Outgoing::AuthSuccess { user, connection_id: "ws-1-8f3a2c/42", request_id: rid },
         Outgoing::AuthFailed { error: "Token expired", request_id: None },
         Outgoing::Subscribed { channel: Channel::Prices, request_id: rid },
         Outgoing::Unsubscribed { channel: Channel::Orders, request_id: rid },

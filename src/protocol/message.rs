@@ -204,13 +204,39 @@ pub struct UserView<'a> {
 /// ingest). `request_id` is the client's `id` being answered.
 #[derive(Debug, Clone)]
 pub enum Outgoing<'a> {
-    AuthRequired { timeout_ms: u64 },
-    AuthSuccess { user: UserView<'a>, request_id: Option<&'a str> },
-    AuthFailed { error: &'a str, request_id: Option<&'a str> },
-    Subscribed { channel: Channel, request_id: Option<&'a str> },
-    Unsubscribed { channel: Channel, request_id: Option<&'a str> },
-    Pong { now_ms: u64, request_id: Option<&'a str> },
-    Error { code: ErrorCode, message: &'a str, request_id: Option<&'a str>, retry_after_ms: Option<u64> },
+    /// `connection_id` names the connection in the server's logs (a client
+    /// quotes it in a support ticket).
+    AuthRequired {
+        timeout_ms: u64,
+        connection_id: &'a str,
+    },
+    AuthSuccess {
+        user: UserView<'a>,
+        connection_id: &'a str,
+        request_id: Option<&'a str>,
+    },
+    AuthFailed {
+        error: &'a str,
+        request_id: Option<&'a str>,
+    },
+    Subscribed {
+        channel: Channel,
+        request_id: Option<&'a str>,
+    },
+    Unsubscribed {
+        channel: Channel,
+        request_id: Option<&'a str>,
+    },
+    Pong {
+        now_ms: u64,
+        request_id: Option<&'a str>,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        request_id: Option<&'a str>,
+        retry_after_ms: Option<u64>,
+    },
 }
 
 impl Outgoing<'_> {
@@ -232,9 +258,13 @@ impl Outgoing<'_> {
 enum Data<'a> {
     AuthRequired {
         timeout: u64,
+        #[serde(rename = "connectionId")]
+        connection_id: &'a str,
     },
     User {
         user: &'a UserView<'a>,
+        #[serde(rename = "connectionId")]
+        connection_id: &'a str,
         #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
         request_id: Option<&'a str>,
     },
@@ -276,8 +306,12 @@ struct ServerEnvelope<'a> {
 /// buffer (cleared here) so the caller's allocations are reused.
 pub fn encode_outgoing(msg: &Outgoing, id: &str, now_ms: u64, json: &mut Vec<u8>, out: &mut Vec<u8>) {
     let data = match msg {
-        Outgoing::AuthRequired { timeout_ms } => Data::AuthRequired { timeout: *timeout_ms },
-        Outgoing::AuthSuccess { user, request_id } => Data::User { user, request_id: *request_id },
+        Outgoing::AuthRequired { timeout_ms, connection_id } => {
+            Data::AuthRequired { timeout: *timeout_ms, connection_id }
+        }
+        Outgoing::AuthSuccess { user, connection_id, request_id } => {
+            Data::User { user, connection_id, request_id: *request_id }
+        }
         Outgoing::AuthFailed { error, request_id } => Data::Failed { error, request_id: *request_id },
         Outgoing::Subscribed { channel, request_id } | Outgoing::Unsubscribed { channel, request_id } => {
             Data::Channel { channel: channel.name(), request_id: *request_id }

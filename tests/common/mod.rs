@@ -82,9 +82,53 @@ pub fn spawn_server(env: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
     spawn_server_limited(None, env)
 }
 
+/// [`spawn_server`], writing its log (standard error) to `log`.
+pub fn spawn_server_logged(env: &[(&str, &str)], log: &std::path::Path) -> (std::process::Child, SocketAddr) {
+    spawn(None, env, std::process::Stdio::from(std::fs::File::create(log).unwrap()))
+}
+
+/// The JSON log lines (`LOG_FORMAT=json`) written to `log` so far.
+pub fn log_lines(log: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Waits (bounded) for a log line that `matches`; returns it.
+pub fn wait_for_log(log: &std::path::Path, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(line) = log_lines(log).into_iter().find(|l| matches(l)) {
+            return line;
+        }
+        assert!(
+            started.elapsed() < IO_TIMEOUT,
+            "no log line for {what}; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A fresh path under the target directory for a test's files.
+pub fn test_file(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    dir.join(format!("{name}-{}-{}", std::process::id(), rand_suffix()))
+}
+
+fn rand_suffix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+}
+
 /// [`spawn_server`], with at most `open_files` descriptors (`prlimit`)
 /// when given.
 pub fn spawn_server_limited(open_files: Option<u32>, env: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
+    spawn(open_files, env, std::process::Stdio::null())
+}
+
+fn spawn(
+    open_files: Option<u32>,
+    env: &[(&str, &str)],
+    stderr: std::process::Stdio,
+) -> (std::process::Child, SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let bin = env!("CARGO_BIN_EXE_moonx-ws");
     let mut command = match open_files {
@@ -101,7 +145,7 @@ pub fn spawn_server_limited(open_files: Option<u32>, env: &[(&str, &str)]) -> (s
         .env("WEBSOCKET_SERVICE_PORT", port.to_string())
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -298,3 +298,40 @@ fn private_updates_survive_a_broker_outage_exactly_once_in_order() {
     send(&mut ws, json!({"type":"ping"}));
     assert_eq!(recv(&mut ws)["type"], "pong", "and no duplicate after them");
 }
+
+/// `moonx_ws_kafka_to_socket_latency_seconds` counts updates written to a
+/// socket, not every update a shard took: none while nobody subscribes,
+/// then one per delivered update.
+#[test]
+fn kafka_to_socket_latency_counts_only_updates_that_reached_a_socket() {
+    let kafka = Kafka::new(1);
+    let srv = server(&kafka, "2");
+    let count = || metric(srv.addr, "moonx_ws_kafka_to_socket_latency_seconds_count");
+    for i in 0..20 {
+        kafka.produce("price.updates", None, format!(r#"{{"token":"T","chainId":1,"i":{i}}}"#).as_bytes());
+        kafka.produce("order.updates", None, format!(r#"{{"userId":"nobody","i":{i}}}"#).as_bytes());
+    }
+    kafka.flush();
+    let consumed = || metric(srv.addr, "moonx_ws_kafka_messages_consumed_total");
+    let started = std::time::Instant::now();
+    while consumed() < 40.0 {
+        assert!(started.elapsed() < IO_TIMEOUT, "ingest consumed {}", consumed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(count(), 0.0, "nothing was written to a socket");
+    let mut ws = authed(srv.addr, "alice");
+    subscribe(&mut ws, "prices");
+    subscribe(&mut ws, "orders");
+    kafka.produce("price.updates", None, br#"{"token":"T","chainId":1,"i":"live"}"#);
+    kafka.produce("order.updates", None, br#"{"userId":"alice","i":"live"}"#);
+    kafka.flush();
+    let mut types = [recv(&mut ws)["type"].clone(), recv(&mut ws)["type"].clone()];
+    types.sort_by_key(|t| t.to_string());
+    assert_eq!(types, [json!("order_update"), json!("price_update")]);
+    // Recorded right after the write (the same sweep step): wait for it.
+    let started = std::time::Instant::now();
+    while count() < 2.0 && started.elapsed() < IO_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(count(), 2.0, "one sample per update that reached a socket");
+}

@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use common::*;
 use serde_json::{json, Value};
 
-fn server(log: &std::path::Path) -> (std::process::Child, std::net::SocketAddr) {
+fn server(log: &std::path::Path) -> (ServerProcess, std::net::SocketAddr) {
     spawn_server_logged(
         &[
             ("JWT_SECRET", SECRET),

@@ -76,15 +76,41 @@ impl TestServer {
     }
 }
 
+/// A `moonx-ws` process run by a test: killed when dropped, so a failing
+/// test leaves no server behind.
+pub struct ServerProcess(pub std::process::Child);
+
+impl std::ops::Deref for ServerProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ServerProcess {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs the `moonx-ws` binary on a free loopback port with only `env` (plus
 /// host and port) in its environment; returns once it accepts connections.
-pub fn spawn_server(env: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
+pub fn spawn_server(env: &[(&str, &str)]) -> (ServerProcess, SocketAddr) {
     spawn_server_limited(None, env)
 }
 
 /// [`spawn_server`], writing its log (standard error) to `log`.
-pub fn spawn_server_logged(env: &[(&str, &str)], log: &std::path::Path) -> (std::process::Child, SocketAddr) {
-    spawn(None, env, std::process::Stdio::from(std::fs::File::create(log).unwrap()))
+pub fn spawn_server_logged(env: &[(&str, &str)], log: &std::path::Path) -> (ServerProcess, SocketAddr) {
+    spawn(None, env, || std::process::Stdio::from(std::fs::File::create(log).unwrap()))
 }
 
 /// The JSON log lines (`LOG_FORMAT=json`) written to `log` so far.
@@ -111,25 +137,39 @@ pub fn wait_for_log(log: &std::path::Path, what: &str, matches: impl Fn(&Value) 
 /// A fresh path under the target directory for a test's files.
 pub fn test_file(name: &str) -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    dir.join(format!("{name}-{}-{}", std::process::id(), rand_suffix()))
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("{name}-{}-{n}", std::process::id()))
 }
 
-fn rand_suffix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A port for a spawned server that nothing else picks: below the
+/// ephemeral range (32768-60999 here), so no `bind(0)` and no client
+/// socket takes it, and distinct per call within this test process
+/// (test binaries run one at a time).
+fn server_port() -> u16 {
+    for _ in 0..1000 {
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + ((std::process::id().wrapping_mul(131) + n * 7) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-31999");
 }
 
 /// [`spawn_server`], with at most `open_files` descriptors (`prlimit`)
 /// when given.
-pub fn spawn_server_limited(open_files: Option<u32>, env: &[(&str, &str)]) -> (std::process::Child, SocketAddr) {
-    spawn(open_files, env, std::process::Stdio::null())
+pub fn spawn_server_limited(open_files: Option<u32>, env: &[(&str, &str)]) -> (ServerProcess, SocketAddr) {
+    spawn(open_files, env, std::process::Stdio::null)
 }
 
 fn spawn(
     open_files: Option<u32>,
     env: &[(&str, &str)],
-    stderr: std::process::Stdio,
-) -> (std::process::Child, SocketAddr) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    stderr: impl Fn() -> std::process::Stdio,
+) -> (ServerProcess, SocketAddr) {
+    let port = server_port();
     let bin = env!("CARGO_BIN_EXE_moonx-ws");
     let mut command = match open_files {
         Some(n) => {
@@ -145,12 +185,14 @@ fn spawn(
         .env("WEBSOCKET_SERVICE_PORT", port.to_string())
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
-        .stderr(stderr)
+        .stderr(stderr())
         .spawn()
         .unwrap();
+    let mut child = ServerProcess(child);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let started = std::time::Instant::now();
     while TcpStream::connect(addr).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "the server exited during start-up");
         assert!(started.elapsed() < Duration::from_secs(30), "server did not start");
         std::thread::sleep(Duration::from_millis(20));
     }

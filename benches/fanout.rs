@@ -7,7 +7,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use moonx_ws::protocol::message::Channel;
 use moonx_ws::shard::inbox::{Route, Update};
-use moonx_ws::shard::Shard;
+use moonx_ws::shard::{DirectSocket, Shard};
 use moonx_ws::telemetry::ShardStats;
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("shard_fanout");
     for n in [100usize, 1000, 5000] {
         let mut shard = Shard::new(0, 1 << 20, Arc::new(ShardStats::default()));
-        let keys: Vec<usize> = (0..n).map(|_| shard.insert(-1, 0)).collect();
+        let keys: Vec<usize> = (0..n).map(|_| shard.insert(None, 0)).collect();
         for &k in &keys {
             shard.subscribe(k, Channel::Prices);
         }
@@ -43,7 +43,6 @@ fn fanout(c: &mut Criterion) {
 /// Fan-out plus the sweep that hands the frame to every subscriber's socket.
 fn fanout_to_sockets(c: &mut Criterion) {
     use std::io::Read;
-    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
     let data = br#"{"token":"ETH","chainId":8453,"price":"2150.45","priceUsd":"2150.45","change24h":"5.2","volume24h":"1250000","timestamp":1701234567890,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
     let update = Update::encode(Route::Prices, "u1", 1701234567890, data);
@@ -53,13 +52,11 @@ fn fanout_to_sockets(c: &mut Criterion) {
     let n = 1000;
     let mut shard = Shard::new(0, 1 << 20, Arc::new(ShardStats::default()));
     let mut clients = Vec::new();
-    let mut servers = Vec::new();
     for _ in 0..n {
         let (srv, cli) = UnixStream::pair().unwrap();
         cli.set_nonblocking(true).unwrap();
-        let k = shard.insert(srv.as_raw_fd(), 0);
+        let k = shard.insert(Some(DirectSocket::owned(srv.into())), 0);
         shard.subscribe(k, Channel::Prices);
-        servers.push(srv);
         clients.push(cli);
     }
     let mut buf = vec![0u8; 4096];

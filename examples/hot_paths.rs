@@ -14,7 +14,6 @@
 
 use std::hint::black_box;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
@@ -23,7 +22,7 @@ use moonx_ws::protocol::frame::{decode_frame, Assembler, Limits};
 use moonx_ws::protocol::handshake::parse_head;
 use moonx_ws::protocol::message::{parse_client, Channel};
 use moonx_ws::shard::inbox::{Route, Update};
-use moonx_ws::shard::Shard;
+use moonx_ws::shard::{DirectSocket, Shard};
 use moonx_ws::telemetry::ShardStats;
 
 const PRICE: &[u8] = br#"{"token":"ETH","chainId":8453,"price":"2150.45","priceUsd":"2150.45","change24h":"5.2","volume24h":"1250000","timestamp":1701234567890,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
@@ -80,16 +79,16 @@ fn fanout(rounds: usize) {
     for _ in 0..SUBSCRIBERS {
         let (srv, cli) = UnixStream::pair().expect("socket pair");
         cli.set_nonblocking(true).expect("non-blocking");
-        let key = shard.insert(srv.as_raw_fd(), 0);
+        let key = shard.insert(Some(DirectSocket::owned(srv.into())), 0);
         shard.subscribe(key, Channel::Prices);
-        pairs.push((srv, cli));
+        pairs.push(cli);
     }
     let mut buf = vec![0u8; 4096];
     for _ in 0..rounds {
         shard.fanout(&update);
         shard.begin_sweep();
         while !shard.flush_step(64) {}
-        for (_, cli) in pairs.iter_mut() {
+        for cli in pairs.iter_mut() {
             let got = cli.read(&mut buf).expect("frame written");
             assert_eq!(got, update.frame.len());
         }

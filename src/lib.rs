@@ -21,6 +21,7 @@
 //! session state machine); [`config`] the typed settings; [`auth`] token
 //! verification; [`cluster`] Redis: cluster-wide limits and registry; [`ingest`] Kafka -> validated, pre-encoded updates; [`limits`] connection and message limits; [`shard`] the
 //! per-core registry, inbox and fan-out; [`conn`] the per-connection driver;
+//! [`stream`] the byte stream under a connection (plain TCP or TLS);
 //! [`http`] the HTTP endpoints; [`telemetry`] counters, histograms, logs;
 //! [`server`] starts and stops it all.
 
@@ -37,5 +38,6 @@ pub mod limits;
 pub mod protocol;
 pub mod server;
 pub mod shard;
+pub mod stream;
 mod sys;
 pub mod telemetry;

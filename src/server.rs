@@ -17,11 +17,11 @@ use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 use crate::auth::{Auth, DevToken};
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::conn::stream::Tls;
 use crate::ingest::{self, Ingest, IngestStats};
 use crate::limits::Limits;
 use crate::shard::inbox::Publisher;
 use crate::shard::Clock;
+use crate::stream::Tls;
 use crate::telemetry::ShardStats;
 
 pub use crate::sys::disable_transparent_huge_pages;

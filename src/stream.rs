@@ -6,11 +6,10 @@
 //! (each keeps the config it was accepted with), and [`Stream`], which the
 //! HTTP phase and the WebSocket driver read and write without caring which
 //! kind it is. TLS connections are never written directly by the fan-out
-//! (their bytes must be encrypted per connection): [`Stream::direct_fd`]
-//! says so.
+//! (their bytes must be encrypted per connection): `sys::DirectSocket`
+//! exists only for plain ones.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -89,16 +88,6 @@ fn load(cert_file: &str, key_file: &str) -> Result<Arc<ServerConfig>, TlsError> 
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
-}
-
-impl Stream {
-    /// The socket the fan-out may write to directly, or -1 (TLS).
-    pub fn direct_fd(&self) -> RawFd {
-        match self {
-            Stream::Plain(s) => s.as_raw_fd(),
-            Stream::Tls(_) => -1,
-        }
-    }
 }
 
 impl AsyncRead for Stream {

@@ -2,28 +2,94 @@
 //! socket, used by the shard fan-out to write queued frames directly
 //! instead of waking each connection's task, either as one `send(2)` or
 //! `sendmsg(2)` per socket or as a batch of them in one io_uring submission
-//! ([`SendBatch`]); readiness polls for parked idle connections
-//! ([`PollRing`], with the fd hand-overs parking needs); and the process's
-//! opt-out of transparent huge pages. Each was measured: see perf/RESULTS.md.
+//! ([`SendBatch`]) to the sockets slots hold ([`DirectSocket`], which keeps
+//! each descriptor open while it is held); readiness polls for parked idle
+//! connections ([`PollRing`], with the fd hand-overs parking needs); and the
+//! process's opt-out of transparent huge pages. Each was measured: see
+//! perf/RESULTS.md.
 
 #![allow(unsafe_code)]
 
+use std::cell::RefCell;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 
 use io_uring::{opcode, types, IoUring};
 
+use crate::stream::Stream;
+
 const SEND_FLAGS: i32 = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+/// `io_uring_enter(2)`: wait for completions (the `io-uring` crate keeps
+/// its copy private).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
+/// A connection's stream, shared by its task and its shard slot.
+pub type SharedStream = Rc<RefCell<Stream>>;
+
+/// A socket the shard's fan-out may write to directly. Holding one keeps
+/// the descriptor it names open: ownership, not the order in which other
+/// things are dropped, guarantees that a direct write reaches the
+/// connection it was meant for and never a later socket given the same
+/// number.
+pub enum DirectSocket {
+    /// A plain-TCP connection's stream, shared with its task; `fd` is its
+    /// descriptor, read when this was made.
+    Stream { fd: RawFd, stream: SharedStream },
+    /// A descriptor of the slot's own: a parked connection's duplicate.
+    Owned(OwnedFd),
+}
+
+impl std::fmt::Debug for DirectSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stream { fd, .. } => write!(f, "DirectSocket::Stream({fd})"),
+            Self::Owned(fd) => write!(f, "DirectSocket::Owned({})", fd.as_raw_fd()),
+        }
+    }
+}
+
+impl DirectSocket {
+    /// The stream's socket, or None for TLS (its bytes are encrypted by
+    /// its task, never written directly).
+    pub fn shared(stream: &SharedStream) -> Option<Self> {
+        match &*stream.borrow() {
+            Stream::Plain(tcp) => Some(Self::Stream { fd: tcp.as_raw_fd(), stream: stream.clone() }),
+            Stream::Tls(_) => None,
+        }
+    }
+
+    pub fn owned(fd: OwnedFd) -> Self {
+        Self::Owned(fd)
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Owned(fd) => fd.as_fd(),
+            // SAFETY: `fd` is `stream`'s descriptor. A glommio stream keeps
+            // its descriptor open until it is dropped (closing it only shuts
+            // the socket down), and `self` holds `stream`, so the descriptor
+            // stays open at least as long as the borrow of `self`.
+            Self::Stream { fd, .. } => unsafe { BorrowedFd::borrow_raw(*fd) },
+        }
+    }
+
+    /// The owned descriptor (of a parked connection), if that is what this is.
+    pub fn into_owned(self) -> Option<OwnedFd> {
+        match self {
+            Self::Owned(fd) => Some(fd),
+            Self::Stream { .. } => None,
+        }
+    }
+}
 
 /// Sends as much of `buf` as the socket takes now, never blocking and never
 /// raising SIGPIPE. `Err(WouldBlock)` when the socket buffer is full.
-pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is a live slice, valid for reads of `buf.len()` bytes,
-    // and the kernel does not keep the pointer. `fd` is the socket of a
-    // connection whose shard slot still exists: a slot is removed before its
-    // socket is closed (see `conn::driver::Conn`'s `Drop`), and the caller
-    // only passes the fd of a slot it just looked up.
-    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), SEND_FLAGS) };
+    // and the kernel does not keep the pointer. `fd` is open for the call
+    // (it is borrowed).
+    let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), SEND_FLAGS) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -33,7 +99,7 @@ pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 
 /// Like [`send_nonblocking`], for `first` followed by `second` in one
 /// `sendmsg` (an outbox and the shared price log).
-pub fn sendv_nonblocking(fd: RawFd, first: &[u8], second: &[u8]) -> io::Result<usize> {
+fn sendv_nonblocking(fd: BorrowedFd<'_>, first: &[u8], second: &[u8]) -> io::Result<usize> {
     let mut iov = [
         libc::iovec { iov_base: first.as_ptr() as *mut _, iov_len: first.len() },
         libc::iovec { iov_base: second.as_ptr() as *mut _, iov_len: second.len() },
@@ -41,12 +107,12 @@ pub fn sendv_nonblocking(fd: RawFd, first: &[u8], second: &[u8]) -> io::Result<u
     // SAFETY: both iovecs point into live slices valid for reads of their
     // lengths for the duration of the call; the kernel only reads them
     // (`sendmsg`) and keeps no pointer. `msg` is zero-initialised apart from
-    // the iovec array, which outlives the call. `fd`: as for `send_nonblocking`.
+    // the iovec array, which outlives the call. `fd` is borrowed, so open.
     let n = unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = iov.len() as _;
-        libc::sendmsg(fd, &msg, SEND_FLAGS)
+        libc::sendmsg(fd.as_raw_fd(), &msg, SEND_FLAGS)
     };
     if n < 0 {
         Err(io::Error::last_os_error())
@@ -74,12 +140,6 @@ pub struct SendBatch {
     iovs: Box<[[libc::iovec; 2]]>,
     results: Vec<isize>,
 }
-
-// SAFETY: the raw pointers in `msgs` and `iovs` are written and read only
-// inside `send_all` (which takes `&mut self`) and point at nothing the
-// struct owns beyond `iovs` itself; between calls they are stale and never
-// read. The ring is `Send`.
-unsafe impl Send for SendBatch {}
 
 impl SendBatch {
     /// Sockets per submission.
@@ -118,11 +178,11 @@ impl SendBatch {
 
     /// Sends `first` then `second` to each socket, as much as it takes now,
     /// never blocking and never raising SIGPIPE. Returns, in order, the
-    /// bytes each socket took or the error (`WouldBlock` when full). Every
-    /// `fd` must be an open socket the caller keeps open for the call.
+    /// bytes each socket took or `-errno` (`-EAGAIN` when full). Every
+    /// descriptor is borrowed for the call, so it stays open throughout.
     pub fn send_all<'a, I>(&mut self, items: I) -> &[isize]
     where
-        I: IntoIterator<Item = (RawFd, &'a [u8], &'a [u8])>,
+        I: IntoIterator<Item = (BorrowedFd<'a>, &'a [u8], &'a [u8])>,
     {
         self.results.clear();
         let mut items = items.into_iter().peekable();
@@ -142,7 +202,9 @@ impl SendBatch {
                     let Some((fd, first, second)) = items.next() else { break };
                     let entry = if first.is_empty() || second.is_empty() {
                         let buf = if first.is_empty() { second } else { first };
-                        opcode::Send::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32).flags(SEND_FLAGS).build()
+                        opcode::Send::new(types::Fd(fd.as_raw_fd()), buf.as_ptr(), buf.len() as u32)
+                            .flags(SEND_FLAGS)
+                            .build()
                     } else {
                         let iov = &mut self.iovs[queued];
                         iov[0] = libc::iovec { iov_base: first.as_ptr() as *mut _, iov_len: first.len() };
@@ -150,7 +212,9 @@ impl SendBatch {
                         let msg = &mut self.msgs[queued];
                         msg.msg_iov = iov.as_mut_ptr();
                         msg.msg_iovlen = 2;
-                        opcode::SendMsg::new(types::Fd(fd), msg as *const libc::msghdr).flags(SEND_FLAGS as u32).build()
+                        opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), msg as *const libc::msghdr)
+                            .flags(SEND_FLAGS as u32)
+                            .build()
                     };
                     // SAFETY: the entry's buffers (`first`, `second`, and the
                     // header and vector in `self`) stay valid and unmoved
@@ -170,30 +234,50 @@ impl SendBatch {
     }
 
     /// Submits the `queued` entries and records each completion's result
-    /// at `start + user_data`.
+    /// at `start + user_data`. Returns only once every entry the kernel
+    /// took has completed: until then it may still read the buffers, which
+    /// the caller reuses as soon as this returns.
     fn complete(&mut self, start: usize, queued: usize) {
         let ring = self.ring.as_mut().expect("only called with a ring");
         let mut reaped = 0;
         while reaped < queued {
-            match ring.submit_and_wait(queued - reaped) {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
-                Err(e) => {
-                    // Not expected with these opcodes. Entries the kernel did
-                    // not take keep the EAGAIN set above (nothing written: the
-                    // drivers finish them); later sends use system calls.
-                    tracing::error!(error = %e, "io_uring submission failed: fan-out writes fall back to system calls");
-                    for cqe in ring.completion() {
-                        self.results[start + cqe.user_data() as usize] = cqe.result() as isize;
-                    }
-                    self.ring = None;
-                    return;
-                }
-            }
+            let failure = match ring.submit_and_wait(queued - reaped) {
+                Ok(_) => None,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => None,
+                Err(e) => Some(e),
+            };
             for cqe in ring.completion() {
                 self.results[start + cqe.user_data() as usize] = cqe.result() as isize;
                 reaped += 1;
             }
+            let Some(e) = failure else { continue };
+            // Not expected with these opcodes. Entries still in the
+            // submission queue were never taken and never will be (the ring
+            // is dropped below); the ones taken must finish first.
+            let taken = queued - ring.submission().len();
+            let mut waits = 0;
+            while reaped < taken && waits < 3 {
+                waits += 1;
+                // SAFETY: submits nothing (`to_submit` 0) and only waits for
+                // completions of entries the kernel already took.
+                let _ = unsafe {
+                    ring.submitter().enter::<libc::sigset_t>(0, (taken - reaped) as u32, IORING_ENTER_GETEVENTS, None)
+                };
+                for cqe in ring.completion() {
+                    self.results[start + cqe.user_data() as usize] = cqe.result() as isize;
+                    reaped += 1;
+                }
+            }
+            // Entries without a result keep the EAGAIN set when queued:
+            // nothing of theirs was written, and their drivers finish them.
+            tracing::error!(
+                error = %e,
+                taken,
+                completed = reaped,
+                "io_uring submission failed: fan-out writes fall back to system calls"
+            );
+            self.ring = None;
+            return;
         }
     }
 }
@@ -206,7 +290,7 @@ fn encode(r: io::Result<usize>) -> isize {
     }
 }
 
-fn send_two(fd: RawFd, first: &[u8], second: &[u8]) -> io::Result<usize> {
+fn send_two(fd: BorrowedFd<'_>, first: &[u8], second: &[u8]) -> io::Result<usize> {
     match (first.is_empty(), second.is_empty()) {
         (false, true) => send_nonblocking(fd, first),
         (true, _) => send_nonblocking(fd, second),
@@ -299,14 +383,6 @@ impl PollRing {
             }
         }
     }
-}
-
-/// A second descriptor for an open socket (`F_DUPFD_CLOEXEC`), so that the
-/// socket outlives the glommio stream that owns the first.
-pub fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: the caller's socket is open for the duration of this call
-    // (it is the fd of a stream the caller holds).
-    unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
 }
 
 /// A glommio listener over a bound, listening, blocking socket.

@@ -25,7 +25,6 @@ use futures_lite::io::{AsyncRead, AsyncWrite};
 
 use super::messages::PendingAuth;
 use super::park::Parked;
-use super::stream::Stream;
 use super::ShardCtx;
 use crate::auth::Identity;
 use crate::cluster::RegistryEvent;
@@ -36,6 +35,9 @@ use crate::protocol::frame::{
 use crate::protocol::message::Outgoing;
 use crate::protocol::session::Session;
 use crate::protocol::CloseCode;
+use crate::shard::DirectSocket;
+use crate::stream::Stream;
+use crate::sys::SharedStream;
 
 /// Shared read buffer per shard thread: borrowed only inside one poll.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -79,7 +81,9 @@ pub(super) struct Conn {
     pub(super) ctx: Rc<ShardCtx>,
     pub(super) key: usize,
     pub(super) id: u64,
-    pub(super) stream: Stream,
+    /// Shared with the shard slot's [`DirectSocket`]: the socket stays
+    /// open while either holds it.
+    pub(super) stream: SharedStream,
     pub(super) rbuf: Vec<u8>,
     pub(super) asm: Assembler,
     pub(super) session: Session,
@@ -114,7 +118,8 @@ pub(super) struct Conn {
 /// bytes instead of 472, on every idle connection.
 pub fn run(start: Start) -> Pump {
     let Start { stream, ctx, id, ip, admission, identity, greeting, leftover } = start;
-    let key = ctx.shard.borrow_mut().insert(stream.direct_fd(), greeting.len());
+    let stream = Rc::new(RefCell::new(stream));
+    let key = ctx.shard.borrow_mut().insert(DirectSocket::shared(&stream), greeting.len());
     ctx.stats.connections_accepted.inc();
     ctx.stats.connections_active.inc();
     let mono = ctx.global.clock.mono_ms();
@@ -225,7 +230,7 @@ impl Conn {
     fn parkable(&self) -> bool {
         if self.phase != Phase::Open
             || self.peer_closed
-            || !matches!(self.stream, Stream::Plain(_))
+            || !matches!(*self.stream.borrow(), Stream::Plain(_))
             || self.pending_auth.is_some()
             || self.pong.is_some()
             || !self.rbuf.is_empty()
@@ -242,12 +247,13 @@ impl Conn {
     /// Hands the connection to the shard's parker; true when it took it
     /// (this task then ends without closing the socket).
     fn park(&mut self) -> bool {
-        let Stream::Plain(stream) = &self.stream else {
-            return false;
-        };
-        let fd = match crate::sys::dup_fd(std::os::fd::AsRawFd::as_raw_fd(stream)) {
-            Ok(fd) => fd,
-            Err(e) => {
+        // The parked connection's own descriptor: the stream's (and its
+        // task's) goes once this task ends.
+        let dup = self.ctx.shard.borrow().socket(self.key).map(|s| s.as_fd().try_clone_to_owned());
+        let fd = match dup {
+            None => return false, // TLS: no direct socket, never parked
+            Some(Ok(fd)) => fd,
+            Some(Err(e)) => {
                 self.ctx.stats.park_failures.inc();
                 tracing::debug!(conn = self.id, error = %e, "could not park: no descriptor");
                 return false;
@@ -257,7 +263,6 @@ impl Conn {
             return false; // not reached: only a parked connection has none
         };
         let parked = Parked {
-            fd,
             id: self.id,
             pre_auth: (!self.session.is_authenticated()).then(|| Box::new(std::mem::take(&mut self.pre_auth))),
             session: std::mem::replace(&mut self.session, Session::new(0, self.ctx.timers)).store(),
@@ -266,7 +271,7 @@ impl Conn {
             ping_sent_ms: self.ping_sent_ms.unwrap_or(u64::MAX),
             admission: admission.park(),
         };
-        match self.ctx.parker.park(&self.ctx, self.key, parked) {
+        match self.ctx.parker.park(&self.ctx, self.key, parked, fd) {
             None => {
                 self.parked = true;
                 true
@@ -289,7 +294,7 @@ impl Conn {
         ctx: Rc<ShardCtx>,
         key: usize,
         id: u64,
-        stream: Stream,
+        stream: SharedStream,
         session: Session,
         admission: Admission,
         next_ping_ms: u64,
@@ -320,9 +325,11 @@ impl Conn {
         }
     }
 
-    /// A parked connection's driver, resumed where it parked.
-    pub(super) fn resume(ctx: Rc<ShardCtx>, key: usize, parked: Parked) -> Conn {
-        let stream = Stream::Plain(crate::sys::tcp_stream(parked.fd));
+    /// A parked connection's driver, resumed where it parked, on its socket
+    /// `fd` (which the slot held while it was parked).
+    pub(super) fn resume(ctx: Rc<ShardCtx>, key: usize, parked: Parked, fd: std::os::fd::OwnedFd) -> Conn {
+        let stream = Rc::new(RefCell::new(Stream::Plain(crate::sys::tcp_stream(fd))));
+        ctx.shard.borrow_mut().set_socket(key, DirectSocket::shared(&stream));
         let session = Session::resume(parked.session, parked.user_rate.as_ref().map(|r| r.user()), ctx.timers);
         let admission = Admission::resume(&ctx.global.limits, parked.admission);
         let mut conn = Conn::open(ctx, key, parked.id, stream, session, admission, parked.next_ping_ms);
@@ -337,7 +344,8 @@ impl Conn {
         for _ in 0..READ_BUDGET {
             let outcome = SCRATCH.with(|s| {
                 let mut s = s.borrow_mut();
-                match Pin::new(&mut self.stream).poll_read(cx, &mut s[..]) {
+                let read = Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, &mut s[..]);
+                match read {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Some(false),
                     Poll::Ready(Ok(n)) => {
                         self.last_input_ms = mono;
@@ -609,7 +617,7 @@ impl Conn {
                     self.sent = 0;
                     drop(shard);
                     // TLS may hold encrypted bytes the socket did not take yet.
-                    return match Pin::new(&mut self.stream).poll_flush(cx) {
+                    return match Pin::new(&mut *self.stream.borrow_mut()).poll_flush(cx) {
                         Poll::Ready(r) => r,
                         Poll::Pending => Ok(()),
                     };
@@ -621,7 +629,8 @@ impl Conn {
                 shard.recycle(std::mem::replace(&mut self.sending, next));
                 self.frames_from = 0;
             }
-            match Pin::new(&mut self.stream).poll_write(cx, &self.sending[self.sent..]) {
+            let written = Pin::new(&mut *self.stream.borrow_mut()).poll_write(cx, &self.sending[self.sent..]);
+            match written {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => self.sent += n,
                 Poll::Ready(Err(e)) => return Err(e),
@@ -653,10 +662,9 @@ impl Conn {
 }
 
 impl Drop for Conn {
-    /// Unregisters the connection. Runs before the fields (the socket among
-    /// them) are dropped, so the shard never holds the fd of a closed socket,
-    /// which the fan-out's direct writes rely on; and it runs on every exit,
-    /// also when the executor drops the task at shutdown.
+    /// Unregisters the connection (the slot's share of the socket goes with
+    /// it); runs on every exit, also when the executor drops the task at
+    /// shutdown.
     fn drop(&mut self) {
         if self.parked {
             return; // the parker holds the connection now

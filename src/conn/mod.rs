@@ -15,7 +15,6 @@
 mod driver;
 mod messages;
 mod park;
-pub mod stream;
 mod upgrade;
 
 use std::cell::{Cell, RefCell};

@@ -23,7 +23,7 @@
 //! completion of an earlier parking is recognised and ignored.
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -42,10 +42,9 @@ use crate::telemetry::LogLimiter;
 /// many, are drained on every wake-up, and the kernel keeps any overflow).
 const RING_ENTRIES: u32 = 2048;
 
-/// What a driver needs to resume a parked connection.
+/// What a driver needs to resume a parked connection (besides its socket,
+/// which its shard slot holds while it is parked).
 pub(super) struct Parked {
-    /// The duplicate of the socket: the only descriptor while parked.
-    pub fd: OwnedFd,
     pub id: u64,
     pub session: StoredSession,
     /// The pre-authentication message count; None once authenticated (it
@@ -111,9 +110,10 @@ impl Parker {
         (self.ring.borrow().is_some() && self.waker.borrow().is_some()).then_some(self.after_ms)
     }
 
-    /// Parks the connection `key` of `ctx`'s shard. Gives the record back
-    /// if the kernel refused the poll (the connection keeps its task).
-    pub fn park(&self, ctx: &ShardCtx, key: usize, parked: Parked) -> Option<Parked> {
+    /// Parks the connection `key` of `ctx`'s shard on `fd`, its own
+    /// duplicate of the socket. Gives the record back if the kernel refused
+    /// the poll (the connection keeps its task, and `fd` is closed).
+    pub fn park(&self, ctx: &ShardCtx, key: usize, parked: Parked, fd: OwnedFd) -> Option<Parked> {
         let waker = self.waker.borrow();
         let mut ring = self.ring.borrow_mut();
         let (Some(waker), Some(ring)) = (waker.as_ref(), ring.as_mut()) else {
@@ -123,7 +123,7 @@ impl Parker {
         let entry = records.vacant_entry();
         let index = entry.key() as u32;
         let generation = self.generation.get().wrapping_add(1);
-        if let Err(e) = ring.poll_add(parked.fd.as_fd(), user_data(index, generation)) {
+        if let Err(e) = ring.poll_add(fd.as_fd(), user_data(index, generation)) {
             ctx.stats.park_failures.inc();
             if let Some(suppressed) = self.log.allow() {
                 tracing::warn!(shard = ctx.id, error = %e, suppressed, "could not park an idle connection");
@@ -131,7 +131,7 @@ impl Parker {
             return Some(parked);
         }
         self.generation.set(generation);
-        ctx.shard.borrow_mut().park(key, parked.fd.as_raw_fd(), index, waker);
+        ctx.shard.borrow_mut().park(key, fd, index, waker);
         entry.insert(Record { key: key as u32, generation, parked });
         ctx.stats.parks.inc();
         ctx.stats.connections_parked.inc();
@@ -141,7 +141,7 @@ impl Parker {
     /// Gives a parked connection its task back; `cancel` withdraws its poll
     /// (when it is resumed for another reason than the poll firing).
     fn resume(&self, ctx: &Rc<ShardCtx>, key: usize, cancel: bool) {
-        let Some(index) = ctx.shard.borrow_mut().unpark(key) else {
+        let Some((index, fd)) = ctx.shard.borrow_mut().unpark(key) else {
             return; // resumed already
         };
         let record = self.records.borrow_mut().remove(index as usize);
@@ -158,7 +158,7 @@ impl Parker {
         }
         ctx.stats.unparks.inc();
         ctx.stats.connections_parked.sub(1);
-        let conn = Conn::resume(ctx.clone(), key, record.parked);
+        let conn = Conn::resume(ctx.clone(), key, record.parked, fd);
         glommio::spawn_local(Pump::new(conn)).detach();
     }
 }

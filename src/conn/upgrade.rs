@@ -15,7 +15,6 @@ use glommio::net::TcpStream;
 use ipnet::IpNet;
 
 use super::driver::{self, Start};
-use super::stream::Stream;
 use super::ShardCtx;
 use crate::auth::Verification;
 use crate::cluster::IpVerdict;
@@ -23,6 +22,7 @@ use crate::protocol::handshake::{
     bearer_token, parse_head, route, write_refusal, write_switching_protocols, Parsed, Refusal, RequestHead, Route,
     MAX_HEAD_BYTES,
 };
+use crate::stream::Stream;
 
 /// Bytes read per call while the head is incomplete.
 const HEAD_READ: usize = 2048;

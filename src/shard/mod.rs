@@ -27,7 +27,7 @@ pub mod inbox;
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::os::fd::RawFd;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
@@ -38,6 +38,7 @@ use slab::Slab;
 
 use crate::protocol::frame::server_frame_len;
 use crate::protocol::message::Channel;
+pub use crate::sys::DirectSocket;
 use crate::sys::SendBatch;
 use crate::telemetry::{update_index, ShardStats};
 use inbox::{Inbox, Route, Update};
@@ -80,9 +81,10 @@ pub struct Slot {
     pub shutdown: bool,
     /// Monotonic ms at which the tick must wake the driver.
     pub deadline_ms: u64,
-    /// The connection's socket, for direct writes by the fan-out; -1 when
-    /// its bytes must go through its driver (TLS).
-    pub fd: RawFd,
+    /// The connection's socket, for direct writes by the fan-out (holding
+    /// it keeps the descriptor open); None when its bytes must go through
+    /// its driver (TLS), and while a parked connection is being resumed.
+    sock: Option<DirectSocket>,
     /// Bytes at the front of `pending` already written by a direct write
     /// that stopped part-way (the driver continues from there).
     pub pre_sent: u32,
@@ -225,15 +227,16 @@ impl Shard {
         self.writer.uses_ring()
     }
 
-    /// Adds a connection; returns its key. `inflight` is what its driver
-    /// has yet to write (the 101 response), so direct writes wait for it.
-    pub fn insert(&mut self, fd: RawFd, inflight: usize) -> usize {
+    /// Adds a connection; returns its key. `sock` is its socket for
+    /// direct writes (None: TLS). `inflight` is what its driver has yet to
+    /// write (the 101 response), so direct writes wait for it.
+    pub fn insert(&mut self, sock: Option<DirectSocket>, inflight: usize) -> usize {
         self.conns.insert(Slot {
             prices_pos: NOT_LISTED,
             next_user: NOT_LISTED,
             shutdown: self.shutting_down,
             deadline_ms: u64::MAX,
-            fd,
+            sock,
             inflight: inflight as u32,
             ..Slot::default()
         })
@@ -521,7 +524,7 @@ impl Shard {
             if slot.batched || (slot.pending.is_empty() && lag(slot, &self.log) == 0) {
                 continue;
             }
-            if slot.inflight == 0 && !slot.closing && slot.pre_sent == 0 && slot.fd >= 0 {
+            if slot.inflight == 0 && !slot.closing && slot.pre_sent == 0 && slot.sock.is_some() {
                 slot.batched = true;
                 self.direct.push(key);
                 continue;
@@ -536,7 +539,8 @@ impl Shard {
         let (conns, log) = (&self.conns, &self.log);
         let sent = self.writer.send_all(self.direct.iter().map(|&key| {
             let slot = &conns[key];
-            (slot.fd, &slot.pending[..], unsent_log(slot, log))
+            let sock = slot.sock.as_ref().expect("listed for a direct write only with a socket");
+            (sock.as_fd(), &slot.pending[..], unsent_log(slot, log))
         }));
         for (&key, &n) in self.direct.iter().zip(sent) {
             let slot = &mut self.conns[key];
@@ -654,25 +658,38 @@ impl Shard {
     }
 
     /// Marks a connection parked: `record` + 1 is its parker record's
-    /// index, `fd` the descriptor the parker holds for it, and `parker` the
-    /// waker that any later wake-up of the connection goes to.
-    pub fn park(&mut self, key: usize, fd: RawFd, record: u32, parker: &Waker) {
+    /// index, `fd` the connection's own duplicate of its socket (the slot
+    /// holds it while parked), and `parker` the waker that any later
+    /// wake-up of the connection goes to.
+    pub fn park(&mut self, key: usize, fd: OwnedFd, record: u32, parker: &Waker) {
         let slot = &mut self.conns[key];
-        slot.fd = fd;
+        slot.sock = Some(DirectSocket::owned(fd));
         slot.parked = record + 1;
         slot.waker = Some(parker.clone());
         slot.wake_pending = false;
     }
 
-    /// Ends a connection's parking; returns its record's index, or None if
-    /// it was not parked.
-    pub fn unpark(&mut self, key: usize) -> Option<u32> {
+    /// Ends a connection's parking; returns its record's index and its
+    /// socket (for the resumed driver, which hands it back with
+    /// [`Shard::set_socket`]), or None if it was not parked.
+    pub fn unpark(&mut self, key: usize) -> Option<(u32, OwnedFd)> {
         let slot = self.conns.get_mut(key)?;
         let record = slot.parked.checked_sub(1)?;
+        let fd = slot.sock.take()?.into_owned()?;
         slot.parked = 0;
         slot.waker = None;
         slot.wake_pending = false;
-        Some(record)
+        Some((record, fd))
+    }
+
+    /// The connection's socket for direct writes (a resumed connection's).
+    pub fn set_socket(&mut self, key: usize, sock: Option<DirectSocket>) {
+        self.conns[key].sock = sock;
+    }
+
+    /// The connection's socket, as the fan-out writes to it.
+    pub fn socket(&self, key: usize) -> Option<&DirectSocket> {
+        self.conns.get(key)?.sock.as_ref()
     }
 
     /// The parked connections woken since the last call, oldest first.
@@ -1048,7 +1065,7 @@ mod tests {
     #[test]
     fn prices_reach_subscribers_only() {
         let mut s = shard(1 << 20);
-        let (a, b, c) = (s.insert(-1, 0), s.insert(-1, 0), s.insert(-1, 0));
+        let (a, b, c) = (s.insert(None, 0), s.insert(None, 0), s.insert(None, 0));
         s.subscribe(a, Channel::Prices);
         s.subscribe(c, Channel::Prices);
         let u = price("{}");
@@ -1064,7 +1081,7 @@ mod tests {
     #[test]
     fn private_updates_reach_only_their_user_and_channel() {
         let mut s = shard(1 << 20);
-        let (a, b, a2) = (s.insert(-1, 0), s.insert(-1, 0), s.insert(-1, 0));
+        let (a, b, a2) = (s.insert(None, 0), s.insert(None, 0), s.insert(None, 0));
         s.set_user(a, "alice".into());
         s.set_user(a2, "alice".into());
         s.set_user(b, "bob".into());
@@ -1084,7 +1101,7 @@ mod tests {
         let u = price(&format!("{{\"pad\":\"{}\"}}", "x".repeat(100)));
         let mut s = shard(u.frame.len() * 3);
         // No socket (-1): the sweep hands both to their drivers.
-        let (slow, fast) = (s.insert(-1, 0), s.insert(-1, 0));
+        let (slow, fast) = (s.insert(None, 0), s.insert(None, 0));
         s.subscribe(slow, Channel::Prices);
         s.subscribe(fast, Channel::Prices);
         s.slot(slow).inflight = u.frame.len() as u32;
@@ -1104,7 +1121,7 @@ mod tests {
     fn a_slow_consumer_keeps_the_frame_a_direct_write_stopped_inside() {
         let u = price(&format!("{{\"pad\":\"{}\"}}", "x".repeat(100)));
         let mut s = shard(u.frame.len() * 3);
-        let k = s.insert(-1, 0);
+        let k = s.insert(None, 0);
         let slot = s.slot(k);
         slot.pending = [&u.frame[..], &u.frame[..]].concat();
         slot.pre_sent = 10; // a direct write stopped inside the first frame
@@ -1156,7 +1173,7 @@ mod tests {
             got.sort();
             (n, got)
         };
-        let keys: Vec<usize> = (0..6).map(|_| s.insert(-1, 0)).collect();
+        let keys: Vec<usize> = (0..6).map(|_| s.insert(None, 0)).collect();
         // alice: 0, 2, 3, 5; bob: 1; carol: 4.
         for (i, &k) in keys.iter().enumerate() {
             let user = match i {
@@ -1181,7 +1198,7 @@ mod tests {
         assert_eq!(reached(&mut s, "carol", &keys), (1, vec![keys[4]]), "other users keep their routes");
         assert_eq!(s.users.len(), 2, "alice left the index with her last connection");
         // A new connection takes a freed slot: it must not inherit a route.
-        let again = s.insert(-1, 0);
+        let again = s.insert(None, 0);
         s.subscribe(again, Channel::Orders);
         assert_eq!(reached(&mut s, "alice", &[again]), (0, vec![]));
         s.set_user(again, "alice".into());
@@ -1197,7 +1214,6 @@ mod tests {
     /// for the driver (wire bytes + outbox after `pre_sent` = whole frames).
     #[test]
     fn a_short_direct_write_past_the_limit_keeps_its_frame() {
-        use std::os::fd::AsRawFd;
         use std::os::unix::net::UnixStream;
         for uring in [true, false] {
             let u = price(&format!("{{\"pad\":\"{}\"}}", "x".repeat(100)));
@@ -1205,7 +1221,7 @@ mod tests {
             s.use_io_uring(uring);
             let (srv, mut cli) = UnixStream::pair().unwrap();
             socket2::SockRef::from(&srv).set_send_buffer_size(4096).unwrap();
-            let k = s.insert(srv.as_raw_fd(), 0);
+            let k = s.insert(Some(DirectSocket::owned(srv.into())), 0);
             s.subscribe(k, Channel::Prices);
             for _ in 0..400 {
                 s.fanout(&u);
@@ -1247,13 +1263,12 @@ mod tests {
 
     #[test]
     fn a_sweep_carries_updates_that_arrive_before_it_reaches_a_socket() {
-        use std::os::fd::AsRawFd;
         use std::os::unix::net::UnixStream;
         let mut s = shard(1 << 20);
         let (a_srv, mut a_cli) = UnixStream::pair().unwrap();
         let (b_srv, mut b_cli) = UnixStream::pair().unwrap();
-        let a = s.insert(a_srv.as_raw_fd(), 0);
-        let b = s.insert(b_srv.as_raw_fd(), 0);
+        let a = s.insert(Some(DirectSocket::owned(a_srv.into())), 0);
+        let b = s.insert(Some(DirectSocket::owned(b_srv.into())), 0);
         s.subscribe(a, Channel::Prices);
         s.subscribe(b, Channel::Prices);
         let (u1, u2) = (price("{\"n\":1}"), price("{\"n\":2}"));
@@ -1297,20 +1312,19 @@ mod tests {
     #[test]
     fn random_interleavings_deliver_each_channel_exactly_once_in_order() {
         use rand::{Rng, SeedableRng};
-        use std::os::fd::AsRawFd;
         use std::os::unix::net::UnixStream;
         for (seed, uring) in (0..20u64).flat_map(|seed| [(seed, true), (seed, false)]) {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let mut s = shard(1 << 24);
             assert_eq!(s.use_io_uring(uring), uring, "io_uring is available (glommio needs it too)");
-            let mut conns = Vec::new(); // (key, server side, client side, user, got, expected prices, expected orders)
+            let mut conns = Vec::new(); // (key, client side, user, got, expected prices, expected orders)
             for i in 0..6 {
                 let (srv, cli) = UnixStream::pair().unwrap();
-                let key = s.insert(srv.as_raw_fd(), 0);
+                let key = s.insert(Some(DirectSocket::owned(srv.into())), 0);
                 let user: Arc<str> = format!("user{}", i % 3).into();
                 s.set_user(key, user.clone());
                 s.subscribe(key, Channel::Orders);
-                conns.push((key, srv, cli, user, Vec::<u8>::new(), Vec::<String>::new(), Vec::<String>::new()));
+                conns.push((key, cli, user, Vec::<u8>::new(), Vec::<String>::new(), Vec::<String>::new()));
             }
             let mut seq = 0;
             for _ in 0..400 {
@@ -1328,7 +1342,7 @@ mod tests {
                         let data = format!("p{seq}");
                         for c in conns.iter_mut() {
                             if s.slot(c.0).subs & Channel::Prices.bit() != 0 {
-                                c.5.push(data.clone());
+                                c.4.push(data.clone());
                             }
                         }
                         s.fanout(&price(&format!("\"{data}\"")));
@@ -1337,8 +1351,8 @@ mod tests {
                         seq += 1;
                         let user: Arc<str> = format!("user{}", rng.random_range(0..3)).into();
                         let data = format!("o{seq}");
-                        for c in conns.iter_mut().filter(|c| c.3 == user) {
-                            c.6.push(data.clone());
+                        for c in conns.iter_mut().filter(|c| c.2 == user) {
+                            c.5.push(data.clone());
                         }
                         let route = Route::User { channel: Channel::Orders, user: user.to_string().into() };
                         s.fanout(&Update::encode(route, "u1", 0, format!("\"{data}\"").as_bytes()));
@@ -1351,8 +1365,8 @@ mod tests {
                     }
                 }
                 for c in conns.iter_mut() {
-                    let got = received(&mut c.2);
-                    c.4.extend_from_slice(&got);
+                    let got = received(&mut c.1);
+                    c.3.extend_from_slice(&got);
                 }
             }
             while s.sweeping() || s.has_dirty() {
@@ -1362,13 +1376,13 @@ mod tests {
                 s.flush_step(3);
             }
             for c in conns.iter_mut() {
-                let got = received(&mut c.2);
-                c.4.extend_from_slice(&got);
+                let got = received(&mut c.1);
+                c.3.extend_from_slice(&got);
                 assert!(
                     s.slot(c.0).pending.is_empty(),
                     "seed {seed} (io_uring {uring}): everything was written directly"
                 );
-                let frames = payloads(&c.4);
+                let frames = payloads(&c.3);
                 let data = |prefix: &str| -> Vec<String> {
                     frames
                         .iter()
@@ -1379,8 +1393,8 @@ mod tests {
                         })
                         .collect()
                 };
-                assert_eq!(data("p"), c.5, "seed {seed} (io_uring {uring}): prices for connection {}", c.0);
-                assert_eq!(data("o"), c.6, "seed {seed} (io_uring {uring}): orders for connection {}", c.0);
+                assert_eq!(data("p"), c.4, "seed {seed} (io_uring {uring}): prices for connection {}", c.0);
+                assert_eq!(data("o"), c.5, "seed {seed} (io_uring {uring}): orders for connection {}", c.0);
             }
             assert!(s.log.buf.is_empty(), "seed {seed} (io_uring {uring}): the log is empty once every sweep is done");
         }
@@ -1395,7 +1409,6 @@ mod tests {
     /// no connection on the shard takes, however many arrive.
     #[test]
     fn latency_is_sampled_at_the_first_write_of_a_delivered_update() {
-        use std::os::fd::AsRawFd;
         use std::os::unix::net::UnixStream;
         let stamped = |mut u: Update| {
             u.kafka_ts_ms = epoch_ms() as i64 - 5;
@@ -1411,7 +1424,7 @@ mod tests {
         assert!(!s.has_dirty(), "and nothing to write");
 
         let (srv, mut cli) = UnixStream::pair().unwrap();
-        let k = s.insert(srv.as_raw_fd(), 0);
+        let k = s.insert(Some(DirectSocket::owned(srv.into())), 0);
         s.set_user(k, "alice".into());
         s.subscribe(k, Channel::Prices);
         s.subscribe(k, Channel::Orders);
@@ -1431,7 +1444,7 @@ mod tests {
     #[test]
     fn latency_samples_are_bounded_and_counted() {
         let mut s = shard(1 << 30);
-        let k = s.insert(-1, 0);
+        let k = s.insert(None, 0);
         s.subscribe(k, Channel::Prices);
         for _ in 0..MAX_STAMPS + 10 {
             let mut u = price("{}");
@@ -1442,10 +1455,31 @@ mod tests {
         assert_eq!(s.stats.latency_samples_skipped.get(), 10);
     }
 
+    /// The slot owns its share of the socket: the descriptor stays open
+    /// while the slot holds it, whoever else let go, and closes with it.
+    #[test]
+    fn a_slot_keeps_its_socket_open_until_it_is_removed() {
+        use std::io::Read;
+        use std::os::unix::net::UnixStream;
+        let mut s = shard(1 << 20);
+        let (srv, mut cli) = UnixStream::pair().unwrap();
+        let k = s.insert(Some(DirectSocket::owned(srv.into())), 0);
+        s.subscribe(k, Channel::Prices);
+        let u = price("{}");
+        s.fanout(&u);
+        s.begin_sweep();
+        assert!(s.flush_step(64));
+        assert_eq!(received(&mut cli), &*u.frame, "written through the slot's descriptor");
+        s.remove(k);
+        cli.set_nonblocking(false).unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(cli.read(&mut byte).unwrap(), 0, "removing the slot closed the socket");
+    }
+
     #[test]
     fn removal_keeps_the_price_list_consistent() {
         let mut s = shard(1 << 20);
-        let keys: Vec<_> = (0..5).map(|_| s.insert(-1, 0)).collect();
+        let keys: Vec<_> = (0..5).map(|_| s.insert(None, 0)).collect();
         for &k in &keys {
             s.subscribe(k, Channel::Prices);
         }
@@ -1456,5 +1490,15 @@ mod tests {
         for k in [keys[0], keys[2], keys[3]] {
             assert_eq!(outbox(&mut s, k), &*u.frame);
         }
+    }
+}
+
+#[cfg(test)]
+mod size {
+    /// Every open connection has a slot, reserved up front for
+    /// `WS_MAX_CONNECTIONS`: a field that makes it grow should be a decision.
+    #[test]
+    fn a_slot_stays_at_120_bytes() {
+        assert_eq!(std::mem::size_of::<super::Slot>(), 120);
     }
 }

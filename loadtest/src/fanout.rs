@@ -41,7 +41,7 @@ pub struct FanoutOpts {
     #[arg(long, default_value_t = 2)]
     pub(crate) warmup: u64,
     /// Bytes per Kafka value (padded; values are never shorter than their
-    /// fixed fields, about 170 bytes).
+    /// fixed fields, about 160 bytes).
     #[arg(long, default_value_t = 200)]
     pub(crate) size: usize,
     /// Seconds to wait for stragglers after the producer stops.
@@ -164,6 +164,7 @@ async fn phase_until(
     done: impl Fn() -> bool,
     extra: impl Fn() -> String,
 ) {
+    let mut ticked = false;
     while Instant::now() < end && !done() {
         let stopped = run.stop.sleep(Duration::from_secs(1).min(end.saturating_duration_since(Instant::now()))).await;
         if stopped {
@@ -171,7 +172,12 @@ async fn phase_until(
         }
         if run.interval() >= Duration::from_millis(999) || Instant::now() >= end || done() {
             tick(run, tally, churn, prev, &extra());
+            ticked = true;
         }
+    }
+    // Every phase shows at least one line, however short.
+    if !ticked {
+        tick(run, tally, churn, prev, &extra());
     }
 }
 

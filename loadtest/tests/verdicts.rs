@@ -218,7 +218,7 @@ fn a_passing_fanout_with_thresholds_writes_an_hdr_log_that_matches_its_json() {
         "--warmup",
         "1",
         "--drain",
-        "5",
+        "15",
         "--server-pid",
         &pid,
         "--threshold",
@@ -567,6 +567,43 @@ fn ctrl_c_prints_what_was_measured() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("connect: 10 of 10 connections set up"), "{stdout}");
     assert!(last_line(&out.stdout).starts_with("FAIL: interrupted (Ctrl-C) in the hold phase"), "{stdout}");
+}
+
+#[test]
+fn one_deadline_bounds_the_whole_run() {
+    // The server consumes from a dead broker, so the drain would wait its
+    // full 60 s for updates that never come: the deadline ends it.
+    let (_b, brokers) = broker();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let (_s, addr) = server(&dead, false, &[]);
+    let out = lt(&[
+        "fanout",
+        "--server",
+        &addr.to_string(),
+        "--brokers",
+        &brokers,
+        "--jwt-secret",
+        SECRET,
+        "-c",
+        "5",
+        "-r",
+        "10",
+        "-d",
+        "2",
+        "--warmup",
+        "0",
+        "--drain",
+        "60",
+        "--deadline",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let r = json_of(&out);
+    assert_eq!(r["interrupted"], "deadline");
+    assert_eq!(r["subscribers"], 5);
+    let last = last_line(&out.stderr);
+    assert!(last.starts_with("FAIL: --deadline passed in the drain phase"), "{last}");
 }
 
 #[test]

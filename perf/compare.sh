@@ -77,9 +77,14 @@ stop_server() {
 }
 
 measure() { # name label args...
-  local name=$1 label=$2; shift 2
-  taskset -c 1 timeout 300 "$LT" "$@" --server 127.0.0.1:$PORT --jwt-secret $SECRET --server-pid "$SERVER_PID" --json \
-    | tee -a "$out/$name.$label.jsonl" > /dev/null || echo "{\"error\":\"$name $label failed\"}" >> "$out/$name.$label.jsonl"
+  # A run that fails its verdict (exit 1) still prints its result, which
+  # summarize.py counts and flags; a run that printed none is marked.
+  local name=$1 label=$2 f lines; shift 2
+  f="$out/$name.$label.jsonl"
+  lines=$(cat "$f" 2>/dev/null | wc -l)
+  taskset -c 1 timeout 300 "$LT" "$@" --server 127.0.0.1:$PORT --jwt-secret $SECRET --server-pid "$SERVER_PID" --quiet --json \
+    >> "$f" || true
+  [ "$(wc -l < "$f")" -gt "$lines" ] || echo "{\"error\":\"$name $label: no result\"}" >> "$f"
 }
 
 for name in "${servers[@]}"; do

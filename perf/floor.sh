@@ -54,10 +54,10 @@ for run in $(seq "$RUNS"); do
     esac
     if [ "$SCENARIO" = fanout ]; then
       taskset -c 1 timeout 120 "$LT" fanout --brokers "$BROKERS" -c 5000 -r "$RATE" -d "${SECS:-8}" --sources 64 \
-        --server 127.0.0.1:$PORT --jwt-secret loadtest-secret --server-pid "$SERVER_PID" --json >> "$out/$name.jsonl"
+        --server 127.0.0.1:$PORT --jwt-secret loadtest-secret --server-pid "$SERVER_PID" --quiet --json >> "$out/$name.jsonl" || true
     else
       taskset -c 1 timeout 120 "$LT" connect -c 10000 --sources 64 --hold 1 --server 127.0.0.1:$PORT \
-        --jwt-secret loadtest-secret --server-pid "$SERVER_PID" --json >> "$out/$name.jsonl"
+        --jwt-secret loadtest-secret --server-pid "$SERVER_PID" --quiet --json >> "$out/$name.jsonl" || true
     fi
     kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
     if [ "$SCENARIO" = fanout ]; then kill "$BROKER_PID"; wait "$BROKER_PID" 2>/dev/null || true; fi

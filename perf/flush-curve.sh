@@ -19,7 +19,7 @@ for us in "${intervals[@]}"; do
   start_moonx 3102 "$out/server-$us.log" WS_FLUSH_INTERVAL_US="$us" WS_FLUSH_ADAPTIVE_MS=0
   pid=$SERVER_PID
   taskset -c 1 timeout 300 "$LT" fanout --server 127.0.0.1:3102 --brokers "$BROKERS" -c 5000 -r 200 -d "${FANOUT_SECS:-10}" \
-    --sources 64 --jwt-secret loadtest-secret --server-pid "$pid" --json | sed "s/^{/{\"flush_interval_us\":$us,/" >> "$out/curve.jsonl"
+    --sources 64 --jwt-secret loadtest-secret --server-pid "$pid" --quiet --json | sed "s/^{/{\"flush_interval_us\":$us,/" >> "$out/curve.jsonl" || true
   kill "$pid"; wait "$pid" 2>/dev/null || true
 done
 # The rust-tokio peer in the same run, as the reference point of the bar.
@@ -29,7 +29,7 @@ if [ -x "$peer" ]; then
   pid=$!
   wait_port 3102 && sleep 3
   taskset -c 1 timeout 300 "$LT" fanout --server 127.0.0.1:3102 --brokers "$BROKERS" -c 5000 -r 200 -d "${FANOUT_SECS:-10}" \
-    --sources 64 --jwt-secret loadtest-secret --server-pid "$pid" --json >> "$out/peer.jsonl"
+    --sources 64 --jwt-secret loadtest-secret --server-pid "$pid" --quiet --json >> "$out/peer.jsonl" || true
   kill "$pid"; wait "$pid" 2>/dev/null || true
 fi
 python3 - "$out" <<'PY'

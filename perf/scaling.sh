@@ -24,8 +24,8 @@ for rate in "${rates[@]}"; do
     if [ "${LOAD_FLOATS:-0}" = 1 ]; then load=""; fi
     WS_SHARDS=$shards SERVER_CPUS=$cpus start_moonx 3109 "$out/server-$shards-$rate.log"
     $load timeout 300 "$LT" fanout --server 127.0.0.1:3109 --brokers "$BROKERS" -c $((per_shard * shards)) -r "$rate" \
-      -d "${FANOUT_SECS:-10}" --sources 64 --jwt-secret loadtest-secret --server-pid "$SERVER_PID" --json \
-      | sed "s/^{/{\"shards\":$shards,\"rate\":$rate,/" >> "$out/scaling.jsonl"
+      -d "${FANOUT_SECS:-10}" --sources 64 --jwt-secret loadtest-secret --server-pid "$SERVER_PID" --quiet --json \
+      | sed "s/^{/{\"shards\":$shards,\"rate\":$rate,/" >> "$out/scaling.jsonl" || true
     kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
   done
 done

@@ -57,7 +57,7 @@ echo "time,phase,rss_kb,fds,threads,connections,health" > "$out/samples.csv"
 sample baseline
 # Steady fan-out: 1000 subscribers x 20 updates/s for the whole soak.
 taskset -c 1 "$LT" fanout --server 127.0.0.1:3106 --brokers "$B" -c 1000 -r 20 -d "$secs" --warmup 1 --drain 10 \
-  --jwt-secret loadtest-secret --deadline $((secs + 300)) "${fanout_flags[@]}" --json > "$out/fanout.json" &
+  --jwt-secret loadtest-secret --deadline $((secs + 300)) "${fanout_flags[@]}" --quiet --json > "$out/fanout.json" &
 fan=$!
 if [ "$faults" = 1 ]; then
   # Redis faults, half-way between broker outages.
@@ -77,7 +77,7 @@ fi
 # Churn: 500 connections opened, authenticated, subscribed and dropped, over and over.
 end=$((SECONDS + secs))
 ( while [ $SECONDS -lt $end ]; do
-    taskset -c 1 "$LT" connect --server 127.0.0.1:3106 -c 500 --hold 1 --jwt-secret loadtest-secret --json >> "$out/churn.jsonl" 2>/dev/null || true
+    taskset -c 1 "$LT" connect --server 127.0.0.1:3106 -c 500 --hold 1 --jwt-secret loadtest-secret --quiet --json >> "$out/churn.jsonl" 2>/dev/null || true
   done ) &
 churn=$!
 while kill -0 $fan 2>/dev/null; do sleep 10; sample load; done

@@ -37,8 +37,8 @@ for run in $(seq "$RUNS"); do
       *) echo "unknown server $name" >&2; exit 2 ;;
     esac
     taskset -c 1 timeout 120 "$LT" fanout --brokers "$BROKERS" -c 5000 -r "$RATE" -d "${SECS:-8}" --sources 64 \
-      --server 127.0.0.1:$PORT --jwt-secret loadtest-secret --server-pid "$SERVER_PID" --arrival-stamps --json \
-      >> "$out/$name.jsonl"
+      --server 127.0.0.1:$PORT --jwt-secret loadtest-secret --server-pid "$SERVER_PID" --arrival-stamps --quiet --json \
+      >> "$out/$name.jsonl" || true
     kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
     kill "$BROKER_PID"; wait "$BROKER_PID" 2>/dev/null || true
     sleep 1

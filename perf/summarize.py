@@ -31,3 +31,11 @@ for name, s in rows.items():
           f"{med(f1,'latency','p50_us')/1000:.1f} / {med(f1,'latency','p99_us')/1000:.1f} | "
           f"{med(c,'server','rss_bytes_per_connection'):,.0f} | {med(c,'server','cpu_us_per_connection'):.0f} | {med(c,'connections_per_s'):,.0f} |")
 print(f"\n(median of {max((len(v) for s in rows.values() for v in s.values()), default=0)} runs each)")
+# Runs whose verdict failed (lost or duplicated deliveries, refused or
+# closed connections, ...) still count above; say which and why.
+for name, s in rows.items():
+    for label, runs in s.items():
+        for i, r in enumerate(runs):
+            v = r.get("verdict") or {}
+            if v.get("pass") is False:
+                print(f"- {name} {label} run {i + 1} FAILED: {'; '.join(v.get('reasons', []))}")

@@ -2,6 +2,7 @@
 //! schedule, and a send that waits (briefly polling) when its local queue
 //! is full instead of dropping.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::message::ToBytes;
@@ -21,28 +22,50 @@ pub fn producer(brokers: &str, linger_ms: u32, idempotent: bool) -> BaseProducer
         .expect("kafka producer")
 }
 
-/// Sends `rec`, retrying while the producer's queue is full, then serves
-/// delivery callbacks without blocking.
-pub fn send<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(producer: &BaseProducer, mut rec: BaseRecord<'_, K, P>) {
+/// Whether the brokers answer a metadata request within 5 s.
+pub fn check(brokers: &str) -> Result<(), String> {
+    let p: BaseProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(|e| e.to_string())?;
+    p.client().fetch_metadata(None, Duration::from_secs(5)).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Sends `rec`, retrying while the producer's queue is full (until `stop`),
+/// then serves delivery callbacks without blocking. False when it gave up.
+pub fn send<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
+    producer: &BaseProducer,
+    mut rec: BaseRecord<'_, K, P>,
+    stop: &AtomicBool,
+) -> bool {
     loop {
         match producer.send(rec) {
             Ok(()) => break,
             Err((_, back)) => {
+                if stop.load(Ordering::Relaxed) {
+                    return false;
+                }
                 producer.poll(Duration::from_millis(1));
                 rec = back;
             }
         }
     }
     producer.poll(Duration::ZERO);
+    true
 }
 
 /// Open-loop pacing: sleeps until send number `i` is due (`i` intervals
-/// after `start`); returns true when it is already more than 1 ms late.
-pub fn wait_until_due(start: Instant, i: u64, interval_ns: u64) -> bool {
+/// after `start`, waking early when `stop` is set); returns true when it
+/// is already more than 1 ms late.
+pub fn wait_until_due(start: Instant, i: u64, interval_ns: u64, stop: &AtomicBool) -> bool {
     let due = Duration::from_nanos(i * interval_ns);
     let elapsed = start.elapsed();
     if elapsed < due {
-        std::thread::sleep(due - elapsed);
+        loop {
+            let now = start.elapsed();
+            if now >= due || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(100)));
+        }
         false
     } else {
         elapsed > due + Duration::from_millis(1)

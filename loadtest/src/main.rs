@@ -1,13 +1,14 @@
 //! moonx-loadtest: drives any server speaking the MoonX WebSocket protocol
-//! (../shared/PROTOCOL.md) and reports what it measured.
+//! and reports what it measured, with a verdict (loadtest/README.md).
 //!
 //! Scenarios: `connect` (connect + auth + subscribe latency, CPU and RSS per
 //! connection), `fanout` (an open-loop Kafka producer stamps each update with
 //! its intended send time and a sequence number; every subscriber records
 //! publish->receive latency in an HDR histogram, corrected for coordinated
-//! omission the way wrk2 does, and checks gaps and duplicates), and `broker`
-//! (a standalone Kafka-protocol broker for the server and the peers to
-//! share). Every run is bounded in count and time.
+//! omission the way wrk2 does, and checks gaps and duplicates), `private`,
+//! `churn`, `broker` (a standalone Kafka-protocol broker for the server and
+//! the peers to share) and `report` (percentile tables, plots and merges of
+//! results). Every run is bounded in count and time.
 
 /// `println!` that ends the process quietly once stdout is gone (a reader
 /// such as `| head` closed the pipe) instead of panicking.
@@ -23,24 +24,42 @@ macro_rules! out {
 }
 
 mod fanout;
+mod hdr;
 mod kafka;
 mod private;
 mod procstat;
+mod report;
+mod run;
+mod verdict;
 mod ws;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
-use serde_json::json;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
 use ws::Ws;
 
+pub(crate) use hdr::Recorder;
+use run::Run;
+use verdict::{fmt_us, Figures, Threshold, Verdict};
+
 #[derive(Parser)]
-#[command(name = "moonx-loadtest", about = "Load generator for MoonX WebSocket servers")]
+#[command(
+    name = "moonx-loadtest",
+    version,
+    about = "Load generator for MoonX WebSocket servers, with verdicts",
+    after_help = "Exit status: 0 the run passed; 1 it failed (the reason is on the last line); 2 a usage or set-up \
+                  error; 130 interrupted (Ctrl-C; the summary of what was measured is still printed)."
+)]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
@@ -55,45 +74,73 @@ enum Scenario {
     /// Many users with private streams: each gets exactly its own, in order.
     Private(private::PrivateArgs),
     /// A fan-out while connections are opened and dropped at a steady rate.
-    Churn(fanout::FanoutArgs),
+    Churn(fanout::ChurnArgs),
     /// Run a standalone embedded Kafka-protocol broker and print its address.
     Broker(BrokerArgs),
+    /// Percentile table, plot and merge of JSON results and HDR logs.
+    Report(report::ReportArgs),
 }
 
-#[derive(Args, Clone)]
+fn positive_usize() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
+#[derive(Args, Clone, Serialize)]
 pub(crate) struct Common {
-    /// Server address (host:port); the WebSocket path is /ws.
+    /// Server address, host:port (a name such as localhost:3008 is
+    /// resolved); the WebSocket path is /ws.
     #[arg(long, default_value = "127.0.0.1:3008")]
-    pub(crate) server: SocketAddr,
-    /// HMAC secret used to mint HS256 tokens for the test users.
-    #[arg(long, env = "JWT_SECRET", default_value = "loadtest-secret")]
+    pub(crate) server: String,
+    /// HMAC secret the tool signs its HS256 test tokens with: it must be
+    /// the server's JWT_SECRET, or every authentication is refused.
+    #[arg(long, env = "JWT_SECRET", default_value = "loadtest-secret", hide_env_values = true)]
+    #[serde(skip)]
     pub(crate) jwt_secret: String,
     /// Connections to open.
-    #[arg(long, short = 'c', default_value_t = 1000)]
+    #[arg(long, short = 'c', default_value_t = 1000, value_parser = positive_usize())]
     pub(crate) connections: usize,
-    /// Connection attempts per second (0: as fast as `--concurrency` allows).
+    /// Connection attempts per second (0: as fast as `--concurrency`
+    /// allows). With a rate, set-up latency counts from each attempt's
+    /// scheduled time (coordinated omission corrected).
     #[arg(long, default_value_t = 0)]
     pub(crate) connect_rate: u64,
     /// Connection set-ups in flight at once.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = positive_usize())]
     pub(crate) concurrency: usize,
-    /// Source addresses 127.0.0.1..=127.0.0.N to spread ephemeral ports over.
-    #[arg(long, default_value_t = 32)]
+    /// Source addresses 127.0.0.1..=127.0.0.N to spread ephemeral ports
+    /// over (for an IPv4 loopback server only; 1: the system's choice).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=254))]
     pub(crate) sources: u8,
-    /// PID of the server, to report its CPU time and RSS.
+    /// PID of the server, to report its CPU time and RSS (checked at start:
+    /// exit 2 when it is not a live process).
     #[arg(long)]
     pub(crate) server_pid: Option<u32>,
-    /// Print one JSON object instead of the human summary.
+    /// Print one JSON object (schema 1, README) instead of the human
+    /// summary; the verdict line then goes to stderr.
     #[arg(long)]
     pub(crate) json: bool,
-    /// Give up on the whole run after this many seconds.
-    #[arg(long, default_value_t = 300)]
+    /// Give up on the whole run (every phase) after this many seconds:
+    /// the summary is printed and the run fails.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) deadline: u64,
+    /// Fail the run unless this holds, e.g. 'p99<50ms', 'p99.9<=0.2s',
+    /// 'lost==0', 'throughput>=100000' (repeatable; README lists the
+    /// figures).
+    #[arg(long, value_name = "EXPR")]
+    pub(crate) threshold: Vec<Threshold>,
+    /// Write an HdrHistogram interval log (one histogram per tag per
+    /// second, values in µs) to this file.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) hdr_log: Option<String>,
+    /// No progress lines on stderr.
+    #[arg(long, short = 'q')]
+    pub(crate) quiet: bool,
 }
 
-#[derive(Args)]
+#[derive(Args, Serialize)]
 struct ConnectArgs {
     #[command(flatten)]
+    #[serde(flatten)]
     common: Common,
     /// Seconds to hold the connections open after the last one is set up.
     #[arg(long, default_value_t = 2)]
@@ -123,23 +170,26 @@ struct BrokerArgs {
     down_for: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.scenario {
-        Scenario::Broker(a) => broker(a),
+    let result = match cli.scenario {
+        Scenario::Broker(a) => broker(a).map(|_| 0),
+        Scenario::Report(a) => report::run(a),
         Scenario::Connect(a) => run_local(connect(a)),
-        Scenario::Fanout(a) => run_local(fanout::run(a)),
+        Scenario::Fanout(a) => run_local(fanout::run_fanout(a)),
         Scenario::Private(a) => run_local(private::run(a)),
-        Scenario::Churn(mut a) => {
-            if a.churn_rate == 0 {
-                a.churn_rate = 100;
-            }
-            run_local(fanout::run(a))
+        Scenario::Churn(a) => run_local(fanout::run_churn(a)),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
         }
     }
 }
 
-fn run_local<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+fn run_local<F: std::future::Future<Output = anyhow::Result<u8>>>(f: F) -> anyhow::Result<u8> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, f)
@@ -191,12 +241,11 @@ fn token(secret: &str, user: &str) -> String {
     .expect("HS256 signing")
 }
 
-fn source(common: &Common, i: usize) -> Option<IpAddr> {
-    (common.sources > 1).then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % common.sources as usize) as u8)))
-}
-
-pub(crate) fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram bounds")
+/// The source address of connection `i`: spread over 127.0.0.1..=N for an
+/// IPv4 loopback server, the system's choice otherwise.
+fn source(common: &Common, server: SocketAddr, i: usize) -> Option<IpAddr> {
+    let spread = common.sources > 1 && server.is_ipv4() && server.ip().is_loopback();
+    spread.then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % common.sources as usize) as u8)))
 }
 
 pub(crate) fn now_ns() -> u64 {
@@ -204,41 +253,66 @@ pub(crate) fn now_ns() -> u64 {
 }
 
 /// Latencies of one connection's set-up, in µs.
-struct Setup {
-    ws: Ws,
+pub(crate) struct Setup {
+    pub(crate) ws: Ws,
     connect_us: u64,
     auth_us: u64,
     subscribe_us: u64,
 }
 
-pub(crate) async fn set_up(common: &Common, i: usize, user: &str, channels: &[&str]) -> anyhow::Result<Setup> {
-    let t0 = Instant::now();
-    let mut ws = Ws::connect(common.server, source(common, i), "").await?;
-    let first = ws.next_text().await.context("auth_required")?;
+/// The `"error"` text of a server reply, for failure messages.
+fn error_text(reply: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(reply).unwrap_or(Value::Null);
+    let d = &v["data"];
+    d["error"].as_str().or(d["message"].as_str()).or(d["code"].as_str()).unwrap_or("no reason given").to_string()
+}
+
+/// Connects, authenticates and subscribes one connection. `t0` is when
+/// the attempt was due: with a connect rate, its scheduled time (so a
+/// late start counts in the latency), otherwise when it started.
+pub(crate) async fn set_up(
+    common: &Common,
+    server: SocketAddr,
+    i: usize,
+    user: &str,
+    channels: &[&str],
+    t0: Instant,
+) -> anyhow::Result<Setup> {
+    let mut ws = match Ws::connect(server, source(common, server, i), "").await {
+        Ok(ws) => ws,
+        Err(e) if format!("{e:#}").contains("refused") && !format!("{e:#}").contains("upgrade") => {
+            bail!("{e:#} (does anything listen at {server}?)")
+        }
+        Err(e) => return Err(e),
+    };
+    let first = ws.next_text().await.context("waiting for auth_required")?;
     if memchr::memmem::find(&first, b"auth_required").is_none() {
-        bail!("expected auth_required");
+        bail!("expected auth_required, got: {}", String::from_utf8_lossy(&first[..first.len().min(120)]));
     }
     let connect_us = t0.elapsed().as_micros() as u64;
     let t1 = Instant::now();
     let auth = json!({"id":"a","type":"authenticate","data":{"token": token(&common.jwt_secret, user)}}).to_string();
     ws.send_text(&auth).await?;
-    let reply = ws.next_text().await.context("auth reply")?;
+    let reply = ws.next_text().await.context("waiting for the auth reply")?;
     if memchr::memmem::find(&reply, b"auth_success").is_none() {
-        bail!("auth refused");
+        bail!(
+            "auth refused ({}): the tool signs HS256 tokens with --jwt-secret (or $JWT_SECRET), which must be \
+             the server's JWT_SECRET",
+            error_text(&reply)
+        );
     }
     let auth_us = t1.elapsed().as_micros() as u64;
     let t2 = Instant::now();
     for channel in channels {
         ws.send_text(&json!({"id":"s","type":"subscribe","data":{"channel": channel}}).to_string()).await?;
-        let reply = ws.next_text().await.context("subscribe reply")?;
-        if memchr::memmem::find(&reply, b"subscribed").is_none() {
-            bail!("subscribe refused");
+        let reply = ws.next_text().await.context("waiting for the subscribe reply")?;
+        if memchr::memmem::find(&reply, b"\"subscribed\"").is_none() {
+            bail!("subscribe to {channel} refused ({})", error_text(&reply));
         }
     }
     Ok(Setup { ws, connect_us, auth_us, subscribe_us: t2.elapsed().as_micros() as u64 })
 }
 
-/// Opens `n` connections with the pacing and concurrency asked for.
 /// The user of connection `i`: `lt-{i}`, or `lt-u{i / per_user}` when
 /// several connections share a user.
 fn user_of(i: usize, per_user: usize) -> String {
@@ -249,45 +323,166 @@ fn user_of(i: usize, per_user: usize) -> String {
     }
 }
 
-pub(crate) async fn open_all(
-    common: &Common,
-    channels: &[&str],
-    per_user: usize,
-) -> (Vec<Setup>, BTreeMap<String, u64>) {
-    let sem = Arc::new(tokio::sync::Semaphore::new(common.concurrency.max(1)));
-    let mut tasks = Vec::with_capacity(common.connections);
-    let start = Instant::now();
-    for i in 0..common.connections {
-        if common.connect_rate > 0 {
-            let at = start + Duration::from_secs_f64(i as f64 / common.connect_rate as f64);
-            tokio::time::sleep_until(at.into()).await;
-        }
-        let permit = sem.clone().acquire_owned().await.expect("semaphore open");
-        let (c, chs): (Common, Vec<String>) = (common.clone(), channels.iter().map(|s| s.to_string()).collect());
-        tasks.push(tokio::task::spawn_local(async move {
-            let user = user_of(i, per_user);
-            let chs: Vec<&str> = chs.iter().map(String::as_str).collect();
-            let r = tokio::time::timeout(Duration::from_secs(30), set_up(&c, i, &user, &chs)).await;
-            drop(permit);
-            match r {
-                Ok(r) => r,
-                Err(_) => Err(anyhow::anyhow!("set-up timed out")),
-            }
-        }));
-    }
-    let mut ok = Vec::with_capacity(tasks.len());
-    let mut failures = BTreeMap::new();
-    for t in tasks {
-        match t.await {
-            Ok(Ok(s)) => ok.push(s),
-            Ok(Err(e)) => *failures.entry(format!("{e:#}")).or_insert(0) += 1,
-            Err(e) => *failures.entry(format!("task: {e}")).or_insert(0) += 1,
-        }
-    }
-    (ok, failures)
+/// What the connect phase produced.
+pub(crate) struct Opened {
+    /// The connections set up, with their index.
+    pub(crate) setups: Vec<(usize, Setup)>,
+    /// Failure causes and how often each happened.
+    pub(crate) failures: BTreeMap<String, u64>,
+    pub(crate) attempted: usize,
+    pub(crate) connect: Recorder,
+    pub(crate) auth: Recorder,
+    pub(crate) subscribe: Recorder,
+    pub(crate) total: Recorder,
+    pub(crate) elapsed: Duration,
 }
 
-pub(crate) fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+impl Opened {
+    fn accept(&mut self, i: usize, r: anyhow::Result<Setup>) {
+        match r {
+            Ok(s) => {
+                self.connect.record(s.connect_us);
+                self.auth.record(s.auth_us);
+                self.subscribe.record(s.subscribe_us);
+                self.total.record(s.connect_us + s.auth_us + s.subscribe_us);
+                self.setups.push((i, s));
+            }
+            Err(e) => *self.failures.entry(format!("{e:#}")).or_insert(0) += 1,
+        }
+    }
+
+    pub(crate) fn failed(&self) -> u64 {
+        self.failures.values().sum()
+    }
+
+    /// "N of M connections failed to set up: cause xK; ..." when any did.
+    pub(crate) fn failure_reason(&self) -> Option<String> {
+        let failed = self.failed();
+        (failed > 0).then(|| {
+            let causes: Vec<String> = self.failures.iter().map(|(c, n)| format!("{c} x{n}")).collect();
+            format!("{failed} of {} connections failed to set up: {}", self.attempted, causes.join("; "))
+        })
+    }
+}
+
+/// Opens `common.connections` connections with the pacing and
+/// concurrency asked for, printing a progress line a second; stops early
+/// when the run is stopped.
+pub(crate) async fn open_all(run: &mut Run, common: &Common, channels: &[&str], per_user: usize) -> Opened {
+    run.enter("connect");
+    let n = common.connections;
+    let server = run.server;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, anyhow::Result<Setup>)>();
+    let aborts: Rc<RefCell<Vec<tokio::task::AbortHandle>>> = Rc::default();
+    let start = Instant::now();
+    let spawner = {
+        let (common, aborts) = (common.clone(), aborts.clone());
+        let channels: Vec<String> = channels.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_local(async move {
+            let sem = Arc::new(tokio::sync::Semaphore::new(common.concurrency));
+            for i in 0..n {
+                let due = (common.connect_rate > 0)
+                    .then(|| start + Duration::from_secs_f64(i as f64 / common.connect_rate as f64));
+                if let Some(at) = due {
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                let permit = sem.clone().acquire_owned().await.expect("semaphore open");
+                let (c, chs, tx) = (common.clone(), channels.clone(), tx.clone());
+                let t = tokio::task::spawn_local(async move {
+                    let user = user_of(i, per_user);
+                    let chs: Vec<&str> = chs.iter().map(String::as_str).collect();
+                    let t0 = due.unwrap_or_else(Instant::now);
+                    let r = tokio::time::timeout(Duration::from_secs(30), set_up(&c, server, i, &user, &chs, t0)).await;
+                    drop(permit);
+                    let _ = tx.send((i, r.unwrap_or_else(|_| Err(anyhow::anyhow!("set-up timed out after 30 s")))));
+                });
+                aborts.borrow_mut().push(t.abort_handle());
+            }
+        })
+    };
+    let mut o = Opened {
+        setups: Vec::with_capacity(n),
+        failures: BTreeMap::new(),
+        attempted: 0,
+        connect: Recorder::new("connect"),
+        auth: Recorder::new("auth"),
+        subscribe: Recorder::new("subscribe"),
+        total: Recorder::new("setup"),
+        elapsed: Duration::ZERO,
+    };
+    let mut tick = Instant::now() + Duration::from_secs(1);
+    let (mut ok_before, mut failed_before) = (0usize, 0u64);
+    let stop = run.stop.clone();
+    loop {
+        let done = o.setups.len() + o.failed() as usize;
+        if done >= n {
+            break;
+        }
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some((i, r)) => o.accept(i, r),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(tick.into()) => {
+                tick += Duration::from_secs(1);
+                connect_progress(run, &mut o, n, &mut ok_before, &mut failed_before);
+            }
+            _ = stop.wait() => break,
+        }
+    }
+    spawner.abort();
+    for a in aborts.borrow().iter() {
+        a.abort();
+    }
+    // Set-ups that completed before the stop still count.
+    while let Ok((i, r)) = rx.try_recv() {
+        o.accept(i, r);
+    }
+    o.attempted = if run.stop.stopped() { o.setups.len() + o.failed() as usize } else { n };
+    o.elapsed = start.elapsed();
+    connect_progress(run, &mut o, n, &mut ok_before, &mut failed_before);
+    o.setups.sort_by_key(|(i, _)| *i);
+    o
+}
+
+fn connect_progress(run: &mut Run, o: &mut Opened, n: usize, ok_before: &mut usize, failed_before: &mut u64) {
+    let secs = run.interval().as_secs_f64().max(1e-3);
+    let ok = o.setups.len() - *ok_before;
+    let failed = o.failed() - *failed_before;
+    run.progress(&format!(
+        "+{ok} set up ({:.0}/s), +{failed} failed; {}/{n} done; set-up {}",
+        ok as f64 / secs,
+        o.setups.len() + o.failed() as usize,
+        brief(&o.total.interval)
+    ));
+    *ok_before = o.setups.len();
+    *failed_before = o.failed();
+    if let Err(e) = run.end_interval(&mut [&mut o.connect, &mut o.auth, &mut o.subscribe, &mut o.total]) {
+        eprintln!("{e:#}");
+    }
+}
+
+/// `p50 1.2 ms p99 3.4 ms max 5.0 ms`, or `no samples`.
+pub(crate) fn brief(h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return "no samples".into();
+    }
+    format!(
+        "p50 {} p99 {} max {}",
+        fmt_us(h.value_at_quantile(0.5) as f64),
+        fmt_us(h.value_at_quantile(0.99) as f64),
+        fmt_us(h.max() as f64)
+    )
+}
+
+/// Percentiles in µs; every figure null when nothing was measured.
+pub(crate) fn percentiles(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return json!({
+            "count": 0, "min_us": null, "p50_us": null, "p75_us": null, "p90_us": null, "p99_us": null,
+            "p999_us": null, "p9999_us": null, "max_us": null, "mean_us": null,
+        });
+    }
     let q = |p: f64| h.value_at_quantile(p);
     json!({
         "count": h.len(), "min_us": h.min(), "p50_us": q(0.5), "p75_us": q(0.75), "p90_us": q(0.9),
@@ -296,6 +491,10 @@ pub(crate) fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
 }
 
 pub(crate) fn print_table(title: &str, h: &Histogram<u64>) {
+    if h.is_empty() {
+        out!("  {title} latency: no samples");
+        return;
+    }
     out!("  {title} latency ({} samples)", h.len());
     for (label, p) in [
         ("50.000%", 0.5),
@@ -310,83 +509,179 @@ pub(crate) fn print_table(title: &str, h: &Histogram<u64>) {
     out!("    100.000%  {:>10.3} ms", h.max() as f64 / 1000.0);
 }
 
-async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
-    let c = &a.common;
-    let me = procstat::Sample::own();
-    let server_before = c.server_pid.map(procstat::Sample::of);
-    let t0 = Instant::now();
-    let (setups, failures) =
-        tokio::time::timeout(Duration::from_secs(c.deadline), open_all(c, &[a.channel.as_str()], 1))
-            .await
-            .context("deadline passed while connecting")?;
-    let elapsed = t0.elapsed();
-    let server_after = c.server_pid.map(procstat::Sample::of);
-    let (mut hc, mut ha, mut hs, mut ht) = (histogram(), histogram(), histogram(), histogram());
-    for s in &setups {
-        hc.saturating_record(s.connect_us.max(1));
-        ha.saturating_record(s.auth_us.max(1));
-        hs.saturating_record(s.subscribe_us.max(1));
-        ht.saturating_record((s.connect_us + s.auth_us + s.subscribe_us).max(1));
+/// A count of causes as `cause xN; ...`.
+pub(crate) fn causes(m: &BTreeMap<String, u64>) -> String {
+    m.iter().map(|(c, n)| format!("{c} x{n}")).collect::<Vec<_>>().join("; ")
+}
+
+/// `x / y` as a number, or null when `y` is 0 (never a misleading zero or
+/// a division by zero).
+pub(crate) fn per(x: f64, y: f64) -> Value {
+    if y > 0.0 {
+        json!(x / y)
+    } else {
+        Value::Null
     }
-    // Hold (answering pings) so idle memory can be read.
-    let open = setups.len();
-    let held: Vec<_> = setups
-        .into_iter()
-        .map(|s| {
-            tokio::task::spawn_local(async move {
-                let mut ws = s.ws;
-                while let Ok(Some(_)) = ws.next_frame().await {}
+}
+
+async fn connect(a: ConnectArgs) -> anyhow::Result<u8> {
+    let c = &a.common;
+    if c.deadline <= a.hold {
+        bail!("--deadline {} s leaves no time for the connect phase after --hold {} s", c.deadline, a.hold);
+    }
+    let mut run = Run::start(c, "connect")?;
+    let me = procstat::Sample::own();
+    let server_before = run.sample();
+    let mut o = open_all(&mut run, c, &[a.channel.as_str()], 1).await;
+    let server_after = run.sample();
+    let open = o.setups.len();
+    // Hold (answering pings) so idle memory can be read; a connection the
+    // server closes meanwhile is an unexpected close.
+    let closed: Rc<RefCell<BTreeMap<String, u64>>> = Rc::default();
+    let mut server_held = server_after;
+    if !run.stop.stopped() && a.hold > 0 {
+        run.enter("hold");
+        let held: Vec<_> = std::mem::take(&mut o.setups)
+            .into_iter()
+            .map(|(_, s)| {
+                let closed = closed.clone();
+                tokio::task::spawn_local(async move {
+                    let mut ws = s.ws;
+                    let why = ws.run_until_closed().await;
+                    *closed.borrow_mut().entry(why).or_insert(0) += 1;
+                })
             })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_secs(a.hold)).await;
-    let server_held = c.server_pid.map(procstat::Sample::of);
-    for h in held {
-        h.abort();
+            .collect();
+        let end = Instant::now() + Duration::from_secs(a.hold);
+        let mut closed_before = 0;
+        while Instant::now() < end {
+            let stopped =
+                run.stop.sleep(Duration::from_secs(1).min(end.saturating_duration_since(Instant::now()))).await;
+            let now_closed: u64 = closed.borrow().values().sum();
+            run.progress(&format!(
+                "{} open, +{} closed by the server",
+                open as u64 - now_closed,
+                now_closed - closed_before
+            ));
+            closed_before = now_closed;
+            if stopped {
+                break;
+            }
+        }
+        server_held = run.sample();
+        for h in held {
+            h.abort();
+        }
     }
     let mine = procstat::Sample::own().cpu_since(&me);
-    let rate = open as f64 / elapsed.as_secs_f64();
-    let server = match (server_before, server_after, server_held) {
-        (Some(b), Some(a), Some(h)) => {
-            let cpu = a.cpu_since(&b);
-            json!({
-                "cpu_ms": cpu.as_secs_f64() * 1e3,
-                "cpu_us_per_connection": cpu.as_secs_f64() * 1e6 / open.max(1) as f64,
-                "rss_before_kb": b.rss_kb, "rss_held_kb": h.rss_kb,
-                "rss_bytes_per_connection": (h.rss_kb.saturating_sub(b.rss_kb) * 1024) as f64 / open.max(1) as f64,
-            })
+    let elapsed = o.elapsed;
+    let rate = per(open as f64, elapsed.as_secs_f64());
+    let closed = closed.borrow().clone();
+    let n_closed: u64 = closed.values().sum();
+    let exited = run.probe.is_some() && server_held.is_none();
+    let server = match (&run.probe, server_before, server_after, server_held) {
+        (Some(p), Some(b), Some(af), Some(h)) => {
+            let cpu = af.cpu_since(&b);
+            let mut m = p.base_json(false);
+            m.insert("cpu_ms".into(), json!(cpu.as_secs_f64() * 1e3));
+            m.insert("cpu_us_per_connection".into(), per(cpu.as_secs_f64() * 1e6, open as f64));
+            m.insert("rss_before_kb".into(), json!(b.rss_kb));
+            m.insert("rss_held_kb".into(), json!(h.rss_kb));
+            m.insert("rss_bytes_per_connection".into(), per((h.rss_kb as f64 - b.rss_kb as f64) * 1024.0, open as f64));
+            Value::Object(m)
         }
-        _ => json!(null),
+        (Some(p), ..) => Value::Object(p.base_json(true)),
+        _ => Value::Null,
     };
-    let report = json!({
-        "scenario": "connect", "connections": open, "failures": failures, "elapsed_s": elapsed.as_secs_f64(),
-        "connections_per_s": rate, "connect": percentiles(&hc), "auth": percentiles(&ha),
-        "subscribe": percentiles(&hs), "total": percentiles(&ht), "server": server,
-        "client_cpu_ms": mine.as_secs_f64() * 1e3,
-    });
-    if c.json {
-        out!("{report}");
-    } else {
+    let mut v = Verdict::default();
+    if let Some(r) = o.failure_reason() {
+        v.fail(r);
+    }
+    if n_closed > 0 {
+        v.fail(format!("{n_closed} of {open} connections closed unexpectedly while held: {}", causes(&closed)));
+    }
+    if open == 0 {
+        v.fail("no samples: no connection was set up");
+    }
+    if exited {
+        v.fail("the server process exited during the run");
+    }
+    let server_cpu = server["cpu_us_per_connection"].as_f64();
+    let mut values =
+        BTreeMap::from([("failed", o.failed() as f64), ("closed", n_closed as f64), ("connections", open as f64)]);
+    if let Some(r) = rate.as_f64() {
+        values.insert("throughput", r);
+    }
+    if let Some(x) = server_cpu {
+        values.insert("server_cpu_us", x);
+    }
+    let figures = Figures { latency: &o.total.total, values };
+    let mut report = Map::new();
+    for (k, val) in [
+        ("connections", json!(open)),
+        ("attempted", json!(o.attempted)),
+        ("failures", json!(o.failures)),
+        ("closed_unexpectedly", json!(closed)),
+        ("elapsed_s", json!(elapsed.as_secs_f64())),
+        ("connections_per_s", rate.clone()),
+        ("connect", percentiles(&o.connect.total)),
+        ("auth", percentiles(&o.auth.total)),
+        ("subscribe", percentiles(&o.subscribe.total)),
+        ("total", percentiles(&o.total.total)),
+        ("server", server.clone()),
+        ("client_cpu_ms", json!(mine.as_secs_f64() * 1e3)),
+        (
+            "hdr",
+            json!({
+                "connect": hdr::encode(&o.connect.total), "auth": hdr::encode(&o.auth.total),
+                "subscribe": hdr::encode(&o.subscribe.total), "setup": hdr::encode(&o.total.total),
+            }),
+        ),
+        (
+            "coordinated_omission",
+            json!(if c.connect_rate > 0 {
+                "corrected: set-up latency counts from each attempt's scheduled time"
+            } else {
+                "none: no connect rate, so latency counts from each attempt's actual start"
+            }),
+        ),
+    ] {
+        report.insert(k.into(), val);
+    }
+    let settings = serde_json::to_value(&a)?;
+    let probe = run.probe.take();
+    let human = || {
         out!(
-            "connect: {open} connections in {:.2} s ({rate:.0}/s), {} failed",
+            "connect: {open} of {} connections set up in {:.2} s ({}), {} failed, {n_closed} closed while held",
+            o.attempted,
             elapsed.as_secs_f64(),
-            c.connections - open
+            rate.as_f64().map_or("-".into(), |r| format!("{r:.0}/s")),
+            o.failed()
         );
-        for (cause, n) in &failures {
+        for (cause, n) in &o.failures {
             out!("  failure x{n}: {cause}");
         }
-        print_table("connect (TCP + upgrade + auth_required)", &hc);
-        print_table("authenticate", &ha);
-        print_table("subscribe", &hs);
-        print_table("total set-up", &ht);
-        if !server.is_null() {
-            out!(
-                "  server: {:.1} µs CPU per connection, {:.0} bytes RSS per held connection",
-                server["cpu_us_per_connection"].as_f64().unwrap_or(0.0),
-                server["rss_bytes_per_connection"].as_f64().unwrap_or(0.0)
-            );
+        for (cause, n) in &closed {
+            out!("  closed while held x{n}: {cause}");
+        }
+        let from = if c.connect_rate > 0 { "from the scheduled time" } else { "from the actual start" };
+        print_table(&format!("connect (TCP + upgrade + auth_required, {from})"), &o.connect.total);
+        print_table("authenticate", &o.auth.total);
+        print_table("subscribe", &o.subscribe.total);
+        print_table("total set-up", &o.total.total);
+        if let Some(p) = &probe {
+            p.describe(exited);
+            if let (Some(b), Some(h)) = (server_before, server_held) {
+                out!(
+                    "  server: {} CPU per connection, RSS {:.1} MB before, {:.1} MB held ({} per held connection)",
+                    server["cpu_us_per_connection"].as_f64().map_or("-".into(), |x| format!("{x:.1} µs")),
+                    b.rss_kb as f64 / 1024.0,
+                    h.rss_kb as f64 / 1024.0,
+                    server["rss_bytes_per_connection"].as_f64().map_or("-".into(), |x| format!("{x:.0} bytes"))
+                );
+            }
         }
         out!("  client CPU: {:.0} ms", mine.as_secs_f64() * 1e3);
-    }
-    Ok(())
+    };
+    Ok(run.finish("connect", settings, report, &mut v, &figures, human))
 }

@@ -1,47 +1,127 @@
-//! Whole-process CPU time and RSS from /proc (perf counters are not
-//! available on the machines this runs on).
+//! Whole-process CPU time and RSS (perf counters are not available on the
+//! machines this runs on). CPU time comes from the process's CPU clock
+//! (`clock_getcpuclockid`, nanosecond resolution, every thread the process
+//! ever had); when that clock cannot be read, from /proc/PID/stat in clock
+//! ticks (10 ms at the usual 100 Hz), and the output says which.
 
 use std::time::Duration;
 
 /// One reading of a process's CPU time (user + system) and resident memory.
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
-    pub cpu_ticks: u64,
+    pub cpu_ns: u64,
     pub rss_kb: u64,
 }
 
 impl Sample {
-    pub fn of(pid: u32) -> Sample {
-        read(&format!("/proc/{pid}"))
+    /// Reads process `pid`; None when it is gone (or a zombie).
+    pub fn of(pid: u32) -> Option<Sample> {
+        if !alive(pid) {
+            return None;
+        }
+        let cpu_ns = match cpu_clock(pid as libc::pid_t) {
+            Some(clock) => read_clock(clock)?,
+            None => stat_ticks(&format!("/proc/{pid}"))? * 1_000_000_000 / ticks_per_second(),
+        };
+        Some(Sample { cpu_ns, rss_kb: rss_kb(&format!("/proc/{pid}")).unwrap_or(0) })
     }
 
     pub fn own() -> Sample {
-        read("/proc/self")
+        let cpu_ns = read_clock(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap_or(0);
+        Sample { cpu_ns, rss_kb: rss_kb("/proc/self").unwrap_or(0) }
     }
 
     /// CPU time spent between `earlier` and this sample.
     pub fn cpu_since(&self, earlier: &Sample) -> Duration {
-        let hz = ticks_per_second();
-        let ticks = self.cpu_ticks.saturating_sub(earlier.cpu_ticks);
-        Duration::from_nanos(ticks * 1_000_000_000 / hz)
+        Duration::from_nanos(self.cpu_ns.saturating_sub(earlier.cpu_ns))
     }
 }
 
-fn read(dir: &str) -> Sample {
-    let stat = std::fs::read_to_string(format!("{dir}/stat")).unwrap_or_default();
+/// How a process's CPU time is read, for the output.
+pub fn cpu_clock_source(pid: u32) -> (String, f64) {
+    match cpu_clock(pid as libc::pid_t) {
+        Some(clock) => {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: clock_getres writes one timespec.
+            let res_ns = if unsafe { libc::clock_getres(clock, &mut ts) } == 0 {
+                ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
+            } else {
+                1.0
+            };
+            ("process CPU clock (clock_getcpuclockid)".into(), res_ns)
+        }
+        None => (format!("/proc/{pid}/stat clock ticks"), 1e9 / ticks_per_second() as f64),
+    }
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    !matches!(state, None | Some('Z') | Some('X') | Some('x'))
+}
+
+/// The process's command name (`comm`).
+pub fn command(pid: u32) -> Option<String> {
+    Some(std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim().to_string())
+}
+
+/// Threads of `pid` that run a Kafka broker inside the process: librdkafka's
+/// mock cluster (`rdk:mock`) and moonx-ws's embedded broker and demo feed
+/// (`kafka-embedded`). Returns (their names, their CPU time so far).
+pub fn broker_threads(pid: u32) -> (Vec<String>, Duration) {
+    let mut names = Vec::new();
+    let mut ns = 0u64;
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (names, Duration::ZERO);
+    };
+    for t in tasks.flatten() {
+        let dir = t.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm == "rdk:mock" || comm == "kafka-embedded" {
+            names.push(comm.to_string());
+            // schedstat: time on CPU in ns, first field.
+            ns += std::fs::read_to_string(dir.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    names.sort();
+    names.dedup();
+    (names, Duration::from_nanos(ns))
+}
+
+fn cpu_clock(pid: libc::pid_t) -> Option<libc::clockid_t> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: writes one clockid_t.
+    let rc = unsafe { libc::clock_getcpuclockid(pid, &mut clock) };
+    (rc == 0 && read_clock(clock).is_some()).then_some(clock)
+}
+
+fn read_clock(clock: libc::clockid_t) -> Option<u64> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+fn stat_ticks(dir: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the whole line.
-    let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+    let after = stat.rsplit_once(") ")?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let num = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let cpu_ticks = num(11) + num(12);
-    let status = std::fs::read_to_string(format!("{dir}/status")).unwrap_or_default();
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    Sample { cpu_ticks, rss_kb }
+    let num = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(num(11)? + num(12)?)
+}
+
+fn rss_kb(dir: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 fn ticks_per_second() -> u64 {
@@ -51,5 +131,26 @@ fn ticks_per_second() -> u64 {
         hz as u64
     } else {
         100
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_live_process_and_refuses_a_dead_one() {
+        let me = std::process::id();
+        assert!(alive(me));
+        let s = Sample::of(me).expect("own process");
+        assert!(s.rss_kb > 0);
+        let (_, res) = cpu_clock_source(me);
+        assert!(res > 0.0);
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!alive(pid), "a reaped child is gone");
+        assert!(Sample::of(pid).is_none());
+        assert!(!alive(u32::MAX / 2));
     }
 }

@@ -127,14 +127,26 @@ impl Ws {
         }
     }
 
-    /// Next text frame (answering pings, skipping pongs); None on close.
-    pub async fn next_text_frame(&mut self) -> Option<Frame> {
+    /// Next text frame (answering pings, skipping pongs and binary
+    /// frames), or why the connection ended: `close 1001 (reason)`,
+    /// `closed without a close frame`, or the read error.
+    pub async fn next_text_or_close(&mut self) -> Result<Frame, String> {
         loop {
             match self.next_frame().await {
-                Ok(Some(f)) if f.opcode == 0x1 => return Some(f),
-                Ok(Some(f)) if f.opcode == 0x8 => return None,
+                Ok(Some(f)) if f.opcode == 0x1 => return Ok(f),
+                Ok(Some(f)) if f.opcode == 0x8 => return Err(close_reason(self.payload(&f))),
                 Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => return None,
+                Ok(None) => return Err("closed without a close frame".into()),
+                Err(e) => return Err(format!("read error: {e:#}")),
+            }
+        }
+    }
+
+    /// Reads (answering pings) until the connection ends; returns why.
+    pub async fn run_until_closed(&mut self) -> String {
+        loop {
+            if let Err(why) = self.next_text_or_close().await {
+                return why;
             }
         }
     }
@@ -157,6 +169,22 @@ impl Ws {
                 None => bail!("server closed the connection"),
             }
         }
+    }
+}
+
+/// `close 1001 (reason)` from a close frame's payload.
+fn close_reason(p: &[u8]) -> String {
+    if p.len() < 2 {
+        return "close frame without a code".into();
+    }
+    let code = u16::from_be_bytes([p[0], p[1]]);
+    let text = String::from_utf8_lossy(&p[2..]);
+    // The reason of a 1001 carries a random retry delay: left out so
+    // closes group by cause.
+    if text.is_empty() || code == 1001 {
+        format!("close {code}")
+    } else {
+        format!("close {code} ({text})")
     }
 }
 

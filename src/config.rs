@@ -106,6 +106,11 @@ pub struct Config {
     /// Messages handed to the shards per ingest batch.
     #[arg(long, env = "KAFKA_CONSUMER_BATCH_SIZE", default_value = "100")]
     pub kafka_consumer_batch_size: NonZeroUsize,
+    /// How often topic metadata is re-read to find new topics and
+    /// partitions, in ms (a topic missing at start is looked for every
+    /// 500 ms until it appears).
+    #[arg(long, env = "KAFKA_TOPIC_REFRESH_MS", default_value = "10000", value_parser = parse_ms)]
+    pub kafka_topic_refresh_ms: Duration,
     /// Consumer fetch.wait.max.ms (how long a broker may hold an empty fetch).
     #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 100)]
     pub kafka_fetch_wait_max_ms: u32,

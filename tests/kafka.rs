@@ -5,60 +5,9 @@ mod common;
 
 use std::time::Duration;
 
+use common::kafka::Kafka;
 use common::*;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
-use rdkafka::ClientConfig;
 use serde_json::json;
-
-const TOPICS: [&str; 4] = ["price.updates", "order.updates", "portfolio.updates", "trade.updates"];
-
-struct Kafka {
-    cluster: MockCluster<'static, DefaultProducerContext>,
-    producer: BaseProducer,
-}
-
-impl Kafka {
-    fn new(partitions: i32) -> Kafka {
-        let cluster = MockCluster::new(1).unwrap();
-        for t in TOPICS {
-            cluster.create_topic(t, partitions, 1).unwrap();
-        }
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", cluster.bootstrap_servers())
-            .set("linger.ms", "0")
-            .set("message.timeout.ms", "60000")
-            .create()
-            .unwrap();
-        Kafka { cluster, producer }
-    }
-
-    fn bootstrap(&self) -> String {
-        self.cluster.bootstrap_servers()
-    }
-
-    fn produce(&self, topic: &str, partition: Option<i32>, value: &[u8]) {
-        let mut rec = BaseRecord::<(), [u8]>::to(topic).payload(value);
-        if let Some(p) = partition {
-            rec = rec.partition(p);
-        }
-        let mut rec = rec;
-        loop {
-            match self.producer.send(rec) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    self.producer.poll(Duration::from_millis(10));
-                    rec = back;
-                }
-            }
-        }
-        self.producer.poll(Duration::ZERO);
-    }
-
-    fn flush(&self) {
-        self.producer.flush(Duration::from_secs(30)).unwrap();
-    }
-}
 
 fn server(kafka: &Kafka, shards: &str) -> TestServer {
     let srv = TestServer::start(&[("KAFKA_BROKERS", &kafka.bootstrap()), ("WS_SHARDS", shards)]);

@@ -66,9 +66,26 @@ fn health(ctx: &ShardCtx, out: &mut Vec<u8>) {
     let auth = g.auth.is_reachable();
     let redis = g.cluster.as_ref().is_none_or(|c| c.is_up());
     let kafka = g.ingest.broker_up.load(std::sync::atomic::Ordering::Relaxed);
+    let stuck = g.ingest.stuck.load(std::sync::atomic::Ordering::Relaxed);
+    // Why the instance is degraded, for the operator reading it.
+    let mut reasons: Vec<String> = Vec::new();
+    if !kafka {
+        reasons.push("kafka: no broker connection is up (librdkafka keeps reconnecting)".into());
+    }
+    if stuck > 0 {
+        reasons.push(format!(
+            "kafka: {stuck} partition(s) held up by a batch that cannot be decoded (being stepped over)"
+        ));
+    }
+    if !redis {
+        reasons.push("redis: not answering; limits are counted by this instance alone".into());
+    }
+    if !auth {
+        reasons.push("auth: the Auth Service did not answer its last request".into());
+    }
     let status = if !g.is_listening() {
         "unhealthy"
-    } else if redis && kafka && auth {
+    } else if reasons.is_empty() {
         "healthy"
     } else {
         "degraded"
@@ -82,6 +99,7 @@ fn health(ctx: &ShardCtx, out: &mut Vec<u8>) {
         "timestamp": g.clock.epoch_ms(),
         "services": { "redis": redis, "kafka": kafka, "auth": auth },
         "modes": { "redis": redis_mode, "kafka": kafka_mode, "auth": g.config.auth_mode() },
+        "reasons": reasons,
         "metrics": {
             "totalConnections": total(stats, |s| s.connections_accepted.get()),
             "activeConnections": g.limits.open_connections(),

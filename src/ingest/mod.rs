@@ -1,42 +1,39 @@
 //! Kafka -> shards: the real ingest path (PROTOCOL.md §6).
 //!
-//! Owns: one consumer thread (rdkafka `BaseConsumer`) reading every
-//! partition of the four topics by manual assignment (every instance reads
-//! every partition; no group rebalances; the group id is instance-unique and
-//! nothing is committed). On start each partition is assigned at its high
-//! watermark, read before `/health/ready` says ready, so anything produced
-//! after readiness is delivered and nothing from before is replayed;
-//! partitions or topics that appear later are assigned from their beginning
-//! (all of their messages are new to us). Then: validating each value
-//! (`validate.rs`), encoding its frame once, and handing batches to the
-//! shards through [`Publisher::publish_batch`]. Also the ingest statistics
-//! (consumed, invalid by reason, lag per partition, broker reachability) and
-//! the embedded broker of `embedded.rs` when `KAFKA_BROKERS` is unset.
+//! Owns: starting and stopping the consumer thread (`consume.rs`: the
+//! loop, offsets out of range, undecodable batches) and, when
+//! `KAFKA_BROKERS` is unset, the embedded broker (`embedded.rs`); which
+//! partitions are read from where (`assign.rs`); value validation
+//! (`validate.rs`, sans-IO); stepping over a bad batch (`skip.rs`,
+//! sans-IO); and the ingest statistics `/metrics` and `/health` read.
 //!
-//! Broker trouble never stops the server: librdkafka reconnects by itself;
-//! the statistics callback keeps `/health` truthful meanwhile.
+//! Every instance reads every partition of the four topics by manual
+//! assignment (no group rebalances; the group id is instance-unique and
+//! nothing is committed). Broker trouble never stops the server:
+//! librdkafka reconnects by itself, and the statistics keep `/health`
+//! truthful meanwhile.
 
+mod assign;
+mod consume;
 mod embedded;
+mod skip;
 pub mod validate;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Message as _, Timestamp};
 use rdkafka::statistics::Statistics;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext};
 
 use crate::config::Config;
 use crate::protocol::message::Channel;
-use crate::shard::inbox::{Publisher, Update};
-use crate::telemetry::LogLimiter;
-use validate::{Invalid, Validator};
+use crate::shard::inbox::Publisher;
+use validate::Invalid;
 
 /// Why ingest could not start (a start-up error).
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +44,22 @@ pub enum IngestError {
     Embedded(String),
 }
 
+/// What happened to one partition, for `/metrics` (a table bounded by the
+/// partitions assigned).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PartitionStat {
+    /// Consumer lag from librdkafka's statistics.
+    pub lag: Option<i64>,
+    /// Positions found outside the retained log and moved.
+    pub resets: u64,
+    /// Offsets passed over by those moves (retention had removed them).
+    pub skipped_out_of_range: u64,
+    /// Batches that could not be decoded.
+    pub undecodable: u64,
+    /// Offsets those batches covered, stepped over.
+    pub skipped_undecodable: u64,
+}
+
 /// Ingest counters and state, read by `/metrics` and `/health`.
 #[derive(Debug, Default)]
 pub struct IngestStats {
@@ -54,8 +67,10 @@ pub struct IngestStats {
     pub consumed: [AtomicU64; 4],
     /// Skipped messages, per channel and [`Invalid`] reason.
     pub invalid: [[AtomicU64; 4]; 4],
-    /// Consumer lag per (topic, partition), from librdkafka statistics.
-    pub lag: Mutex<BTreeMap<(String, i32), i64>>,
+    /// Per (topic, partition).
+    pub partitions: Mutex<BTreeMap<(String, i32), PartitionStat>>,
+    /// Partitions held up by an undecodable batch right now.
+    pub stuck: AtomicU32,
     /// At least one broker connection is up.
     pub broker_up: AtomicBool,
     /// Every topic's partitions are assigned at known offsets: consuming.
@@ -65,17 +80,64 @@ pub struct IngestStats {
     pub embedded: AtomicBool,
 }
 
+impl IngestStats {
+    /// Updates one partition's entry.
+    fn partition(&self, topic: &str, partition: i32, f: impl FnOnce(&mut PartitionStat)) {
+        let mut parts = self.partitions.lock();
+        match parts.get_mut(&(topic.to_owned(), partition)) {
+            Some(s) => f(s),
+            None => f(parts.entry((topic.to_owned(), partition)).or_default()),
+        }
+    }
+
+    /// Reads librdkafka's statistics (JSON): broker reachability and lag.
+    fn apply_statistics(&self, json: &str) {
+        let Ok(s) = serde_json::from_str::<Statistics>(json) else { return };
+        let up = s.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
+        let was = self.broker_up.swap(up, Ordering::Relaxed);
+        if was != up {
+            tracing::warn!(up, "kafka broker connectivity changed");
+        }
+        let mut parts = self.partitions.lock();
+        for (topic, t) in &s.topics {
+            for (id, p) in &t.partitions {
+                // librdkafka's own figure, or high watermark minus fetch position.
+                let lag = if p.consumer_lag >= 0 {
+                    p.consumer_lag
+                } else if p.hi_offset >= 0 && p.next_offset >= 0 {
+                    (p.hi_offset - p.next_offset).max(0)
+                } else {
+                    continue;
+                };
+                if *id >= 0 {
+                    parts.entry((topic.clone(), *id)).or_default().lag = Some(lag);
+                }
+            }
+        }
+    }
+}
+
 /// A running ingest: the consumer thread and, if embedded, the broker.
 pub struct Ingest {
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    consumer: Option<JoinHandle<()>>,
+    broker: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 impl Ingest {
-    /// Stops consuming (and the embedded broker) and waits for the threads.
+    /// Stops consuming, then the embedded broker (in that order, so the
+    /// consumer never sees its broker vanish), and waits for both.
     pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
         self.stop.store(true, Ordering::Release);
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.consumer.take() {
+            let _ = t.join();
+        }
+        if let Some((stop, t)) = self.broker.take() {
+            stop.store(true, Ordering::Release);
             let _ = t.join();
         }
     }
@@ -83,7 +145,7 @@ impl Ingest {
 
 impl Drop for Ingest {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.halt();
     }
 }
 
@@ -104,16 +166,16 @@ pub fn start(
     instance_id: &str,
     stats: Arc<IngestStats>,
 ) -> Result<Ingest, IngestError> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut threads = Vec::new();
+    let mut ingest = Ingest { stop: Arc::new(AtomicBool::new(false)), consumer: None, broker: None };
     let topics = topics(cfg);
     let (bootstrap, fetch_wait_ms) = match &cfg.kafka_brokers {
         Some(b) => (b.clone(), cfg.kafka_fetch_wait_max_ms),
         None => {
             let names: Vec<String> = topics.iter().map(|(t, _)| t.clone()).collect();
             let demo = cfg.demo_feed.unwrap_or(true).then(|| cfg.kafka_topic_prices.clone());
+            let stop = Arc::new(AtomicBool::new(false));
             let (addr, thread) = embedded::start(&names, demo, stop.clone())?;
-            threads.push(thread);
+            ingest.broker = Some((stop, thread));
             stats.embedded.store(true, Ordering::Relaxed);
             if cfg.auth_mode() == "dev" {
                 tracing::warn!(bootstrap = %addr, "KAFKA_BROKERS is not set: serving updates from an embedded Kafka-protocol broker on loopback (the quick start; produce to it with any Kafka client). Set KAFKA_BROKERS in production");
@@ -131,7 +193,9 @@ pub fn start(
         .set("bootstrap.servers", &bootstrap)
         .set("group.id", &group)
         .set("client.id", format!("moonx-ws-{instance_id}"))
-        .set("auto.offset.reset", "latest")
+        // Out of range is reported, not resolved silently: `consume.rs`
+        // decides per topic where to go on, and says so.
+        .set("auto.offset.reset", "error")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
@@ -139,229 +203,32 @@ pub fn start(
         .set("max.partition.fetch.bytes", cfg.kafka_consumer_max_partition_fetch_bytes.to_string())
         .set("statistics.interval.ms", "1000")
         .set("log_level", "4")
-        .create_with_context(Ctx { stats: stats.clone(), log: LogLimiter::new(Duration::from_secs(10)) })?;
+        .create_with_context(Ctx)?;
     let names: Vec<&str> = topics.iter().map(|(t, _)| t.as_str()).collect();
     tracing::info!(%bootstrap, group = %group, topics = ?names, "kafka consumer created");
-    let batch = cfg.kafka_consumer_batch_size.get();
-    let stop2 = stop.clone();
+    let settings = consume::Settings {
+        topics,
+        batch_size: cfg.kafka_consumer_batch_size.get(),
+        refresh: cfg.kafka_topic_refresh_ms,
+    };
+    let stop = ingest.stop.clone();
     let thread = std::thread::Builder::new()
         .name("kafka-ingest".into())
-        .spawn(move || consume(consumer, topics, publisher, stats, batch, stop2))
+        .spawn(move || consume::run(consumer, publisher, stats, settings, stop))
         .map_err(|e| IngestError::Embedded(e.to_string()))?;
-    threads.push(thread);
-    Ok(Ingest { stop, threads })
-}
-
-fn consume(
-    consumer: BaseConsumer<Ctx>,
-    topics: [(String, Channel); 4],
-    publisher: Publisher,
-    stats: Arc<IngestStats>,
-    batch_size: usize,
-    stop: Arc<AtomicBool>,
-) {
-    let mut validator = Validator::default();
-    let invalid_log = LogLimiter::new(Duration::from_secs(5));
-    let error_log = LogLimiter::new(Duration::from_secs(5));
-    let mut batch: Vec<Update> = Vec::with_capacity(batch_size);
-    let mut ids = itoa::Buffer::new();
-    let mut assignment = Assignment {
-        log: LogLimiter::new(Duration::from_secs(10)),
-        partitions: BTreeSet::new(),
-        started: BTreeSet::new(),
-    };
-    let mut next_refresh = Instant::now();
-    while !stop.load(Ordering::Acquire) {
-        if Instant::now() >= next_refresh {
-            let complete = assignment.refresh(&consumer, &topics, &stop);
-            if complete {
-                stats.assigned.store(true, Ordering::Release);
-            }
-            next_refresh = Instant::now() + if complete { ASSIGNMENT_REFRESH } else { Duration::from_millis(500) };
-        }
-        let mut timeout = Duration::from_millis(100);
-        while batch.len() < batch_size {
-            let Some(result) = consumer.poll(timeout) else { break };
-            timeout = Duration::ZERO;
-            let msg = match result {
-                Ok(m) => m,
-                Err(e) => {
-                    if let Some(suppressed) = error_log.allow() {
-                        tracing::warn!(error = %e, suppressed, "kafka consume error");
-                    }
-                    continue;
-                }
-            };
-            let Some(channel) = topics.iter().find(|(t, _)| t == msg.topic()).map(|(_, c)| *c) else {
-                continue;
-            };
-            let value = msg.payload().unwrap_or(&[]);
-            match validator.route(channel, value) {
-                Ok(route) => {
-                    stats.consumed[channel as usize].fetch_add(1, Ordering::Relaxed);
-                    let id = publisher.next_id(&mut ids);
-                    let now = epoch_ms();
-                    let mut update = Update::encode(route, &id, now, value);
-                    update.kafka_ts_ms = match msg.timestamp() {
-                        Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) => t,
-                        Timestamp::NotAvailable => 0,
-                    };
-                    batch.push(update);
-                }
-                Err(reason) => {
-                    stats.invalid[channel as usize][reason as usize].fetch_add(1, Ordering::Relaxed);
-                    if let Some(suppressed) = invalid_log.allow() {
-                        tracing::warn!(
-                            topic = msg.topic(),
-                            partition = msg.partition(),
-                            offset = msg.offset(),
-                            reason = reason.as_str(),
-                            suppressed,
-                            "skipping invalid Kafka value"
-                        );
-                    }
-                }
-            }
-        }
-        if !batch.is_empty() {
-            publisher.publish_batch(batch.drain(..));
-        }
-    }
-    tracing::info!("kafka consumer stopped");
-}
-
-/// How often partition metadata is re-read to find new partitions.
-const ASSIGNMENT_REFRESH: Duration = Duration::from_secs(10);
-/// Bounds each metadata call, so a stop request waits at most this long.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The partitions this consumer reads, grown as metadata shows new ones.
-struct Assignment {
-    /// Retry warnings are logged at most every 10 s.
-    log: LogLimiter,
-    partitions: BTreeSet<(String, i32)>,
-    /// Topics whose partitions were first assigned at their high watermark.
-    started: BTreeSet<String>,
-}
-
-impl Assignment {
-    /// Assigns partitions not yet assigned; true when every topic exists
-    /// and all its partitions are assigned.
-    fn refresh(&mut self, consumer: &BaseConsumer<Ctx>, topics: &[(String, Channel); 4], stop: &AtomicBool) -> bool {
-        let mut complete = true;
-        let mut add = TopicPartitionList::new();
-        for (topic, _) in topics {
-            if stop.load(Ordering::Acquire) {
-                return false;
-            }
-            let md = match consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT) {
-                Ok(md) => md,
-                Err(e) => {
-                    if let Some(suppressed) = self.log.allow() {
-                        tracing::warn!(topic, error = %e, suppressed, "kafka metadata unavailable; will retry");
-                    }
-                    complete = false;
-                    continue;
-                }
-            };
-            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else { continue };
-            if t.error().is_some() || t.partitions().is_empty() {
-                if let Some(suppressed) = self.log.allow() {
-                    tracing::warn!(topic, suppressed, "kafka topic not found; /health/ready waits for it; will retry");
-                }
-                complete = false;
-                continue;
-            }
-            let first = !self.started.contains(topic.as_str());
-            for p in t.partitions() {
-                if self.partitions.contains(&(topic.clone(), p.id())) {
-                    continue;
-                }
-                let offset = if first {
-                    match consumer.fetch_watermarks(topic, p.id(), METADATA_TIMEOUT) {
-                        Ok((_, high)) => Offset::Offset(high),
-                        Err(e) => {
-                            if let Some(suppressed) = self.log.allow() {
-                                tracing::warn!(topic, partition = p.id(), error = %e, suppressed, "kafka watermarks unavailable; will retry");
-                            }
-                            complete = false;
-                            continue;
-                        }
-                    }
-                } else {
-                    Offset::Beginning
-                };
-                if add.add_partition_offset(topic, p.id(), offset).is_ok() {
-                    self.partitions.insert((topic.clone(), p.id()));
-                }
-            }
-            if complete {
-                self.started.insert(topic.clone());
-            }
-        }
-        if add.count() > 0 {
-            match consumer.incremental_assign(&add) {
-                Ok(()) => {
-                    tracing::info!(partitions = add.count(), total = self.partitions.len(), "kafka partitions assigned")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka assignment failed; will retry");
-                    for el in add.elements() {
-                        self.partitions.remove(&(el.topic().to_owned(), el.partition()));
-                    }
-                    return false;
-                }
-            }
-        }
-        complete
-    }
+    ingest.consumer = Some(thread);
+    Ok(ingest)
 }
 
 fn epoch_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// librdkafka callbacks: statistics (lag, broker state), errors, rebalances.
-struct Ctx {
-    stats: Arc<IngestStats>,
-    log: LogLimiter,
-}
+/// The consumer's context: everything it reports (statistics, errors,
+/// librdkafka's log) arrives as events on its queue, read by `consume.rs`.
+struct Ctx;
 
-impl ClientContext for Ctx {
-    fn stats(&self, s: Statistics) {
-        let up = s.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
-        let was = self.stats.broker_up.swap(up, Ordering::Relaxed);
-        if was != up {
-            tracing::warn!(up, "kafka broker connectivity changed");
-        }
-        let mut lag = self.stats.lag.lock();
-        lag.clear();
-        for (topic, t) in &s.topics {
-            for (id, p) in &t.partitions {
-                // librdkafka's own figure, or high watermark minus fetch position.
-                let l = if p.consumer_lag >= 0 {
-                    p.consumer_lag
-                } else if p.hi_offset >= 0 && p.next_offset >= 0 {
-                    (p.hi_offset - p.next_offset).max(0)
-                } else {
-                    continue;
-                };
-                if *id >= 0 {
-                    lag.insert((topic.clone(), *id), l);
-                }
-            }
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)) {
-            self.stats.broker_up.store(false, Ordering::Relaxed);
-        }
-        if let Some(suppressed) = self.log.allow() {
-            tracing::warn!(error = %error, reason, suppressed, "kafka client error");
-        }
-    }
-}
+impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {}
 
@@ -389,9 +256,40 @@ pub fn render_metrics(stats: &IngestStats, out: &mut String) {
             );
         }
     }
+    let parts = stats.partitions.lock();
     let _ = writeln!(out, "# HELP moonx_ws_kafka_consumer_lag Messages behind the partition's high watermark.\n# TYPE moonx_ws_kafka_consumer_lag gauge");
-    for ((topic, partition), lag) in stats.lag.lock().iter() {
-        let _ = writeln!(out, "moonx_ws_kafka_consumer_lag{{topic=\"{topic}\",partition=\"{partition}\"}} {lag}");
+    for ((topic, partition), s) in parts.iter() {
+        if let Some(lag) = s.lag {
+            let _ = writeln!(out, "moonx_ws_kafka_consumer_lag{{topic=\"{topic}\",partition=\"{partition}\"}} {lag}");
+        }
     }
+    type Counter = (&'static str, &'static str, fn(&PartitionStat) -> u64);
+    let counters: [Counter; 2] = [
+        (
+            "moonx_ws_kafka_offset_resets_total",
+            "Positions found outside the partition's retained log (offset out of range) and moved: private topics to the earliest retained offset, prices to the end.",
+            |s| s.resets,
+        ),
+        (
+            "moonx_ws_kafka_undecodable_batches_total",
+            "Record batches that could not be decoded (corrupt, or an unknown compression) and were stepped over.",
+            |s| s.undecodable,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for ((topic, partition), s) in parts.iter() {
+            let _ = writeln!(out, "{name}{{topic=\"{topic}\",partition=\"{partition}\"}} {}", get(s));
+        }
+    }
+    let name = "moonx_ws_kafka_offsets_skipped_total";
+    let _ = writeln!(out, "# HELP {name} Offsets passed over, by reason: out_of_range (retention removed them before they were read), undecodable (a batch that could not be decoded).\n# TYPE {name} counter");
+    for ((topic, partition), s) in parts.iter() {
+        for (reason, n) in [("out_of_range", s.skipped_out_of_range), ("undecodable", s.skipped_undecodable)] {
+            let _ = writeln!(out, "{name}{{topic=\"{topic}\",partition=\"{partition}\",reason=\"{reason}\"}} {n}");
+        }
+    }
+    drop(parts);
+    let _ = writeln!(out, "# HELP moonx_ws_kafka_partitions_stuck Partitions held up by an undecodable batch right now.\n# TYPE moonx_ws_kafka_partitions_stuck gauge\nmoonx_ws_kafka_partitions_stuck {}", stats.stuck.load(Ordering::Relaxed));
     let _ = writeln!(out, "# HELP moonx_ws_kafka_up Whether a Kafka broker connection is up.\n# TYPE moonx_ws_kafka_up gauge\nmoonx_ws_kafka_up {}", stats.broker_up.load(Ordering::Relaxed) as u8);
 }

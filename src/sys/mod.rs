@@ -1,4 +1,5 @@
-//! The one place with `unsafe`: non-blocking sends on a connection's
+//! The one place with `unsafe` (with `kafka.rs`, the consumer's event
+//! queue through librdkafka's C API): non-blocking sends on a connection's
 //! socket, used by the shard fan-out to write queued frames directly
 //! instead of waking each connection's task, either as one `send(2)` or
 //! `sendmsg(2)` per socket or as a batch of them in one io_uring submission
@@ -9,6 +10,8 @@
 //! perf/RESULTS.md.
 
 #![allow(unsafe_code)]
+
+pub mod kafka;
 
 use std::cell::RefCell;
 use std::io;

@@ -9,6 +9,8 @@ COPY src ./src
 COPY benches ./benches
 COPY loadtest ./loadtest
 COPY vendor ./vendor
+# /docs renders docs/PROTOCOL.md, compiled into the binary.
+COPY docs ./docs
 RUN cargo build --release --locked --bin moonx-ws && strip target/release/moonx-ws
 
 # Run: a slim image with the binary and a non-root user.

@@ -1,17 +1,35 @@
-//! The `/docs` page: the protocol reference and live console
-//! (`docs.html`, no external assets), with examples rendered by the
-//! server's own encoders at start-up so they cannot drift from what it
-//! sends, and the dev token filled in when running in embedded mode.
+//! The `/docs` page: the protocol reference, a live console and examples
+//! (`docs.html`, no external assets), built once at start-up.
+//!
+//! The reference is `docs/PROTOCOL.md`, the same file the repository
+//! carries for readers, rendered to HTML here (pulldown-cmark): one source,
+//! so the page and the file cannot disagree. The examples are rendered by
+//! the server's own encoders, so they cannot drift from what it sends, and
+//! the dev token is filled in when running in embedded mode.
 
 use crate::protocol::message::{encode_outgoing, write_update_json, Channel, ErrorCode, Outgoing, UserView};
 
 const TEMPLATE: &str = include_str!("docs.html");
+/// The protocol reference users read in the repository.
+const REFERENCE: &str = include_str!("../../docs/PROTOCOL.md");
 const EXAMPLE_TS: u64 = 1_701_234_567_890;
 
 /// Builds the page once; `dev_token` is set only in embedded-auth mode.
 pub fn render(dev_token: Option<&str>) -> String {
     let token = dev_token.map(escape).unwrap_or_default();
-    TEMPLATE.replace("__DEV_TOKEN__", &token).replace("<!--EXAMPLES-->", &examples())
+    TEMPLATE
+        .replace("__DEV_TOKEN__", &token)
+        .replace("<!--REFERENCE-->", &reference())
+        .replace("<!--EXAMPLES-->", &examples())
+}
+
+/// `docs/PROTOCOL.md` as HTML (tables on; the file is ours, so its HTML
+/// needs no sanitising).
+fn reference() -> String {
+    let parser = pulldown_cmark::Parser::new_ext(REFERENCE, pulldown_cmark::Options::ENABLE_TABLES);
+    let mut html = String::with_capacity(REFERENCE.len() * 2);
+    pulldown_cmark::html::push_html(&mut html, parser);
+    html
 }
 
 fn examples() -> String {
@@ -91,5 +109,19 @@ mod tests {
         assert!(page.contains("&quot;type&quot;:&quot;trade_update&quot;"));
         assert!(!page.contains("<!--EXAMPLES-->"));
         assert!(render(None).contains(r#"value="""#));
+    }
+
+    /// The page shows docs/PROTOCOL.md itself: each of its sections and
+    /// its tables, not a copy kept elsewhere.
+    #[test]
+    fn the_reference_is_docs_protocol_md() {
+        let page = render(None);
+        assert!(!page.contains("<!--REFERENCE-->"));
+        let headings: Vec<&str> = REFERENCE.lines().filter_map(|l| l.strip_prefix("## ")).collect();
+        assert!(headings.len() >= 8, "{headings:?}");
+        for h in headings {
+            assert!(page.contains(&format!("<h2>{}</h2>", escape(h))), "section {h:?} is on the page");
+        }
+        assert!(page.contains("<table>") && page.contains("<td>4009</td>"), "tables are rendered");
     }
 }

@@ -6,6 +6,8 @@
 # perf/out/<stamp>/, and a summary table on stdout.
 #
 # Usage: perf/compare.sh [servers...]   (default: moonx-ws rust-tokio)
+#   servers: moonx-ws, moonx-ws-base (the build at BASE_BIN), rust-tokio,
+#            go-gorilla, node-ws
 #   PEERS_DIR   where the peers were copied and built (default /tmp/peers)
 #   RUNS        repetitions of each measurement (default 3; the median is reported)
 #   FANOUT_SECS measured seconds per fan-out run (default 10)
@@ -42,6 +44,13 @@ start_server() {
   case "$name" in
     moonx-ws)
       start_moonx $PORT "$out/$name.log" WS_FLUSH_INTERVAL_US="${WS_FLUSH_INTERVAL_US:-0}"
+      return
+      ;;
+    moonx-ws-base)
+      # Another build of moonx-ws (BASE_BIN), e.g. the commit before a
+      # change, measured in the same run: a before/after table.
+      MOONX_BIN="${BASE_BIN:?set BASE_BIN to the other build's moonx-ws binary}" \
+        start_moonx $PORT "$out/$name.log" WS_FLUSH_INTERVAL_US="${WS_FLUSH_INTERVAL_US:-0}"
       return
       ;;
     rust-tokio)

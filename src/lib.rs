@@ -18,7 +18,7 @@
 //! ```
 //!
 //! Module map: [`protocol`] is sans-IO (frames, HTTP upgrade, messages,
-//! session state machine); [`config`] the typed settings; [`auth`] token
+//! session state machine); [`config`] the typed settings; [`clock`] time; [`auth`] token
 //! verification; [`cluster`] Redis: cluster-wide limits and registry; [`ingest`] Kafka -> validated, pre-encoded updates; [`limits`] connection and message limits; [`shard`] the
 //! per-core registry, inbox and fan-out; [`conn`] the per-connection driver;
 //! [`stream`] the byte stream under a connection (plain TCP or TLS);
@@ -29,6 +29,7 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn;

@@ -24,7 +24,10 @@ const STRIPES: usize = 16;
 /// `Retry-After` of a 503 for capacity: long enough for the load balancer
 /// to send the retry elsewhere or for connections here to close.
 pub const CAPACITY_RETRY_AFTER_S: u32 = 5;
-const WINDOW_MS: u64 = 60_000;
+/// The message-limit window (PROTOCOL.md §7: fixed 60 s windows, the
+/// same on every instance: window `n` is `[n, n + 1) × WINDOW_MS` since the
+/// epoch on the server's clock).
+pub const WINDOW_MS: u64 = 60_000;
 
 type Stripes<K, V> = [Mutex<HashMap<K, V>>; STRIPES];
 

@@ -15,12 +15,12 @@ use atomic_waker::AtomicWaker;
 use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 
 use crate::auth::{Auth, DevToken};
+use crate::clock::Clock;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::ingest::{self, Ingest, IngestStats};
 use crate::limits::Limits;
 use crate::shard::inbox::Publisher;
-use crate::shard::Clock;
 use crate::stream::Tls;
 use crate::telemetry::ShardStats;
 
@@ -143,6 +143,12 @@ impl Drop for ServerHandle {
 
 /// Binds the port, starts the shards and returns once all are listening.
 pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
+    start_with(config, Clock::system())
+}
+
+/// [`start`] on a given clock (tests hold its wall time still or move it
+/// by hand: rate windows, timestamps and heartbeats all follow it).
+pub fn start_with(config: Config, clock: Clock) -> anyhow::Result<ServerHandle> {
     let tls = Tls::from_files(config.tls_cert_file.as_deref(), config.tls_key_file.as_deref())?;
     let (auth, dev_token) = Auth::from_config(&config)?;
     let shards = config.shard_count();
@@ -159,14 +165,14 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     let limits = Arc::new(Limits::new(&config));
     let stats: Vec<Arc<ShardStats>> = (0..shards).map(|_| Arc::new(ShardStats::default())).collect();
     let instance_id = instance_id();
-    let cluster = Cluster::start(&config, &instance_id, limits.clone(), stats.clone())?;
+    let cluster = Cluster::start(&config, &instance_id, limits.clone(), stats.clone(), clock.clone())?;
     let global = Arc::new(Global {
         limits,
         publisher: Publisher::new(shards, config.ws_shard_queue_capacity.get()),
         stats,
         cluster,
         ingest: Arc::new(IngestStats::default()),
-        clock: Clock::new(),
+        clock,
         tls,
         docs_html: crate::http::docs::render(dev_token.as_ref().map(|d| d.token.as_str())),
         instance_id,
@@ -216,8 +222,13 @@ pub fn start(config: Config) -> anyhow::Result<ServerHandle> {
     }
     drop(placeholder);
     tracing::info!(%addr, shards, instance = %global.instance_id, "listening");
-    handle.ingest =
-        Some(ingest::start(&global.config, global.publisher.clone(), &global.instance_id, global.ingest.clone())?);
+    handle.ingest = Some(ingest::start(
+        &global.config,
+        global.publisher.clone(),
+        &global.instance_id,
+        global.ingest.clone(),
+        global.clock.clone(),
+    )?);
     Ok(handle)
 }
 

@@ -86,6 +86,10 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 fn instance(redis: &Redis, extra: &[(&str, &str)]) -> TestServer {
+    instance_on(redis, extra, moonx_ws::clock::Clock::system())
+}
+
+fn instance_on(redis: &Redis, extra: &[(&str, &str)], clock: moonx_ws::clock::Clock) -> TestServer {
     let url = redis.url();
     let mut env = vec![
         ("REDIS_URL", url.as_str()),
@@ -94,7 +98,7 @@ fn instance(redis: &Redis, extra: &[(&str, &str)]) -> TestServer {
         ("WS_HEARTBEAT_INTERVAL", "300"),
     ];
     env.extend_from_slice(extra);
-    let srv = TestServer::start(&env);
+    let srv = TestServer::start_with_clock(&env, clock);
     assert!(wait_until(Duration::from_secs(10), || redis_up(&srv)), "instance sees redis");
     srv
 }
@@ -134,21 +138,21 @@ fn per_ip_limit_holds_across_instances() {
 
 #[test]
 fn per_user_message_limit_holds_across_instances() {
-    // Stay inside one 60 s window for the whole test.
-    let secs_into_minute = now_secs() % 60;
-    if secs_into_minute > 45 {
-        std::thread::sleep(Duration::from_secs(61 - secs_into_minute));
-    }
+    // Both instances on one clock held at the start of the current window:
+    // the whole test happens inside it, however long it takes.
+    let window = moonx_ws::limits::WINDOW_MS;
+    let start = now_secs() * 1000 / window * window;
+    let clock = moonx_ws::clock::Clock::held_at(start);
     let redis = Redis::start();
     let limit = [("RATE_LIMIT_MAX_MESSAGES_PER_MINUTE", "10")];
-    let a = instance(&redis, &limit);
-    let b = instance(&redis, &limit);
+    let a = instance_on(&redis, &limit, clock.clone());
+    let b = instance_on(&redis, &limit, clock.clone());
     let mut on_a = authed(a.addr, "shared-user"); // 1 (authenticate)
     for _ in 0..6 {
         send(&mut on_a, json!({"type":"ping"}));
         assert_eq!(recv(&mut on_a)["type"], "pong"); // 2..=7
     }
-    let key = format!("moonx:ws:ratelimit:shared-user:{}", now_secs() / 60);
+    let key = format!("moonx:ws:ratelimit:shared-user:{}", start / window);
     let count = |r: &Redis| r.query::<Option<u32>>(redis::cmd("GET").arg(&key)).unwrap_or(0);
     assert!(wait_until(Duration::from_secs(5), || count(&redis) == 7), "A reconciled its 7 messages");
     let mut on_b = authed(b.addr, "shared-user"); // 8
@@ -160,6 +164,13 @@ fn per_user_message_limit_holds_across_instances() {
     send(&mut on_b, json!({"id":"over","type":"ping"}));
     let limited = recv(&mut on_b);
     assert_eq!(limited["data"]["code"], "rate_limited", "11th message in the cluster: {limited}");
+    assert_eq!(limited["data"]["retryAfterMs"], window, "the window just began");
+    // The next window starts afresh on both instances.
+    clock.set_epoch_ms(start + window);
+    send(&mut on_a, json!({"type":"ping"}));
+    assert_eq!(recv(&mut on_a)["type"], "pong", "a new window: allowed again");
+    send(&mut on_b, json!({"type":"ping"}));
+    assert_eq!(recv(&mut on_b)["type"], "pong");
 }
 
 #[test]

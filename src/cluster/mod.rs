@@ -23,6 +23,7 @@
 
 mod sync;
 
+use crate::clock::Clock;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -68,6 +69,9 @@ pub struct ClusterState {
     pub fallbacks: AtomicU64,
     /// Registry events dropped because the queue was full.
     pub events_dropped: AtomicU64,
+    /// Per-IP count updates dropped because the queue was full (the next
+    /// heartbeat rewrites every count).
+    pub ip_updates_dropped: AtomicU64,
     /// The last cluster view (per-instance summaries and totals).
     pub view: Mutex<serde_json::Value>,
 }
@@ -91,6 +95,8 @@ pub(crate) struct Settings {
     pub sync_interval: Duration,
     pub heartbeat: Duration,
     pub max_per_ip: u32,
+    /// The server's clock (heartbeats, liveness, rate windows).
+    pub clock: Clock,
 }
 
 impl Settings {
@@ -120,6 +126,7 @@ impl Cluster {
         instance: &str,
         limits: Arc<Limits>,
         stats: Vec<Arc<ShardStats>>,
+        clock: Clock,
     ) -> Result<Option<Arc<Cluster>>, ClusterError> {
         let Some(url) = &cfg.redis_url else { return Ok(None) };
         let client = redis::Client::open(url.as_str()).map_err(|e| ClusterError(e.to_string()))?;
@@ -131,6 +138,7 @@ impl Cluster {
             sync_interval: cfg.redis_sync_interval_ms,
             heartbeat: cfg.ws_heartbeat_interval,
             max_per_ip: cfg.rate_limit_max_connections_per_ip.get(),
+            clock,
         };
         let state = Arc::new(ClusterState::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -145,9 +153,11 @@ impl Cluster {
             let (s, state, stop, limits) = (settings, state.clone(), stop.clone(), limits.clone());
             threads.push(spawn("redis-sync", move || sync::run(s, events_rx, limits, stats, state, stop))?);
         }
-        let tx = ip_tx.clone();
+        let (tx, dropped) = (ip_tx.clone(), state.clone());
         limits.set_remote_release(Box::new(move |ip, local| {
-            let _ = tx.try_send(IpCmd::Set { ip, local });
+            if tx.try_send(IpCmd::Set { ip, local }).is_err() {
+                dropped.ip_updates_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }));
         tracing::info!(prefix = %cfg.redis_key_prefix, "redis: cluster-wide limits and registry enabled");
         Ok(Some(Arc::new(Cluster {
@@ -246,7 +256,7 @@ fn ip_worker(s: Settings, rx: Receiver<IpCmd>, state: Arc<ClusterState>, stop: A
             // The sync worker owns the up/down state; an admit just goes unanswered.
             continue;
         };
-        let now = now_ms();
+        let now = s.clock.epoch_ms();
         let result: redis::RedisResult<()> = match cmd {
             IpCmd::Admit { ip, local, reply } => script
                 .key(format!("{}ip:{ip}", s.prefix))
@@ -280,8 +290,4 @@ fn ip_worker(s: Settings, rx: Receiver<IpCmd>, state: Arc<ClusterState>, stop: A
             con = None;
         }
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

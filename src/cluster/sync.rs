@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::Receiver;
 use serde_json::{json, Value};
 
-use super::{now_ms, ClusterState, RegistryEvent, Settings};
+use super::{ClusterState, RegistryEvent, Settings};
 use crate::limits::Limits;
 use crate::protocol::message::Channel;
 use crate::telemetry::{total, LogLimiter, ShardStats};
@@ -154,8 +154,8 @@ impl Worker {
     /// Pushes this instance's new message counts per user and learns the
     /// other instances' counts for the current window.
     fn reconcile_users(&mut self, c: &mut redis::Connection) -> redis::RedisResult<()> {
-        let now = now_ms();
-        let window = now / 60_000;
+        let now = self.s.clock.epoch_ms();
+        let window = now / crate::limits::WINDOW_MS;
         let users = self.limits.user_counters();
         if users.is_empty() {
             return Ok(());
@@ -192,14 +192,14 @@ impl Worker {
             "authenticated": total(&self.stats, |s| s.connections_authenticated.get()),
             "shards": self.stats.len(),
             "channels": channels,
-            "heartbeatAt": now_ms(),
+            "heartbeatAt": self.s.clock.epoch_ms(),
         })
     }
 
     /// Rewrites every record of this instance (heals after a Redis restart).
     fn heartbeat(&mut self, c: &mut redis::Connection) -> redis::RedisResult<()> {
         let (p, id, ttl) = (&self.s.prefix, &self.s.instance, self.s.ttl_ms() as i64);
-        let now = now_ms();
+        let now = self.s.clock.epoch_ms();
         let mut pipe = redis::pipe();
         pipe.zadd(format!("{p}instances"), id, now).ignore();
         pipe.zrembyscore(format!("{p}instances"), "-inf", now.saturating_sub(2 * ttl as u64)).ignore();
@@ -254,7 +254,7 @@ impl Worker {
         let p = &self.s.prefix;
         let alive: Vec<String> = redis::cmd("ZRANGEBYSCORE")
             .arg(format!("{p}instances"))
-            .arg(now_ms().saturating_sub(self.s.ttl_ms()))
+            .arg(self.s.clock.epoch_ms().saturating_sub(self.s.ttl_ms()))
             .arg("+inf")
             .query(c)?;
         let summaries: Vec<Value> = if alive.is_empty() {

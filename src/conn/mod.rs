@@ -63,6 +63,7 @@ impl ShardCtx {
         let cfg = &global.config;
         let stats = global.stats[id].clone();
         let mut shard = Shard::new(id, cfg.ws_max_buffered_bytes.get(), stats.clone());
+        shard.set_clock(global.clock.clone());
         let uring = shard.use_io_uring(cfg.ws_fanout_io == "uring");
         let share = cfg.ws_max_connections.get().div_ceil(global.stats.len().max(1));
         shard.reserve(share);

@@ -40,10 +40,12 @@ pub fn respond(head: &RequestHead, ctx: &ShardCtx, out: &mut Vec<u8>) {
                     body,
                     "# HELP moonx_ws_redis_up Whether Redis answered the last sync.\n# TYPE moonx_ws_redis_up gauge\nmoonx_ws_redis_up {}\n\
                      # HELP moonx_ws_redis_fallbacks_total New connections admitted on local counts because Redis did not answer.\n# TYPE moonx_ws_redis_fallbacks_total counter\nmoonx_ws_redis_fallbacks_total {}\n\
-                     # HELP moonx_ws_redis_registry_events_dropped_total Registry events dropped (queue full).\n# TYPE moonx_ws_redis_registry_events_dropped_total counter\nmoonx_ws_redis_registry_events_dropped_total {}\n",
+                     # HELP moonx_ws_redis_registry_events_dropped_total Registry events dropped (queue full).\n# TYPE moonx_ws_redis_registry_events_dropped_total counter\nmoonx_ws_redis_registry_events_dropped_total {}\n\
+                     # HELP moonx_ws_redis_ip_updates_dropped_total Per-IP count updates dropped (queue full); the next heartbeat rewrites every count.\n# TYPE moonx_ws_redis_ip_updates_dropped_total counter\nmoonx_ws_redis_ip_updates_dropped_total {}\n",
                     c.is_up() as u8,
                     s.fallbacks.load(Relaxed),
-                    s.events_dropped.load(Relaxed)
+                    s.events_dropped.load(Relaxed),
+                    s.ip_updates_dropped.load(Relaxed)
                 );
             }
             write_response(200, "text/plain; version=0.0.4", &[], body.as_bytes(), out)

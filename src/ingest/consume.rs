@@ -25,6 +25,7 @@ use super::assign::{Assignment, METADATA_TIMEOUT};
 use super::skip::{BatchEnd, Next, Seen};
 use super::validate::Validator;
 use super::{Ctx, IngestStats, PartitionStat};
+use crate::clock::Clock;
 use crate::protocol::message::Channel;
 use crate::shard::inbox::{Publisher, Update};
 use crate::sys::kafka::{Event, EventQueue, Message};
@@ -36,6 +37,8 @@ pub(super) struct Settings {
     pub batch_size: usize,
     /// How often metadata is re-read for new topics and partitions.
     pub refresh: Duration,
+    /// Stamps each update's envelope.
+    pub clock: Clock,
 }
 
 /// How long a probe of an undecodable batch waits for the partition to
@@ -107,6 +110,7 @@ struct State {
     channels: Vec<Channel>,
     stats: Arc<IngestStats>,
     validator: Validator,
+    clock: Clock,
     ids: itoa::Buffer,
     /// Next offset to read, per topic and partition (grown as partitions
     /// show up; bounded by the partitions assigned).
@@ -128,6 +132,7 @@ impl State {
             channels: settings.topics.iter().map(|(_, c)| *c).collect(),
             stats,
             validator: Validator::default(),
+            clock: settings.clock.clone(),
             ids: itoa::Buffer::new(),
             next: vec![Vec::new(); settings.topics.len()],
             stuck: HashMap::new(),
@@ -193,7 +198,7 @@ impl State {
             Ok(route) => {
                 self.stats.consumed[channel as usize].fetch_add(1, Ordering::Relaxed);
                 let id = publisher.next_id(&mut self.ids);
-                let mut update = Update::encode(route, &id, super::epoch_ms(), m.payload);
+                let mut update = Update::encode(route, &id, self.clock.epoch_ms(), m.payload);
                 update.kafka_ts_ms = m.timestamp_ms;
                 batch.push(update);
             }

@@ -30,6 +30,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext};
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::protocol::message::Channel;
 use crate::shard::inbox::Publisher;
@@ -165,6 +166,7 @@ pub fn start(
     publisher: Publisher,
     instance_id: &str,
     stats: Arc<IngestStats>,
+    clock: Clock,
 ) -> Result<Ingest, IngestError> {
     let mut ingest = Ingest { stop: Arc::new(AtomicBool::new(false)), consumer: None, broker: None };
     let topics = topics(cfg);
@@ -210,6 +212,7 @@ pub fn start(
         topics,
         batch_size: cfg.kafka_consumer_batch_size.get(),
         refresh: cfg.kafka_topic_refresh_ms,
+        clock,
     };
     let stop = ingest.stop.clone();
     let thread = std::thread::Builder::new()
@@ -218,10 +221,6 @@ pub fn start(
         .map_err(|e| IngestError::Embedded(e.to_string()))?;
     ingest.consumer = Some(thread);
     Ok(ingest)
-}
-
-fn epoch_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The consumer's context: everything it reports (statistics, errors,

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use hashbrown::HashTable;
 use slab::Slab;
 
+use crate::clock::Clock;
 use crate::protocol::frame::server_frame_len;
 use crate::protocol::message::Channel;
 pub use crate::sys::DirectSocket;
@@ -163,6 +164,8 @@ pub struct Shard {
     shutting_down: bool,
     /// Latency samples of updates queued and not yet written to any socket.
     stamps: Stamps,
+    /// Reads the wall clock for those samples.
+    clock: Clock,
 }
 
 /// Latency samples waiting for their update's first socket write, for
@@ -208,7 +211,13 @@ impl Shard {
             stats,
             shutting_down: false,
             stamps: Stamps::default(),
+            clock: Clock::system(),
         }
+    }
+
+    /// The clock latency samples are read from (the server's).
+    pub fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
     }
 
     /// Reserves room for `connections` (address space only: the pages are
@@ -601,7 +610,7 @@ impl Shard {
         if !log_done && stamps.written.is_empty() {
             return;
         }
-        let now = epoch_ms() as i64;
+        let now = self.clock.epoch_ms() as i64;
         let mut hist = self.stats.e2e_latency_us.lock();
         let mut record = |ts: i64| hist.saturating_record(((now - ts).max(0) as u64 * 1000).max(1));
         while let Some(&(end, ts)) = stamps.log.front() {
@@ -1002,43 +1011,6 @@ impl Pacing {
     }
 }
 
-fn epoch_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Milliseconds on a monotonic clock shared by the process.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    start: Instant,
-    epoch_ms_at_start: u64,
-}
-
-impl Clock {
-    pub fn new() -> Self {
-        let epoch =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        Self { start: Instant::now(), epoch_ms_at_start: epoch }
-    }
-
-    /// Monotonic ms since start (deadlines).
-    pub fn mono_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-
-    /// Wall-clock ms since the Unix epoch (timestamps on the wire).
-    pub fn epoch_ms(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(self.epoch_ms_at_start, |d| d.as_millis() as u64)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1411,7 +1383,7 @@ mod tests {
     fn latency_is_sampled_at_the_first_write_of_a_delivered_update() {
         use std::os::unix::net::UnixStream;
         let stamped = |mut u: Update| {
-            u.kafka_ts_ms = epoch_ms() as i64 - 5;
+            u.kafka_ts_ms = Clock::system().epoch_ms() as i64 - 5;
             u
         };
         let mut s = shard(1 << 20);

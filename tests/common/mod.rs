@@ -30,8 +30,18 @@ impl TestServer {
         Self::try_start(env).expect("server starts")
     }
 
+    /// [`TestServer::start`] on `clock` (hold its wall time still to keep
+    /// a test inside one rate-limit window, or move it on by hand).
+    pub fn start_with_clock(env: &[(&str, &str)], clock: moonx_ws::clock::Clock) -> TestServer {
+        Self::try_start_with(env, clock).expect("server starts")
+    }
+
     /// [`TestServer::start`], returning the start error as text.
     pub fn try_start(env: &[(&str, &str)]) -> Result<TestServer, String> {
+        Self::try_start_with(env, moonx_ws::clock::Clock::system())
+    }
+
+    fn try_start_with(env: &[(&str, &str)], clock: moonx_ws::clock::Clock) -> Result<TestServer, String> {
         let mut map: HashMap<String, String> = [
             ("WEBSOCKET_SERVICE_HOST", "127.0.0.1"),
             ("WEBSOCKET_SERVICE_PORT", "0"),
@@ -56,7 +66,7 @@ impl TestServer {
             }
         }
         let config = Config::from_sources(["moonx-ws"], |k| map.get(k).cloned()).expect("test config");
-        let handle = server::start(config).map_err(|e| format!("{e:#}"))?;
+        let handle = server::start_with(config, clock).map_err(|e| format!("{e:#}"))?;
         let addr = handle.local_addr();
         Ok(TestServer { handle: Some(handle), addr })
     }

@@ -7,7 +7,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use moonx_ws::protocol::message::Channel;
 use moonx_ws::shard::inbox::{Route, Update};
-use moonx_ws::shard::{DirectSocket, Shard};
+use moonx_ws::shard::{DirectSocket, InFlight, Shard};
 use moonx_ws::telemetry::ShardStats;
 use std::sync::Arc;
 
@@ -21,6 +21,7 @@ fn fanout(c: &mut Criterion) {
         for &k in &keys {
             shard.subscribe(k, Channel::Prices);
         }
+        let mut written = InFlight::default();
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::new("prices", n), &n, |b, _| {
             b.iter(|| {
@@ -31,7 +32,8 @@ fn fanout(c: &mut Criterion) {
                 while !shard.flush_step(64) {}
                 // Drain the outboxes as the connection drivers would.
                 for &k in &keys {
-                    shard.slot(k).pending.clear();
+                    shard.take_for_driver(k, &mut written);
+                    shard.driver_holds(k, 0);
                 }
                 delivered
             })

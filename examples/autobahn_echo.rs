@@ -1,21 +1,23 @@
 //! Echo server for the Autobahn conformance cases (`conformance/run.sh`):
-//! the service's real upgrade parser, frame codec and assembler, with its
-//! limits raised for section 9 (messages up to 16 MiB) and binary messages
-//! accepted, driven by a thin blocking loop, one thread per connection.
-//! Not a production server: it exists to test the codec against RFC 6455.
+//! the service's real upgrade parser and its sans-IO link
+//! (`protocol::link`: frame codec, reassembly, ping answers, the close
+//! handshake) with its limits raised for section 9 (messages up to 16 MiB)
+//! and binary messages accepted, driven by a thin blocking loop, one thread
+//! per connection. Not a production server: it exists to test the service's
+//! own WebSocket code against RFC 6455.
 //!
 //! Usage: `cargo run --release --example autobahn_echo -- --port 9001`
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 
-use moonx_ws::protocol::frame::{
-    decode_frame, encode_close, encode_frame, Assembler, Limits, Message, OP_BINARY, OP_CLOSE, OP_PONG, OP_TEXT,
-};
+use moonx_ws::protocol::frame::{encode_frame, Limits, OP_BINARY, OP_TEXT};
 use moonx_ws::protocol::handshake::{parse_head, route, write_refusal, write_switching_protocols, Parsed, Route};
-use moonx_ws::protocol::CloseCode;
+use moonx_ws::protocol::link::{CloseCause, Data, Link, LinkTimers};
 
 const LIMITS: Limits = Limits { max_message_bytes: 64 << 20, max_fragments: 1 << 20, accept_binary: true };
+/// No pings from the echo server (the cases send their own).
+const TIMERS: LinkTimers = LinkTimers { ping_interval_ms: u64::MAX / 2, pong_timeout_ms: 5_000, close_grace_ms: 3_000 };
 
 fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -68,49 +70,31 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
     }
     s.write_all(&out)?;
     buf.drain(..used);
-    let mut asm = Assembler::default();
+    // The production link: the same decoding, ping answers and close
+    // handshake (echoing the peer's code) as every connection of the service.
+    let mut link = Link::new(0, TIMERS);
+    let mut data = buf;
     loop {
         out.clear();
-        let mut pos = 0;
-        let mut done = false;
-        loop {
-            let frame = match decode_frame(&mut buf[pos..], &LIMITS) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(code) => {
-                    encode_close(code, code.reason(), &mut out);
-                    done = true;
-                    break;
-                }
-            };
-            let payload = &buf[pos + frame.payload.start..pos + frame.payload.end];
-            match asm.push(&frame, payload, &LIMITS) {
-                Ok(Some(Message::Text(t))) => encode_frame(OP_TEXT, t, &mut out),
-                Ok(Some(Message::Binary(b))) => encode_frame(OP_BINARY, b, &mut out),
-                Ok(Some(Message::Ping(p))) => encode_frame(OP_PONG, p, &mut out),
-                Ok(Some(Message::Pong)) | Ok(None) => {}
-                Ok(Some(Message::Close(code))) => {
-                    match code {
-                        Some(c) => encode_close(CloseCode(c), "", &mut out),
-                        None => encode_frame(OP_CLOSE, &[], &mut out),
-                    }
-                    done = true;
-                }
-                Err(code) => {
-                    encode_close(code, code.reason(), &mut out);
-                    done = true;
-                }
+        let cause = link.receive(&mut data, 0, &LIMITS, |msg| {
+            match msg {
+                Data::Text(t) => encode_frame(OP_TEXT, t, &mut out),
+                Data::Binary(b) => encode_frame(OP_BINARY, b, &mut out),
+                Data::Ping(p) => Link::pong(p, &mut out),
             }
-            pos += frame.consumed;
-            if done {
-                break;
-            }
+            true
+        });
+        let code = match cause {
+            Some(CloseCause::Violation(code)) | Some(CloseCause::PeerClosed(code)) => Some(code),
+            None => None,
+        };
+        if let Some(frame) = code.and_then(|code| link.close(code, code.reason(), 0)) {
+            out.extend_from_slice(&frame);
         }
-        buf.drain(..pos);
         if !out.is_empty() {
             s.write_all(&out)?;
         }
-        if done {
+        if !link.is_open() {
             let _ = s.shutdown(std::net::Shutdown::Write);
             // Let the peer read our close before the socket goes away.
             let _ = s.read(&mut chunk);
@@ -120,6 +104,6 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
         if n == 0 {
             return Ok(());
         }
-        buf.extend_from_slice(&chunk[..n]);
+        data = chunk[..n].to_vec();
     }
 }

@@ -1,9 +1,10 @@
 //! Starting and stopping the service.
 //!
-//! Owns: [`Global`] (what every shard shares: config, verifier, limits, the
-//! publisher, per-shard statistics, lifecycle flags), binding the shared
-//! port, launching one pinned glommio executor per shard, and the shutdown
-//! sequence of PROTOCOL.md §10 as seen from outside ([`ServerHandle`]).
+//! Owns: building [`Global`] from the config, binding the shared port,
+//! launching one pinned glommio executor per shard (each running
+//! `runtime::run_shard`), starting Kafka ingest and the Redis workers, and
+//! the shutdown sequence of PROTOCOL.md §10 as seen from outside
+//! ([`ServerHandle`]).
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,6 +19,7 @@ use crate::auth::{Auth, DevToken};
 use crate::clock::Clock;
 use crate::cluster::Cluster;
 use crate::config::Config;
+pub use crate::global::Global;
 use crate::ingest::{self, Ingest, IngestStats};
 use crate::limits::Limits;
 use crate::shard::inbox::Publisher;
@@ -28,55 +30,6 @@ pub use crate::sys::disable_transparent_huge_pages;
 
 /// io_uring submission queue entries per ring (see `start`).
 const RING_DEPTH: usize = 4096;
-
-/// State shared by every shard (read-mostly; counters live per shard).
-pub struct Global {
-    pub config: Config,
-    pub auth: Auth,
-    pub limits: Arc<Limits>,
-    pub publisher: Publisher,
-    pub stats: Vec<Arc<ShardStats>>,
-    pub ingest: Arc<IngestStats>,
-    /// Redis: cluster-wide limits and registry (None without REDIS_URL).
-    pub cluster: Option<Arc<Cluster>>,
-    pub clock: Clock,
-    /// The `/docs` page, rendered once at start.
-    pub docs_html: String,
-    /// TLS settings when serving wss:// (reloadable).
-    pub tls: Option<Arc<Tls>>,
-    /// Unique name of this instance (host + pid + start time).
-    pub instance_id: String,
-    /// Shards that have bound their listener.
-    pub(crate) listening: AtomicUsize,
-    pub(crate) shutting_down: AtomicBool,
-    /// One waker per shard, woken when shutdown begins.
-    pub(crate) stop_wakers: Vec<AtomicWaker>,
-}
-
-impl Global {
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-
-    /// Every shard is accepting and the instance is not draining.
-    pub fn is_listening(&self) -> bool {
-        self.listening.load(Ordering::Acquire) == self.stats.len() && !self.is_shutting_down()
-    }
-
-    /// Listening, and the Kafka consumer has its partitions (consuming).
-    pub fn is_ready(&self) -> bool {
-        self.is_listening() && self.ingest.assigned.load(Ordering::Acquire)
-    }
-
-    /// Starts the shutdown sequence on every shard (idempotent).
-    pub fn begin_shutdown(&self) {
-        if !self.shutting_down.swap(true, Ordering::AcqRel) {
-            for w in &self.stop_wakers {
-                w.wake();
-            }
-        }
-    }
-}
 
 /// A running server.
 pub struct ServerHandle {
@@ -203,7 +156,7 @@ pub fn start_with(config: Config, clock: Clock) -> anyhow::Result<ServerHandle> 
         .ring_depth(RING_DEPTH)
         .on_all_shards(move || async move {
             let id = next_shard.fetch_add(1, Ordering::Relaxed);
-            crate::conn::run_shard(g, id, addr, ready_tx).await
+            crate::runtime::run_shard(g, id, addr, ready_tx).await
         })
         .map_err(|e| anyhow::anyhow!("cannot start shard executors: {e}"))?;
     handle.pool = Some(std::thread::Builder::new().name("moonx-pool".into()).spawn(move || {

@@ -25,16 +25,15 @@
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use slab::Slab;
 
+use super::client::StoredClient;
 use super::driver::{Conn, Pump};
 use super::ShardCtx;
-use crate::limits::{ParkedAdmission, RateCounter, UserRate};
-use crate::protocol::session::StoredSession;
+use crate::limits::ParkedAdmission;
 use crate::sys::PollRing;
 use crate::telemetry::LogLimiter;
 
@@ -46,12 +45,8 @@ const RING_ENTRIES: u32 = 2048;
 /// which its shard slot holds while it is parked).
 pub(super) struct Parked {
     pub id: u64,
-    pub session: StoredSession,
-    /// The pre-authentication message count; None once authenticated (it
-    /// no longer counts then).
-    pub pre_auth: Option<Box<RateCounter>>,
-    /// The user's shared message counter (it holds the user id).
-    pub user_rate: Option<Arc<UserRate>>,
+    /// The session and its message counters.
+    pub client: StoredClient,
     pub next_ping_ms: u64,
     /// When the unanswered ping went out; `u64::MAX` when none is (an
     /// `Option` would take 8 bytes more on every parked connection).
@@ -169,7 +164,7 @@ fn user_data(index: u32, generation: u32) -> u64 {
 
 /// The shard's parker task: resumes parked connections whose socket became
 /// ready or that something woke.
-pub(super) async fn run(ctx: Rc<ShardCtx>) {
+pub(crate) async fn run(ctx: Rc<ShardCtx>) {
     let parker = &ctx.parker;
     let Some(signal) = parker.signal.borrow_mut().take() else {
         return; // parking is off

@@ -56,7 +56,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
         Route::Http => {
             ctx.stats.http_requests.inc();
             let mut out = Vec::new();
-            crate::http::respond(&head, &ctx, &mut out);
+            crate::http::respond(&head, &ctx.global, &mut out);
             let _ = stream.write_all(&out).await;
             let _ = stream.close().await; // flushes TLS and sends close_notify
             return;

@@ -9,26 +9,25 @@ pub mod docs;
 
 use serde_json::json;
 
-use crate::conn::ShardCtx;
+use crate::global::Global;
 use crate::protocol::handshake::{write_refusal, write_response, Refusal, RequestHead};
 use crate::protocol::message::Channel;
 use crate::telemetry::{render_prometheus, total, Extra};
 
 /// Writes the response to an HTTP (non-upgrade) request.
-pub fn respond(head: &RequestHead, ctx: &ShardCtx, out: &mut Vec<u8>) {
+pub fn respond(head: &RequestHead, g: &Global, out: &mut Vec<u8>) {
     if head.method != "GET" && head.method != "HEAD" {
         return write_refusal(Refusal::new(404, "not found"), out);
     }
     match head.path.as_str() {
-        "/health" => health(ctx, out),
+        "/health" => health(g, out),
         "/health/live" => json_response(200, &json!({ "status": "alive" }), out),
         "/health/ready" => {
-            let ready = ctx.global.is_ready();
+            let ready = g.is_ready();
             let status = if ready { 200 } else { 503 };
             json_response(status, &json!({ "status": if ready { "ready" } else { "not_ready" } }), out)
         }
         "/metrics" => {
-            let g = &ctx.global;
             let dropped: Vec<u64> = (0..g.publisher.shard_count()).map(|i| g.publisher.inbox(i).dropped()).collect();
             let mut body = render_prometheus(&g.stats, &Extra { queue_dropped: &dropped });
             crate::ingest::render_metrics(&g.ingest, &mut body);
@@ -50,10 +49,8 @@ pub fn respond(head: &RequestHead, ctx: &ShardCtx, out: &mut Vec<u8>) {
             }
             write_response(200, "text/plain; version=0.0.4", &[], body.as_bytes(), out)
         }
-        "/connections" => connections(ctx, out),
-        "/docs" | "/docs/" => {
-            write_response(200, "text/html; charset=utf-8", &[], ctx.global.docs_html.as_bytes(), out)
-        }
+        "/connections" => connections(g, out),
+        "/docs" | "/docs/" => write_response(200, "text/html; charset=utf-8", &[], g.docs_html.as_bytes(), out),
         _ => write_refusal(Refusal::new(404, "not found"), out),
     }
 }
@@ -62,8 +59,7 @@ fn json_response(status: u16, body: &serde_json::Value, out: &mut Vec<u8>) {
     write_response(status, "application/json", &[], body.to_string().as_bytes(), out)
 }
 
-fn health(ctx: &ShardCtx, out: &mut Vec<u8>) {
-    let g = &ctx.global;
+fn health(g: &Global, out: &mut Vec<u8>) {
     let stats = &g.stats;
     let auth = g.auth.is_reachable();
     let redis = g.cluster.as_ref().is_none_or(|c| c.is_up());
@@ -112,8 +108,7 @@ fn health(ctx: &ShardCtx, out: &mut Vec<u8>) {
     json_response(if status == "unhealthy" { 503 } else { 200 }, &body, out)
 }
 
-fn connections(ctx: &ShardCtx, out: &mut Vec<u8>) {
-    let g = &ctx.global;
+fn connections(g: &Global, out: &mut Vec<u8>) {
     let shards: Vec<_> = g
         .stats
         .iter()

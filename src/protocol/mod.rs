@@ -7,6 +7,7 @@
 pub mod close;
 pub mod frame;
 pub mod handshake;
+pub mod link;
 pub mod message;
 pub mod session;
 

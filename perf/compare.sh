@@ -43,14 +43,14 @@ start_server() {
   start_broker "$out"
   case "$name" in
     moonx-ws)
-      start_moonx $PORT "$out/$name.log" WS_FLUSH_INTERVAL_US="${WS_FLUSH_INTERVAL_US:-0}"
+      start_moonx $PORT "$out/$name.log"
       return
       ;;
     moonx-ws-base)
       # Another build of moonx-ws (BASE_BIN), e.g. the commit before a
       # change, measured in the same run: a before/after table.
-      MOONX_BIN="${BASE_BIN:?set BASE_BIN to the other build's moonx-ws binary}" \
-        start_moonx $PORT "$out/$name.log" WS_FLUSH_INTERVAL_US="${WS_FLUSH_INTERVAL_US:-0}"
+      MOONX_BIN="${BASE_BIN:?set BASE_BIN to the moonx-ws binary of the other build}" \
+        start_moonx $PORT "$out/$name.log"
       return
       ;;
     rust-tokio)

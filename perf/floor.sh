@@ -7,7 +7,8 @@
 # fanout: CPU per delivery and latency of `fanout -c 5000 -r RATE`; the floor
 #   consumes Kafka, frames each update once and writes the frames to every
 #   subscriber in io_uring batches, a sweep at most every FLUSH_MS (moonx-ws
-#   runs with WS_FLUSH_ADAPTIVE_MS=FLUSH_MS, unstretched: WS_FLUSH_BUSY_PCT=100).
+#   runs with its saturated wait at FLUSH_MS, unstretched: WS_COALESCE_MAX_MS=4*FLUSH_MS
+#   and WS_BENCH_SWEEP_SHARE_PCT=100).
 #   Fresh broker per server process.
 #
 # Usage: perf/floor.sh [servers...]   (default: floor moonx-ws rust-tokio)
@@ -48,7 +49,7 @@ for run in $(seq "$RUNS"); do
         wait_port $PORT
         [ "$SCENARIO" = fanout ] && sleep 2
         ;;
-      moonx-ws) start_moonx $PORT "$out/moonx-ws.log" WS_FLUSH_ADAPTIVE_MS="$FLUSH_MS" WS_FLUSH_BUSY_PCT=100 ;;
+      moonx-ws) start_moonx $PORT "$out/moonx-ws.log" WS_COALESCE_MAX_MS=$((FLUSH_MS * 4)) WS_BENCH_SWEEP_SHARE_PCT=100 ;;
       rust-tokio) start_rust_tokio $PORT "$out/rust-tokio.log" ;;
       *) echo "unknown server $name" >&2; exit 2 ;;
     esac

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The latency/CPU trade of WS_FLUSH_INTERVAL_US under 5000 subscribers x
+# The latency/CPU trade of WS_BENCH_FLUSH_INTERVAL_US under 5000 subscribers x
 # 200 updates/s: one fan-out run per interval, then perf/flush-curve.png
 # (p99 latency against server CPU per delivery) and a table. The fixed
-# interval alone: WS_FLUSH_ADAPTIVE_MS=0 (no saturation pacing on top).
+# interval alone: WS_COALESCE_MAX_MS=0 (no saturation pacing on top).
 # Usage: perf/flush-curve.sh [intervals in µs...]   (bounded: ~25 s per point)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ build_release
 trap 'pkill -P $$ 2>/dev/null || true' EXIT
 start_broker "$out"
 for us in "${intervals[@]}"; do
-  start_moonx 3102 "$out/server-$us.log" WS_FLUSH_INTERVAL_US="$us" WS_FLUSH_ADAPTIVE_MS=0
+  start_moonx 3102 "$out/server-$us.log" WS_BENCH_FLUSH_INTERVAL_US="$us" WS_COALESCE_MAX_MS=0
   pid=$SERVER_PID
   taskset -c 1 timeout 300 "$LT" fanout --server 127.0.0.1:3102 --brokers "$BROKERS" -c 5000 -r 200 -d "${FANOUT_SECS:-10}" \
     --sources 64 --jwt-secret loadtest-secret --server-pid "$pid" --quiet --json | sed "s/^{/{\"flush_interval_us\":$us,/" >> "$out/curve.jsonl" || true
@@ -36,7 +36,7 @@ python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 rows = [json.loads(l) for l in (out / "curve.jsonl").read_text().splitlines() if l.strip()]
-print("| WS_FLUSH_INTERVAL_US | CPU µs/delivery | p50 ms | p99 ms | p99.9 ms | delivered/s | gaps |")
+print("| WS_BENCH_FLUSH_INTERVAL_US | CPU µs/delivery | p50 ms | p99 ms | p99.9 ms | delivered/s | gaps |")
 print("|---|---|---|---|---|---|---|")
 for r in rows:
     l = r["latency"]
@@ -55,7 +55,7 @@ try:
     xs = [r["server"]["cpu_us_per_delivery"] for r in rows]
     ys = [r["latency"]["p99_us"] / 1e3 for r in rows]
     plt.figure(figsize=(7, 4.5))
-    plt.plot(xs, ys, "o-", label="moonx-ws (WS_FLUSH_INTERVAL_US)")
+    plt.plot(xs, ys, "o-", label="moonx-ws (WS_BENCH_FLUSH_INTERVAL_US)")
     for r, x, y in zip(rows, xs, ys):
         plt.annotate(f"{r['flush_interval_us'] // 1000} ms", (x, y), textcoords="offset points", xytext=(5, 5))
     if peer:

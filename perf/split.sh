@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where the 5000 x RATE fan-out latency goes: `fanout --arrival-stamps`
-# against moonx-ws at each WS_FLUSH_BUSY_PCT given and the rust-tokio peer,
+# against moonx-ws at each WS_BENCH_SWEEP_SHARE_PCT given and the rust-tokio peer,
 # alternating in one run. The kernel's receive stamps split each latency
 # into publish -> in the client's socket (the server's part) and socket ->
 # parsed (the load client's lag). The stamps cost the client ~15% more CPU,
@@ -8,7 +8,7 @@
 # Server on core 0, load and a fresh broker per server process on core 1.
 #
 # Usage: perf/split.sh [servers...]   (default: moonx-ws:65 moonx-ws:100 rust-tokio)
-#   moonx-ws:N  moonx-ws with WS_FLUSH_BUSY_PCT=N
+#   moonx-ws:N  moonx-ws with WS_BENCH_SWEEP_SHARE_PCT=N
 #   RATE        updates/s (default 200); SECS measured seconds (default 8)
 #   RUNS        alternations (default 3; the median is reported)
 #   PEERS_DIR   where the peers were built (default /tmp/peers)
@@ -32,7 +32,7 @@ for run in $(seq "$RUNS"); do
   for name in "${servers[@]}"; do
     start_broker "$out"
     case "$name" in
-      moonx-ws:*) start_moonx $PORT "$out/$name.log" WS_FLUSH_BUSY_PCT="${name#moonx-ws:}" ;;
+      moonx-ws:*) start_moonx $PORT "$out/$name.log" WS_BENCH_SWEEP_SHARE_PCT="${name#moonx-ws:}" ;;
       rust-tokio) start_rust_tokio $PORT "$out/rust-tokio.log" ;;
       *) echo "unknown server $name" >&2; exit 2 ;;
     esac

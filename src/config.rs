@@ -51,8 +51,8 @@ pub struct Config {
     #[arg(long, env = "JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
     /// Clock skew allowed on exp/nbf, in seconds.
-    #[arg(long, env = "JWT_LEEWAY_SECONDS", default_value_t = 30)]
-    pub jwt_leeway_seconds: u64,
+    #[arg(long, env = "JWT_LEEWAY_SECONDS", default_value = "30", value_parser = parse_secs)]
+    pub jwt_leeway_seconds: Duration,
     /// Remote Auth Service base URL (used when no local key is set).
     #[arg(long, env = "AUTH_SERVICE_URL")]
     pub auth_service_url: Option<String>,
@@ -112,8 +112,8 @@ pub struct Config {
     #[arg(long, env = "KAFKA_TOPIC_REFRESH_MS", default_value = "10000", value_parser = parse_ms)]
     pub kafka_topic_refresh_ms: Duration,
     /// Consumer fetch.wait.max.ms (how long a broker may hold an empty fetch).
-    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value_t = 100)]
-    pub kafka_fetch_wait_max_ms: u32,
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value = "100", value_parser = parse_ms_or_zero)]
+    pub kafka_fetch_wait_max_ms: Duration,
     /// Produce demo price ticks into the embedded broker (default: on when
     /// KAFKA_BROKERS is unset; ignored otherwise).
     #[arg(long, env = "DEMO_FEED", num_args = 0..=1, default_missing_value = "true",
@@ -158,35 +158,28 @@ pub struct Config {
     /// Time a client has to send its complete request head, in ms.
     #[arg(long, env = "WS_HANDSHAKE_TIMEOUT_MS", default_value = "5000", value_parser = parse_ms)]
     pub ws_handshake_timeout_ms: Duration,
-    /// Fan-out write coalescing, in µs: a sweep over the sockets with queued
-    /// frames starts at most once per interval (more frames per write, less
-    /// CPU per delivery, up to one interval of added latency). 0: the next
-    /// sweep starts as soon as the last one ends.
-    #[arg(long, env = "WS_FLUSH_INTERVAL_US", default_value = "0", value_parser = parse_us)]
-    pub ws_flush_interval_us: Duration,
     /// Idle time after which a connection is parked, in ms: its task and
     /// read state are freed and its socket is watched by the shard's poll
     /// ring until input, a deadline or a write needs it. 0: never park.
-    #[arg(long, env = "WS_PARK_IDLE_MS", default_value_t = 1000)]
-    pub ws_park_idle_ms: u64,
-    /// How fan-out sweeps write to sockets: uring (one io_uring submission
-    /// per 64 sockets) or syscalls (one send/sendmsg per socket).
-    #[arg(long, env = "WS_FANOUT_IO", default_value = "uring", value_parser = ["uring", "syscalls"])]
-    pub ws_fanout_io: String,
-    /// Adaptive write coalescing, in ms: after a sweep that took at least
-    /// half of this and ended with new frames already queued (a saturated
-    /// core), the next sweep starts no sooner than this after that one
-    /// began. Below saturation it adds no latency. 0: off.
-    #[arg(long, env = "WS_FLUSH_ADAPTIVE_MS", default_value_t = 40)]
-    pub ws_flush_adaptive_ms: u64,
-    /// The share of the core, in percent, that saturated sweeps may take:
-    /// when they get costlier (a slower or busier machine, more
-    /// connections), the adaptive interval stretches to the sweeps' running
-    /// average over this share (up to 4× `WS_FLUSH_ADAPTIVE_MS`), so CPU per
-    /// delivery holds and latency gives instead. 100: never stretch.
-    #[arg(long, env = "WS_FLUSH_BUSY_PCT", default_value_t = 65,
+    #[arg(long, env = "WS_PARK_IDLE_MS", default_value = "1000", value_parser = parse_ms_or_zero)]
+    pub ws_park_idle_ms: Duration,
+    /// Write coalescing under saturation, in ms: when a shard's sweeps over
+    /// its sockets fill the core, the next sweep waits so more frames share
+    /// each socket write (CPU per delivery falls; latency rises by up to
+    /// this). The wait starts at a quarter of this and stretches toward it
+    /// as sweeps get costlier, keeping them near two thirds of the core.
+    /// Below saturation nothing waits. 0: never wait.
+    #[arg(long, env = "WS_COALESCE_MAX_MS", default_value = "160", value_parser = parse_ms_or_zero)]
+    pub ws_coalesce_max_ms: Duration,
+    /// Bench A/B only: a sweep starts at most once per this interval, in
+    /// µs, saturated or not (`perf/flush-curve.sh`). 0: no fixed interval.
+    #[arg(long, env = "WS_BENCH_FLUSH_INTERVAL_US", default_value = "0", value_parser = parse_us, hide = true)]
+    pub ws_bench_flush_interval_us: Duration,
+    /// Bench A/B only: the share of the core saturated sweeps may take, in
+    /// percent (100: the wait never stretches; `perf/floor.sh`, `perf/split.sh`).
+    #[arg(long, env = "WS_BENCH_SWEEP_SHARE_PCT", default_value_t = 65, hide = true,
           value_parser = clap::value_parser!(u8).range(1..=100))]
-    pub ws_flush_busy_pct: u8,
+    pub ws_bench_sweep_share_pct: u8,
     /// Updates each shard's inbox holds before the oldest is dropped (and counted).
     #[arg(long, env = "WS_SHARD_QUEUE_CAPACITY", default_value = "65536")]
     pub ws_shard_queue_capacity: NonZeroUsize,
@@ -216,12 +209,24 @@ pub struct Config {
     /// `Retry-After`), so thousands do not reconnect at once; in ms, 0: none.
     #[arg(long, env = "SHUTDOWN_RECONNECT_SPREAD_MS", default_value = "5000", value_parser = parse_ms_or_zero)]
     pub shutdown_reconnect_spread_ms: Duration,
-    /// Log format: pretty or json.
-    #[arg(long, env = "LOG_FORMAT", default_value = "pretty", value_parser = ["pretty", "json"])]
-    pub log_format: String,
+    /// Log format: pretty (coloured on a terminal only) or json (one object per line).
+    #[arg(long, env = "LOG_FORMAT", default_value = "pretty", value_enum)]
+    pub log_format: LogFormat,
     /// Log filter (tracing EnvFilter syntax, e.g. info or moonx_ws=debug).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+/// `LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: u64 = s.trim().parse().map_err(|e| format!("expected seconds: {e}"))?;
+    Ok(Duration::from_secs(secs))
 }
 
 fn parse_ms(s: &str) -> Result<Duration, String> {

@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    moonx_ws::telemetry::init_logging(&config.log_format, &config.log_level);
+    moonx_ws::telemetry::init_logging(config.log_format, &config.log_level);
     if let Err(e) = thp {
         tracing::debug!(error = %e, "could not opt out of transparent huge pages");
     }

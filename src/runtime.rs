@@ -18,7 +18,7 @@ use glommio::spawn_local;
 
 use crate::conn::{accept, run_parker, ShardCtx};
 use crate::global::Global;
-use crate::shard::{run_fanout, run_tick, tick_for, Pacing};
+use crate::shard::{pacing, run_fanout, run_tick, tick_for, Pacing};
 
 /// A shard's main task: listen, serve, and drain on shutdown.
 pub async fn run_shard(
@@ -43,9 +43,9 @@ pub async fn run_shard(
     let publisher = global.publisher.clone();
     let shard = ctx.shard.clone();
     let pacing = Pacing {
-        fixed: global.config.ws_flush_interval_us,
-        adaptive: Duration::from_millis(global.config.ws_flush_adaptive_ms),
-        busy_pct: global.config.ws_flush_busy_pct,
+        fixed: global.config.ws_bench_flush_interval_us,
+        adaptive: global.config.ws_coalesce_max_ms / pacing::MAX_STRETCH,
+        busy_pct: global.config.ws_bench_sweep_share_pct,
     };
     let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id), pacing).await });
     let cfg = &global.config;

@@ -433,13 +433,17 @@ impl LogBudget {
 }
 
 /// Installs the global tracing subscriber (`LOG_FORMAT`, `LOG_LEVEL`).
-pub fn init_logging(format: &str, level: &str) {
+pub fn init_logging(format: crate::config::LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only on a terminal: escape codes in a file or pipe break grep.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = if format == "json" { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+    let _ = if format == crate::config::LogFormat::Json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Parked connections (README "Parking"): an idle connection gives up its
+//! Parked connections (docs/tuning.md, "Idle connections"): an idle connection gives up its
 //! task and is watched by the shard's poll ring, and must behave exactly as
 //! before: updates, requests, pings, deadlines, slow-consumer closes, peer
 //! closes and shutdown, over real sockets.

@@ -22,6 +22,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 cargo test --workspace "$@"
 # The end-to-end tests once more with idle connections parked at every
-# chance (README "Parking"), so every behaviour is also checked across
+# chance (docs/tuning.md, "Idle connections"), so every behaviour is also checked across
 # park and resume.
 MOONX_TEST_PARK_IDLE_MS=1 cargo test -p moonx-ws --test '*' "$@"

@@ -143,7 +143,7 @@ impl LocalJwt {
     fn with(key: DecodingKey, algorithms: &[Algorithm], cfg: &Config) -> Self {
         let mut v = Validation::new(algorithms[0]);
         v.algorithms = algorithms.to_vec();
-        v.leeway = cfg.jwt_leeway_seconds;
+        v.leeway = cfg.jwt_leeway_seconds.as_secs();
         v.validate_nbf = true;
         let mut required: HashSet<String> = ["exp".to_string()].into();
         if let Some(iss) = &cfg.jwt_issuer {

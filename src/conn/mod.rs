@@ -62,7 +62,7 @@ impl ShardCtx {
         let stats = global.stats[id].clone();
         let mut shard = Shard::new(id, cfg.ws_max_buffered_bytes.get(), stats.clone());
         shard.set_clock(global.clock.clone());
-        let uring = shard.use_io_uring(cfg.ws_fanout_io == "uring");
+        let uring = shard.use_io_uring(true);
         let share = cfg.ws_max_connections.get().div_ceil(global.stats.len().max(1));
         shard.reserve(share);
         tracing::debug!(shard = id, io_uring = uring, "fan-out writes");
@@ -82,7 +82,7 @@ impl ShardCtx {
             },
             timers: SessionTimers {
                 auth_timeout_ms: cfg.auth_timeout_ms.as_millis() as u64,
-                leeway_ms: cfg.jwt_leeway_seconds * 1000,
+                leeway_ms: cfg.jwt_leeway_seconds.as_millis() as u64,
                 max_subscriptions: cfg.ws_max_subscriptions.get(),
             },
             msg_seq: Cell::new(0),
@@ -92,7 +92,7 @@ impl ShardCtx {
             accept_log: LogLimiter::new(Duration::from_secs(5)),
             conn_log: LogBudget::new(CONN_LOG_PER_SEC, CONN_LOG_BURST),
             shutdown_deadline_ms: Cell::new(0),
-            parker: park::Parker::new(id, cfg.ws_park_idle_ms, share),
+            parker: park::Parker::new(id, cfg.ws_park_idle_ms.as_millis() as u64, share),
             global,
         }
     }

@@ -76,8 +76,6 @@ pub struct IngestStats {
     pub broker_up: AtomicBool,
     /// Every topic's partitions are assigned at known offsets: consuming.
     pub assigned: AtomicBool,
-    /// The bootstrap address in use (the embedded broker's when embedded).
-    pub bootstrap: Mutex<String>,
     pub embedded: AtomicBool,
 }
 
@@ -171,7 +169,7 @@ pub fn start(
     let mut ingest = Ingest { stop: Arc::new(AtomicBool::new(false)), consumer: None, broker: None };
     let topics = topics(cfg);
     let (bootstrap, fetch_wait_ms) = match &cfg.kafka_brokers {
-        Some(b) => (b.clone(), cfg.kafka_fetch_wait_max_ms),
+        Some(b) => (b.clone(), cfg.kafka_fetch_wait_max_ms.as_millis() as u64),
         None => {
             let names: Vec<String> = topics.iter().map(|(t, _)| t.clone()).collect();
             let demo = cfg.demo_feed.unwrap_or(true).then(|| cfg.kafka_topic_prices.clone());
@@ -188,7 +186,6 @@ pub fn start(
             (addr, 5)
         }
     };
-    *stats.bootstrap.lock() = bootstrap.clone();
     stats.broker_up.store(true, Ordering::Relaxed);
     let group = format!("{}-{}", cfg.kafka_consumer_group_id, instance_id);
     let consumer: BaseConsumer<Ctx> = ClientConfig::new()

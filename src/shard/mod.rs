@@ -28,7 +28,7 @@
 mod fanout;
 pub mod inbox;
 mod outbox;
-mod pacing;
+pub mod pacing;
 mod price_log;
 mod registry;
 mod slot;

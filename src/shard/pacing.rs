@@ -11,8 +11,9 @@
 
 use std::time::Duration;
 
-/// How sweeps are spaced (`WS_FLUSH_INTERVAL_US`, `WS_FLUSH_ADAPTIVE_MS`,
-/// `WS_FLUSH_BUSY_PCT`).
+/// How sweeps are spaced: `WS_COALESCE_MAX_MS` sets `adaptive` (a quarter
+/// of it; it stretches up to `MAX_STRETCH` times), the bench switches
+/// `WS_BENCH_FLUSH_INTERVAL_US` and `WS_BENCH_SWEEP_SHARE_PCT` the others.
 #[derive(Debug, Clone, Copy)]
 pub struct Pacing {
     /// Always applies; zero: none.
@@ -24,7 +25,7 @@ pub struct Pacing {
 }
 
 /// The adaptive interval stretches to at most this many times its setting.
-const MAX_STRETCH: u32 = 4;
+pub const MAX_STRETCH: u32 = 4;
 
 impl Pacing {
     /// The least time between sweep starts: the fixed interval, or the

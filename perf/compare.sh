@@ -90,7 +90,8 @@ measure() { # name label args...
   # summarize.py counts and flags; a run that printed none is marked.
   local name=$1 label=$2 f lines; shift 2
   f="$out/$name.$label.jsonl"
-  lines=$(cat "$f" 2>/dev/null | wc -l)
+  lines=0
+  [ -f "$f" ] && lines=$(wc -l < "$f")
   taskset -c 1 timeout 300 "$LT" "$@" --server 127.0.0.1:$PORT --jwt-secret $SECRET --server-pid "$SERVER_PID" --quiet --json \
     >> "$f" || true
   [ "$(wc -l < "$f")" -gt "$lines" ] || echo "{\"error\":\"$name $label: no result\"}" >> "$f"

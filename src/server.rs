@@ -147,11 +147,11 @@ pub fn start_with(config: Config, clock: Clock) -> anyhow::Result<ServerHandle> 
         .name("moonx-shard")
         // Network I/O only: no DMA buffers needed beyond glommio's minimum.
         .io_memory(64 * 1024)
-        // The kernel sizes a ring's cancel hash from its depth (8 buckets at
-        // glommio's default of 128). Every pending socket read is a poll in
-        // that hash, and each cancellation glommio submits (for an operation
-        // dropped while in flight) walks a bucket: with 10k connections,
-        // ~1,250 entries at the default, ~40 at this depth. Costs ~1 MB of
+        // The kernel sizes a ring's cancel hash from its depth. Every pending
+        // socket read is a poll in that hash, and each cancellation glommio
+        // submits (for an operation dropped while in flight) walks a bucket:
+        // at glommio's default depth of 128 the buckets hold over a thousand
+        // entries each with 10k connections. A deeper ring costs a little
         // ring memory per shard.
         .ring_depth(RING_DEPTH)
         .on_all_shards(move || async move {

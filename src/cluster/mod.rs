@@ -23,7 +23,6 @@
 
 mod sync;
 
-use crate::clock::Clock;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,9 +33,10 @@ use crossbeam::channel::{self, Receiver, Sender};
 use futures_channel::oneshot;
 use parking_lot::Mutex;
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::limits::Limits;
-use crate::telemetry::ShardStats;
+use crate::telemetry::{Exposition, Kind, ShardStats};
 
 /// Events the shards report for the registry (bounded; drops are counted).
 #[derive(Debug)]
@@ -208,6 +208,30 @@ impl Cluster {
 
     pub fn is_up(&self) -> bool {
         self.state.up.load(Ordering::Relaxed)
+    }
+
+    /// Describes the Redis metrics.
+    pub fn describe(&self, e: &mut Exposition) {
+        let s = &self.state;
+        e.single(Kind::Gauge, "moonx_ws_redis_up", "Whether Redis answered the last sync.", self.is_up() as u8);
+        e.single(
+            Kind::Counter,
+            "moonx_ws_redis_fallbacks_total",
+            "New connections admitted on local counts because Redis did not answer.",
+            s.fallbacks.load(Ordering::Relaxed),
+        );
+        e.single(
+            Kind::Counter,
+            "moonx_ws_redis_registry_events_dropped_total",
+            "Registry events dropped (queue full).",
+            s.events_dropped.load(Ordering::Relaxed),
+        );
+        e.single(
+            Kind::Counter,
+            "moonx_ws_redis_ip_updates_dropped_total",
+            "Per-IP count updates dropped (queue full); the next heartbeat rewrites every count.",
+            s.ip_updates_dropped.load(Ordering::Relaxed),
+        );
     }
 
     /// Stops the workers; the sync worker removes this instance's records.

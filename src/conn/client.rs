@@ -23,6 +23,7 @@ use crate::limits::{RateCounter, RateDecision, UserRate};
 use crate::protocol::message::{parse_client, ClientKind, ErrorCode, Outgoing, ParseError, UserView};
 use crate::protocol::session::{Decision, Session, StoredSession, Verified};
 use crate::protocol::CloseCode;
+use crate::telemetry::Received;
 
 /// Which connection this is, for replies, registrations and log lines.
 pub(super) struct Who<'a> {
@@ -139,20 +140,20 @@ impl Client {
     pub fn on_text(&mut self, who: &Who<'_>, text: &[u8], now: u64) -> Option<Close> {
         let parsed = parse_client(text);
         let stats = &who.ctx.stats;
-        let (id, received_idx) = match &parsed {
+        let (id, kind) = match &parsed {
             Ok(m) => (
                 m.id.as_deref(),
                 match m.kind {
-                    ClientKind::Authenticate { .. } => 0,
-                    ClientKind::Subscribe(_) => 1,
-                    ClientKind::Unsubscribe(_) => 2,
-                    ClientKind::Ping => 3,
+                    ClientKind::Authenticate { .. } => Received::Authenticate,
+                    ClientKind::Subscribe(_) => Received::Subscribe,
+                    ClientKind::Unsubscribe(_) => Received::Unsubscribe,
+                    ClientKind::Ping => Received::Ping,
                 },
             ),
-            Err(ParseError::Invalid { id, .. }) => (id.as_deref(), 4),
-            Err(ParseError::UnknownType { id }) => (id.as_deref(), 5),
+            Err(ParseError::Invalid { id, .. }) => (id.as_deref(), Received::Invalid),
+            Err(ParseError::UnknownType { id }) => (id.as_deref(), Received::Unknown),
         };
-        stats.received[received_idx].inc();
+        stats.received[kind as usize].inc();
         let counter = self.user_rate.as_ref().map_or(&self.pre_auth, |c| &**c);
         match who.ctx.global.limits.check_message(counter, now) {
             RateDecision::Allowed => {}

@@ -24,7 +24,7 @@ use crate::protocol::link::LinkTimers;
 use crate::protocol::message::{encode_outgoing, Outgoing};
 use crate::protocol::session::SessionTimers;
 use crate::shard::Shard;
-use crate::telemetry::{sent_index, LogBudget, LogLimiter, ShardStats};
+use crate::telemetry::{LogBudget, LogLimiter, Sent, ShardStats};
 
 /// Everything a connection task on this shard shares.
 pub struct ShardCtx {
@@ -141,7 +141,7 @@ impl ShardCtx {
         let id = self.next_msg_id(&mut itoa::Buffer::new());
         let now = self.global.clock.epoch_ms();
         encode_outgoing(msg, &id, now, &mut self.json.borrow_mut(), out);
-        self.stats.sent[sent_index(msg.type_name())].inc();
+        self.stats.sent[Sent::of(msg).index()].inc();
     }
 
     /// Encodes `msg` and queues it on connection `key`'s outbox.

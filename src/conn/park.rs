@@ -4,13 +4,14 @@
 //! parked connections, and the parker task that gives a connection its
 //! task back.
 //!
-//! An open connection costs, with its task, glommio's armed read (~500
-//! bytes of source state) and the task itself (~520 bytes), most of its
-//! memory (perf/RESULTS.md). Once a connection has been idle for
+//! Most of an open connection's memory is its task and glommio's armed
+//! read, so an idle one gives both up (what that saves:
+//! `perf/RESULTS.md`). Once a connection has been idle for
 //! `WS_PARK_IDLE_MS` (nothing read, nothing to write, no message half
 //! assembled, no verification in flight, plain TCP), its driver parks it:
-//! the socket is duplicated, the duplicate is watched by a one-shot poll on
-//! the shard's poll ring, the state a driver needs to resume goes into a
+//! the socket is duplicated (the shard slot holds the duplicate), watched
+//! by a one-shot poll on the shard's poll ring, the state a driver needs to
+//! resume goes into a
 //! compact [`Parked`] record, and the task ends. The shard slot stays, so
 //! the fan-out keeps writing to the socket directly as before.
 //!

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::global::Global;
 use crate::protocol::handshake::{write_refusal, write_response, Refusal, RequestHead};
 use crate::protocol::message::Channel;
-use crate::telemetry::{render_prometheus, total, Extra};
+use crate::telemetry::{describe_shards, total, Exposition};
 
 /// Writes the response to an HTTP (non-upgrade) request.
 pub fn respond(head: &RequestHead, g: &Global, out: &mut Vec<u8>) {
@@ -28,31 +28,26 @@ pub fn respond(head: &RequestHead, g: &Global, out: &mut Vec<u8>) {
             json_response(status, &json!({ "status": if ready { "ready" } else { "not_ready" } }), out)
         }
         "/metrics" => {
-            let dropped: Vec<u64> = (0..g.publisher.shard_count()).map(|i| g.publisher.inbox(i).dropped()).collect();
-            let mut body = render_prometheus(&g.stats, &Extra { queue_dropped: &dropped });
-            crate::ingest::render_metrics(&g.ingest, &mut body);
-            if let Some(c) = &g.cluster {
-                use std::fmt::Write as _;
-                use std::sync::atomic::Ordering::Relaxed;
-                let s = &c.state;
-                let _ = write!(
-                    body,
-                    "# HELP moonx_ws_redis_up Whether Redis answered the last sync.\n# TYPE moonx_ws_redis_up gauge\nmoonx_ws_redis_up {}\n\
-                     # HELP moonx_ws_redis_fallbacks_total New connections admitted on local counts because Redis did not answer.\n# TYPE moonx_ws_redis_fallbacks_total counter\nmoonx_ws_redis_fallbacks_total {}\n\
-                     # HELP moonx_ws_redis_registry_events_dropped_total Registry events dropped (queue full).\n# TYPE moonx_ws_redis_registry_events_dropped_total counter\nmoonx_ws_redis_registry_events_dropped_total {}\n\
-                     # HELP moonx_ws_redis_ip_updates_dropped_total Per-IP count updates dropped (queue full); the next heartbeat rewrites every count.\n# TYPE moonx_ws_redis_ip_updates_dropped_total counter\nmoonx_ws_redis_ip_updates_dropped_total {}\n",
-                    c.is_up() as u8,
-                    s.fallbacks.load(Relaxed),
-                    s.events_dropped.load(Relaxed),
-                    s.ip_updates_dropped.load(Relaxed)
-                );
-            }
+            let body = metrics(g);
             write_response(200, "text/plain; version=0.0.4", &[], body.as_bytes(), out)
         }
         "/connections" => connections(g, out),
         "/docs" | "/docs/" => write_response(200, "text/html; charset=utf-8", &[], g.docs_html.as_bytes(), out),
         _ => write_refusal(Refusal::new(404, "not found"), out),
     }
+}
+
+/// The `/metrics` page: every owner describes its own figures through the
+/// one writer.
+fn metrics(g: &Global) -> String {
+    let dropped: Vec<u64> = (0..g.publisher.shard_count()).map(|i| g.publisher.inbox(i).dropped()).collect();
+    let mut e = Exposition::new();
+    describe_shards(&g.stats, &dropped, &mut e);
+    g.ingest.describe(&mut e);
+    if let Some(cluster) = &g.cluster {
+        cluster.describe(&mut e);
+    }
+    e.finish()
 }
 
 fn json_response(status: u16, body: &serde_json::Value, out: &mut Vec<u8>) {

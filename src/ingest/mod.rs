@@ -34,6 +34,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::protocol::message::Channel;
 use crate::shard::inbox::Publisher;
+use crate::telemetry::{Exposition, Kind};
 use validate::Invalid;
 
 /// Why ingest could not start (a start-up error).
@@ -228,64 +229,77 @@ impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {}
 
-/// Appends the ingest metrics in Prometheus text format.
-pub fn render_metrics(stats: &IngestStats, out: &mut String) {
-    use std::fmt::Write as _;
-    let _ = writeln!(out, "# HELP moonx_ws_kafka_messages_consumed_total Valid Kafka messages consumed, by channel.\n# TYPE moonx_ws_kafka_messages_consumed_total counter");
-    for ch in Channel::ALL {
-        let _ = writeln!(
-            out,
-            "moonx_ws_kafka_messages_consumed_total{{channel=\"{}\"}} {}",
-            ch.name(),
-            stats.consumed[ch as usize].load(Ordering::Relaxed)
+impl IngestStats {
+    /// Describes the ingest metrics.
+    pub fn describe(&self, e: &mut Exposition) {
+        let mut f = e.family(
+            Kind::Counter,
+            "moonx_ws_kafka_messages_consumed_total",
+            "Valid Kafka messages consumed, by channel.",
+        );
+        for ch in Channel::ALL {
+            f.sample(&[("channel", &ch.name())], self.consumed[ch as usize].load(Ordering::Relaxed));
+        }
+        let mut f = e.family(
+            Kind::Counter,
+            "moonx_ws_kafka_messages_invalid_total",
+            "Kafka messages skipped, by channel and reason.",
+        );
+        for ch in Channel::ALL {
+            for reason in Invalid::ALL {
+                let n = self.invalid[ch as usize][reason as usize].load(Ordering::Relaxed);
+                f.sample(&[("channel", &ch.name()), ("reason", &reason.as_str())], n);
+            }
+        }
+        let parts = self.partitions.lock();
+        let mut f =
+            e.family(Kind::Gauge, "moonx_ws_kafka_consumer_lag", "Messages behind the partition's high watermark.");
+        for ((topic, partition), s) in parts.iter() {
+            if let Some(lag) = s.lag {
+                f.sample(&[("topic", topic), ("partition", partition)], lag);
+            }
+        }
+        type Get = fn(&PartitionStat) -> u64;
+        let counters: [(&str, &str, Get); 2] = [
+            (
+                "moonx_ws_kafka_offset_resets_total",
+                "Positions found outside the partition's retained log (offset out of range) and moved: private topics to the earliest retained offset, prices to the end.",
+                |s| s.resets,
+            ),
+            (
+                "moonx_ws_kafka_undecodable_batches_total",
+                "Record batches that could not be decoded (corrupt, or an unknown compression) and were stepped over.",
+                |s| s.undecodable,
+            ),
+        ];
+        for (name, help, get) in counters {
+            let mut f = e.family(Kind::Counter, name, help);
+            for ((topic, partition), s) in parts.iter() {
+                f.sample(&[("topic", topic), ("partition", partition)], get(s));
+            }
+        }
+        let mut f = e.family(
+            Kind::Counter,
+            "moonx_ws_kafka_offsets_skipped_total",
+            "Offsets passed over, by reason: out_of_range (retention removed them before they were read), undecodable (a batch that could not be decoded).",
+        );
+        for ((topic, partition), s) in parts.iter() {
+            for (reason, n) in [("out_of_range", s.skipped_out_of_range), ("undecodable", s.skipped_undecodable)] {
+                f.sample(&[("topic", topic), ("partition", partition), ("reason", &reason)], n);
+            }
+        }
+        drop(parts);
+        e.single(
+            Kind::Gauge,
+            "moonx_ws_kafka_partitions_stuck",
+            "Partitions held up by an undecodable batch right now.",
+            self.stuck.load(Ordering::Relaxed),
+        );
+        e.single(
+            Kind::Gauge,
+            "moonx_ws_kafka_up",
+            "Whether a Kafka broker connection is up.",
+            self.broker_up.load(Ordering::Relaxed) as u8,
         );
     }
-    let _ = writeln!(out, "# HELP moonx_ws_kafka_messages_invalid_total Kafka messages skipped, by channel and reason.\n# TYPE moonx_ws_kafka_messages_invalid_total counter");
-    for ch in Channel::ALL {
-        for reason in Invalid::ALL {
-            let _ = writeln!(
-                out,
-                "moonx_ws_kafka_messages_invalid_total{{channel=\"{}\",reason=\"{}\"}} {}",
-                ch.name(),
-                reason.as_str(),
-                stats.invalid[ch as usize][reason as usize].load(Ordering::Relaxed)
-            );
-        }
-    }
-    let parts = stats.partitions.lock();
-    let _ = writeln!(out, "# HELP moonx_ws_kafka_consumer_lag Messages behind the partition's high watermark.\n# TYPE moonx_ws_kafka_consumer_lag gauge");
-    for ((topic, partition), s) in parts.iter() {
-        if let Some(lag) = s.lag {
-            let _ = writeln!(out, "moonx_ws_kafka_consumer_lag{{topic=\"{topic}\",partition=\"{partition}\"}} {lag}");
-        }
-    }
-    type Counter = (&'static str, &'static str, fn(&PartitionStat) -> u64);
-    let counters: [Counter; 2] = [
-        (
-            "moonx_ws_kafka_offset_resets_total",
-            "Positions found outside the partition's retained log (offset out of range) and moved: private topics to the earliest retained offset, prices to the end.",
-            |s| s.resets,
-        ),
-        (
-            "moonx_ws_kafka_undecodable_batches_total",
-            "Record batches that could not be decoded (corrupt, or an unknown compression) and were stepped over.",
-            |s| s.undecodable,
-        ),
-    ];
-    for (name, help, get) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for ((topic, partition), s) in parts.iter() {
-            let _ = writeln!(out, "{name}{{topic=\"{topic}\",partition=\"{partition}\"}} {}", get(s));
-        }
-    }
-    let name = "moonx_ws_kafka_offsets_skipped_total";
-    let _ = writeln!(out, "# HELP {name} Offsets passed over, by reason: out_of_range (retention removed them before they were read), undecodable (a batch that could not be decoded).\n# TYPE {name} counter");
-    for ((topic, partition), s) in parts.iter() {
-        for (reason, n) in [("out_of_range", s.skipped_out_of_range), ("undecodable", s.skipped_undecodable)] {
-            let _ = writeln!(out, "{name}{{topic=\"{topic}\",partition=\"{partition}\",reason=\"{reason}\"}} {n}");
-        }
-    }
-    drop(parts);
-    let _ = writeln!(out, "# HELP moonx_ws_kafka_partitions_stuck Partitions held up by an undecodable batch right now.\n# TYPE moonx_ws_kafka_partitions_stuck gauge\nmoonx_ws_kafka_partitions_stuck {}", stats.stuck.load(Ordering::Relaxed));
-    let _ = writeln!(out, "# HELP moonx_ws_kafka_up Whether a Kafka broker connection is up.\n# TYPE moonx_ws_kafka_up gauge\nmoonx_ws_kafka_up {}", stats.broker_up.load(Ordering::Relaxed) as u8);
 }

@@ -45,7 +45,7 @@ use slab::Slab;
 use crate::clock::Clock;
 use crate::protocol::message::Channel;
 use crate::protocol::CloseCode;
-use crate::telemetry::{update_index, ShardStats};
+use crate::telemetry::{Sent, ShardStats};
 use inbox::{Route, Update};
 use outbox::Buffers;
 use price_log::PriceLog;
@@ -311,8 +311,7 @@ impl Shard {
         for key in slow {
             self.stop_updates(key);
         }
-        let idx = update_index(update.route.channel());
-        self.stats.sent[idx].add(delivered as u64);
+        self.stats.sent[Sent::Update(update.route.channel()).index()].add(delivered as u64);
         self.stats.deliveries.add(delivered as u64);
         delivered
     }
@@ -342,11 +341,6 @@ impl Shard {
             slot.out.shut_down();
             slot.wake(key, &mut self.unpark);
         }
-    }
-
-    /// Takes back a written-out buffer for reuse by any connection.
-    pub fn recycle(&mut self, buf: Vec<u8>) {
-        self.bufs.recycle(buf);
     }
 
     /// Frees spare buffers the shard has not needed since the last call

@@ -71,7 +71,7 @@ pub enum Direct {
 #[derive(Debug)]
 pub struct Outbox {
     /// Whole frames not yet handed to the socket.
-    queued: Vec<u8>,
+    queued: Buf,
     /// How far into the price log this connection has been served (sent,
     /// or copied into `queued`); [`NOT_FOLLOWING`] when not subscribed.
     cursor: u64,
@@ -88,7 +88,7 @@ impl Outbox {
     /// already (the 101 response), so direct writes wait for them.
     pub fn new(in_driver: usize) -> Self {
         Self {
-            queued: Vec::new(),
+            queued: Buf(None),
             cursor: NOT_FOLLOWING,
             sent: 0,
             in_driver: in_driver as u32,
@@ -171,10 +171,7 @@ impl Outbox {
 
     /// Queues the close frame: the last bytes this outbox takes.
     pub fn queue_close(&mut self, frame: &[u8], bufs: &mut Buffers) {
-        if self.queued.capacity() == 0 {
-            self.queued = bufs.take();
-        }
-        self.queued.extend_from_slice(frame);
+        self.queued.extend(frame, bufs);
         self.lifecycle = Lifecycle::Closing;
     }
 
@@ -205,7 +202,7 @@ impl Outbox {
     /// What a direct write sends: the queue, then the unsent log bytes.
     pub fn unsent<'a>(&'a self, log: &'a PriceLog) -> (&'a [u8], &'a [u8]) {
         let log_part = if self.lag(log) == 0 { &[][..] } else { log.since(self.cursor) };
-        (&self.queued[self.sent as usize..], log_part)
+        (&self.queued.as_slice()[self.sent as usize..], log_part)
     }
 
     /// Records a direct write's result (`taken` bytes, or a negative errno)
@@ -217,7 +214,7 @@ impl Outbox {
             if self.cursor != NOT_FOLLOWING {
                 self.cursor = log.head();
             }
-            bufs.recycle(std::mem::take(&mut self.queued));
+            bufs.recycle(self.queued.take());
             return Ok(Direct::Done);
         }
         if taken > 0 {
@@ -227,10 +224,7 @@ impl Outbox {
             self.sent = taken as u32;
             let offered = if self.lag(log) == 0 { &[][..] } else { log.since(self.cursor) };
             if !offered.is_empty() {
-                if self.queued.capacity() == 0 {
-                    self.queued = bufs.take();
-                }
-                self.queued.extend_from_slice(offered);
+                self.queued.extend(offered, bufs);
                 self.cursor = log.head();
             }
             if self.queued.len() + self.in_driver as usize > bufs.limit {
@@ -263,12 +257,12 @@ impl Outbox {
         let _ = self.materialize(log, bufs);
         if self.queued.is_empty() {
             self.in_driver = 0;
-            bufs.recycle(std::mem::take(&mut into.buf));
+            bufs.recycle(into.buf.take());
             into.sent = 0;
             into.frames_from = 0;
             return false;
         }
-        let next = std::mem::take(&mut self.queued);
+        let next = self.queued.take();
         // A direct write may have sent a prefix already.
         into.sent = std::mem::take(&mut self.sent) as usize;
         into.frames_from = 0;
@@ -287,11 +281,7 @@ impl Outbox {
             self.go_slow();
             return Err(Slow);
         }
-        if self.queued.capacity() == 0 {
-            self.queued = bufs.take();
-            self.queued.reserve(OUTBOX_INITIAL.max(bytes.len()));
-        }
-        self.queued.extend_from_slice(bytes);
+        self.queued.extend(bytes, bufs);
         Ok(())
     }
 
@@ -303,16 +293,13 @@ impl Outbox {
         if self.cursor != NOT_FOLLOWING {
             self.cursor = NOT_FOLLOWING;
         }
-        let keep = whole_frames_covering(&self.queued, self.sent as usize);
+        let keep = whole_frames_covering(self.queued.as_slice(), self.sent as usize);
         self.queued.truncate(keep);
-        if self.queued.is_empty() {
-            self.queued = Vec::new();
-        }
     }
 
     #[cfg(test)]
     pub(super) fn queued(&self) -> &[u8] {
-        &self.queued
+        self.queued.as_slice()
     }
 
     #[cfg(test)]
@@ -322,7 +309,7 @@ impl Outbox {
 
     #[cfg(test)]
     pub(super) fn set_sent(&mut self, queued: Vec<u8>, sent: u32) {
-        self.queued = queued;
+        self.queued = Buf(Some(Box::new(queued)));
         self.sent = sent;
     }
 
@@ -350,7 +337,7 @@ fn whole_frames_covering(buf: &[u8], len: usize) -> usize {
 /// so an idle connection's slot carries none of it.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    buf: Vec<u8>,
+    buf: Buf,
     /// Bytes of `buf` written.
     sent: usize,
     /// Where frames start in `buf` (after the greeting, at first).
@@ -361,17 +348,17 @@ impl InFlight {
     /// The greeting (the 101 response), then `first` (frames).
     pub fn with_greeting(greeting: Vec<u8>) -> Self {
         let frames_from = greeting.len();
-        Self { buf: greeting, sent: 0, frames_from }
+        Self { buf: Buf(Some(Box::new(greeting))), sent: 0, frames_from }
     }
 
     /// Appends frames the driver writes before anything queued (its first
     /// message, right after the greeting).
     pub fn push_first(&mut self, frames: &[u8]) {
-        self.buf.extend_from_slice(frames);
+        self.buf.0.get_or_insert_with(Default::default).extend_from_slice(frames);
     }
 
     pub fn unwritten(&self) -> &[u8] {
-        &self.buf[self.sent..]
+        &self.buf.as_slice()[self.sent..]
     }
 
     pub fn wrote(&mut self, n: usize) {
@@ -399,7 +386,7 @@ impl InFlight {
                 self.buf.truncate(pos.max(self.sent));
                 return;
             }
-            let Some(len) = server_frame_len(&self.buf[pos..]) else {
+            let Some(len) = server_frame_len(&self.buf.as_slice()[pos..]) else {
                 return;
             };
             let end = pos + len;
@@ -412,11 +399,55 @@ impl InFlight {
     }
 }
 
+/// A byte buffer that holds nothing while empty: 8 bytes in the slot of
+/// every connection instead of a `Vec`'s 24, the vector itself coming from
+/// [`Buffers`] when bytes are queued and going back when they are written.
+// The box is the point: a thin pointer in every slot, the vector's own
+// header only where bytes are queued.
+#[allow(clippy::box_collection)]
+#[derive(Debug, Default)]
+pub struct Buf(Option<Box<Vec<u8>>>);
+
+impl Buf {
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |v| v.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    /// Appends `bytes`, taking a vector from `bufs` first if it has none.
+    fn extend(&mut self, bytes: &[u8], bufs: &mut Buffers) {
+        let v = self.0.get_or_insert_with(|| bufs.take());
+        v.extend_from_slice(bytes);
+    }
+
+    /// Keeps the first `len` bytes (none: the vector goes).
+    fn truncate(&mut self, len: usize) {
+        if len == 0 {
+            self.0 = None;
+        } else if let Some(v) = &mut self.0 {
+            v.truncate(len);
+        }
+    }
+
+    /// The contents, leaving this empty.
+    fn take(&mut self) -> Buf {
+        Buf(self.0.take())
+    }
+}
+
 /// What queueing needs beside an outbox: spare buffers to reuse (idle
 /// connections hold none) and the limit.
 #[derive(Debug)]
+#[allow(clippy::vec_box)] // spares keep their box: a `Buf` takes one as is
 pub struct Buffers {
-    spare: Vec<Vec<u8>>,
+    spare: Vec<Box<Vec<u8>>>,
     /// The pool's low-water mark since the last trim: buffers below it
     /// were never needed meanwhile.
     low: usize,
@@ -429,15 +460,17 @@ impl Buffers {
         Self { spare: Vec::new(), low: 0, limit }
     }
 
-    fn take(&mut self) -> Vec<u8> {
-        let buf = self.spare.pop().unwrap_or_default();
+    #[allow(clippy::box_collection)]
+    fn take(&mut self) -> Box<Vec<u8>> {
+        let buf = self.spare.pop().unwrap_or_else(|| Box::new(Vec::with_capacity(OUTBOX_INITIAL)));
         self.low = self.low.min(self.spare.len());
         buf
     }
 
     /// Takes back a written-out buffer (bounded: [`SPARE_BUFFERS`] of at
     /// most [`SPARE_MAX_CAPACITY`]; the rest are freed).
-    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+    pub fn recycle(&mut self, buf: Buf) {
+        let Some(mut buf) = buf.0 else { return };
         if buf.capacity() > 0 && buf.capacity() <= SPARE_MAX_CAPACITY && self.spare.len() < SPARE_BUFFERS {
             buf.clear();
             self.spare.push(buf);

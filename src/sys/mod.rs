@@ -6,8 +6,8 @@
 //! ([`SendBatch`]) to the sockets slots hold ([`DirectSocket`], which keeps
 //! each descriptor open while it is held); readiness polls for parked idle
 //! connections ([`PollRing`], with the fd hand-overs parking needs); and the
-//! process's opt-out of transparent huge pages. Each was measured: see
-//! perf/RESULTS.md.
+//! process's opt-out of transparent huge pages. What each buys is measured
+//! in perf/RESULTS.md.
 
 #![allow(unsafe_code)]
 
@@ -130,10 +130,9 @@ fn sendv_nonblocking(fd: BorrowedFd<'_>, first: &[u8], second: &[u8]) -> io::Res
 /// Each send carries `MSG_DONTWAIT`, so the kernel completes it inline
 /// during the submission (bytes taken, or `EAGAIN` when the socket is full)
 /// and never parks it: the call returns with every result in hand, and no
-/// buffer is referenced once it has returned. Measured on 5000 loopback
-/// sockets, 200-byte frames, batches of 64: 4.3 µs of CPU per send instead
-/// of 4.8 with one `send(2)` each (the saving is the per-call entry, exit
-/// and mitigation cost). Without a ring (not requested, or the kernel
+/// buffer is referenced once it has returned. It saves the per-call
+/// entry, exit and mitigation cost of one `send(2)` per socket
+/// (`perf/RESULTS.md`). Without a ring (not requested, or the kernel
 /// refused one) the same calls are plain `send`/`sendmsg`.
 pub struct SendBatch {
     ring: Option<IoUring>,
@@ -406,8 +405,7 @@ pub fn tcp_stream(fd: OwnedFd) -> glommio::net::TcpStream {
 /// allocates or frees again after it has been empty for a while; a shard
 /// that parks thousands of connections and then goes quiet would keep the
 /// memory their tasks used. Forced (`true`): pages of every size class
-/// and abandoned segments too. Measured: 10k parked connections, 1.8 KB of
-/// RSS each without this, 0.66 KB with `mi_collect(false)`, 0.60 KB forced.
+/// and abandoned segments too (what each mode keeps: `perf/RESULTS.md`).
 pub fn release_free_memory() {
     // SAFETY: mi_collect takes a plain bool; mimalloc synchronises its own
     // shared state (abandoned segments) internally.
@@ -417,10 +415,9 @@ pub fn release_free_memory() {
 /// Opts the process out of transparent huge pages (`PR_SET_THP_DISABLE`).
 ///
 /// The allocator asks for huge pages on its arenas; each first touch then
-/// zeroes 2 MiB, and a partly used huge page counts whole in RSS. Measured
-/// with 10k idle connections: 2.4 KB instead of 3.0 KB of RSS per
-/// connection, and ~9% less CPU per new connection. The same advice servers
-/// such as Redis give for latency-sensitive processes.
+/// zeroes 2 MiB, and a partly used huge page counts whole in RSS: with
+/// many small idle connections that is most of their memory. The same
+/// advice servers such as Redis give for latency-sensitive processes.
 pub fn disable_transparent_huge_pages() -> io::Result<()> {
     // SAFETY: PR_SET_THP_DISABLE takes plain integer arguments and touches
     // no memory of ours.

@@ -74,6 +74,10 @@ fn health(ctx: &ShardCtx, out: &mut Vec<u8>) {
     if !kafka {
         reasons.push("kafka: no broker connection is up (librdkafka keeps reconnecting)".into());
     }
+    if let Some(refused) = g.ingest.refused.lock().clone() {
+        let security = g.ingest.security.lock().clone();
+        reasons.push(format!("kafka: the broker refused this client ({security}): {refused}"));
+    }
     if stuck > 0 {
         reasons.push(format!(
             "kafka: {stuck} partition(s) held up by a batch that cannot be decoded (being stepped over)"

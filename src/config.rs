@@ -69,9 +69,21 @@ pub struct Config {
     #[arg(long, env = "AUTH_TIMEOUT_MS", default_value = "10000", value_parser = parse_ms)]
     pub auth_timeout_ms: Duration,
 
-    /// Redis URL for cluster-wide limits and the connection registry (unset: local only).
-    #[arg(long, env = "REDIS_URL")]
+    /// Redis URL for cluster-wide limits and the connection registry (unset:
+    /// local only): `redis://` or `rediss://` (TLS), with an ACL user and
+    /// password as `rediss://user:password@host:6379/`; `redis+cluster://`
+    /// or `rediss+cluster://` (or REDIS_CLUSTER=true) for Redis Cluster,
+    /// where a comma list of node URLs gives several seed nodes.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Talk to Redis Cluster (slot routing, failover) instead of one node.
+    #[arg(long, env = "REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub redis_cluster: bool,
+    /// PEM file of the CA certificate(s) that sign Redis' TLS certificate
+    /// (a private CA); unset: the system's trust store.
+    #[arg(long, env = "REDIS_TLS_CA_FILE")]
+    pub redis_tls_ca_file: Option<String>,
     /// Prefix of every Redis key this service writes.
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "moonx:ws:")]
     pub redis_key_prefix: String,

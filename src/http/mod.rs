@@ -84,7 +84,11 @@ fn health(ctx: &ShardCtx, out: &mut Vec<u8>) {
         ));
     }
     if !redis {
-        reasons.push("redis: not answering; limits are counted by this instance alone".into());
+        let why = g.cluster.as_ref().and_then(|c| c.state.error.lock().clone());
+        reasons.push(match why {
+            Some(why) => format!("redis: not answering ({why}); limits are counted by this instance alone"),
+            None => "redis: not answering; limits are counted by this instance alone".into(),
+        });
     }
     if !auth {
         reasons.push("auth: the Auth Service did not answer its last request".into());

@@ -115,7 +115,7 @@ impl Target {
         };
         let client = if cluster {
             let mut builder = redis::cluster::ClusterClient::builder(urls.iter().map(String::as_str))
-                .connection_timeout(timeout)
+                .connection_timeout(connect_timeout(timeout))
                 .response_timeout(timeout * 10)
                 // Redirections and a failover's refresh; a longer wait is an
                 // outage, which the workers ride out by reconnecting.
@@ -142,7 +142,7 @@ impl Target {
     pub fn connect(&self, timeout: Duration) -> RedisResult<Con> {
         match &self.client {
             Client::Single(client) => {
-                let con = client.get_connection_with_timeout(timeout)?;
+                let con = client.get_connection_with_timeout(connect_timeout(timeout))?;
                 con.set_read_timeout(Some(timeout * 10))?;
                 con.set_write_timeout(Some(timeout * 10))?;
                 Ok(Con::Single(con))
@@ -155,6 +155,14 @@ impl Target {
     pub fn redact(&self, text: &str) -> String {
         redact(&self.secrets, text)
     }
+}
+
+/// How long a worker may take to connect: a TLS handshake and the ACL
+/// login take more round trips than the per-IP answer's budget
+/// (REDIS_TIMEOUT_MS, which still bounds what a new connection waits:
+/// the workers connect in the background).
+fn connect_timeout(timeout: Duration) -> Duration {
+    (timeout * 10).max(Duration::from_secs(1))
 }
 
 fn redact(secrets: &[String], text: &str) -> String {

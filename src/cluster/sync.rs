@@ -90,7 +90,7 @@ pub(super) fn run(
     stop: Arc<AtomicBool>,
 ) {
     let log = LogLimiter::new(Duration::from_secs(10));
-    let refused_log = LogLimiter::new(REFUSED_LOG_EVERY);
+    let mut refused_log = LogLimiter::new(REFUSED_LOG_EVERY);
     let mut last_error: Option<String> = None;
     let interval = s.sync_interval;
     let heartbeat = s.heartbeat;
@@ -127,6 +127,8 @@ pub(super) fn run(
             Ok(()) => {
                 if !was_up {
                     tracing::info!("redis reachable: cluster-wide counting on");
+                    // A refusal after this is a new one: logged at once.
+                    refused_log = LogLimiter::new(REFUSED_LOG_EVERY);
                 }
                 last_error = None;
                 *w.state.error.lock() = None;
@@ -134,18 +136,16 @@ pub(super) fn run(
             Err(e) => {
                 con = None;
                 let (error, refused) = describe(&w.s, e);
-                let new = last_error.as_deref() != Some(error.as_str());
                 *w.state.error.lock() = Some(error.clone());
                 if refused {
                     // Wrong credentials or certificates do not heal by
-                    // themselves: error once, then a reminder now and then.
-                    if new {
-                        let _ = refused_log.allow();
-                        tracing::error!(error, "redis refused this client; limits fall back to local counts (check REDIS_URL's user and password, and REDIS_TLS_CA_FILE)");
-                    } else if let Some(suppressed) = refused_log.allow() {
-                        tracing::error!(error, suppressed, "redis still refuses this client");
+                    // themselves: error once, then a reminder at most every
+                    // REFUSED_LOG_EVERY (however the failures alternate
+                    // with timeouts meanwhile).
+                    if let Some(suppressed) = refused_log.allow() {
+                        tracing::error!(error, suppressed, "redis refused this client; limits fall back to local counts (check REDIS_URL's user and password, and REDIS_TLS_CA_FILE)");
                     }
-                } else if was_up || (new && last_error.is_none()) {
+                } else if was_up || last_error.is_none() {
                     tracing::warn!(error, "redis unreachable: limits fall back to local counts");
                 } else if let Some(suppressed) = log.allow() {
                     tracing::debug!(error, suppressed, "redis still unreachable");

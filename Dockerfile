@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
 # Build: the release binary, with dependencies cached in their own layer.
+# build-essential brings perl, which OpenSSL's build (rdkafka ssl-vendored)
+# needs; OpenSSL, librdkafka and zstd are compiled and linked statically.
 FROM rust:1.95-slim-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake pkg-config zlib1g-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -13,9 +15,13 @@ COPY vendor ./vendor
 COPY docs ./docs
 RUN cargo build --release --locked --bin moonx-ws && strip target/release/moonx-ws
 
-# Run: a slim image with the binary and a non-root user.
+# Run: a slim image with the binary and a non-root user. ca-certificates:
+# the trust store librdkafka (ssl.ca.location=probe) and the Redis client
+# (rustls, system roots) use for managed Kafka and Redis over TLS.
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home moonx
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home moonx
 COPY --from=build /src/target/release/moonx-ws /usr/local/bin/moonx-ws
 USER moonx
 EXPOSE 3008

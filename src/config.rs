@@ -69,9 +69,21 @@ pub struct Config {
     #[arg(long, env = "AUTH_TIMEOUT_MS", default_value = "10000", value_parser = parse_ms)]
     pub auth_timeout_ms: Duration,
 
-    /// Redis URL for cluster-wide limits and the connection registry (unset: local only).
-    #[arg(long, env = "REDIS_URL")]
+    /// Redis URL for cluster-wide limits and the connection registry (unset:
+    /// local only): `redis://` or `rediss://` (TLS), with an ACL user and
+    /// password as `rediss://user:password@host:6379/`; `redis+cluster://`
+    /// or `rediss+cluster://` (or REDIS_CLUSTER=true) for Redis Cluster,
+    /// where a comma list of node URLs gives several seed nodes.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Talk to Redis Cluster (slot routing, failover) instead of one node.
+    #[arg(long, env = "REDIS_CLUSTER", default_value_t = false, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub redis_cluster: bool,
+    /// PEM file of the CA certificate(s) that sign Redis' TLS certificate
+    /// (a private CA); unset: the system's trust store.
+    #[arg(long, env = "REDIS_TLS_CA_FILE")]
+    pub redis_tls_ca_file: Option<String>,
     /// Prefix of every Redis key this service writes.
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "moonx:ws:")]
     pub redis_key_prefix: String,
@@ -114,6 +126,40 @@ pub struct Config {
     /// Consumer fetch.wait.max.ms (how long a broker may hold an empty fetch).
     #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value = "100", value_parser = parse_ms_or_zero)]
     pub kafka_fetch_wait_max_ms: Duration,
+    /// How the Kafka clients reach the brokers: PLAINTEXT, SSL, SASL_PLAINTEXT
+    /// or SASL_SSL (librdkafka's security.protocol).
+    #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", default_value = "PLAINTEXT", ignore_case = true,
+          value_parser = ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])]
+    pub kafka_security_protocol: String,
+    /// SASL mechanism with a SASL_* protocol: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    #[arg(long, env = "KAFKA_SASL_MECHANISM", default_value = "PLAIN", ignore_case = true,
+          value_parser = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])]
+    pub kafka_sasl_mechanism: String,
+    /// SASL user name (an API key on Confluent Cloud).
+    #[arg(long, env = "KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+    /// SASL password (an API secret on Confluent Cloud). Never logged.
+    #[arg(long, env = "KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    pub kafka_sasl_password: Option<Secret>,
+    /// CA certificate(s) that sign the brokers' certificates: a PEM file or a
+    /// directory (unset: the system's trust store, found by probing).
+    #[arg(long, env = "KAFKA_SSL_CA_LOCATION")]
+    pub kafka_ssl_ca_location: Option<String>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "KAFKA_SSL_CERTIFICATE_LOCATION")]
+    pub kafka_ssl_certificate_location: Option<String>,
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(long, env = "KAFKA_SSL_KEY_LOCATION")]
+    pub kafka_ssl_key_location: Option<String>,
+    /// Passphrase of the client private key. Never logged.
+    #[arg(long, env = "KAFKA_SSL_KEY_PASSWORD", hide_env_values = true)]
+    pub kafka_ssl_key_password: Option<Secret>,
+    /// Any other librdkafka property for every Kafka client of the service,
+    /// as property=value (repeatable). From the environment:
+    /// KAFKA_CONFIG_<PROPERTY> with dots as `_` and `_` as `__`, e.g.
+    /// KAFKA_CONFIG_SOCKET_KEEPALIVE_ENABLE=true. Values are never logged.
+    #[arg(long = "kafka-config", value_name = "PROPERTY=VALUE", value_parser = parse_property)]
+    pub kafka_config: Vec<(String, String)>,
     /// Produce demo price ticks into the embedded broker (default: on when
     /// KAFKA_BROKERS is unset; ignored otherwise).
     #[arg(long, env = "DEMO_FEED", num_args = 0..=1, default_missing_value = "true",
@@ -229,6 +275,57 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// A setting that must never be shown: its `Debug` and `Display` print
+/// `***` (read it with [`Secret::expose`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// The prefix of the environment variables that pass librdkafka properties.
+pub const KAFKA_CONFIG_PREFIX: &str = "KAFKA_CONFIG_";
+
+/// `KAFKA_CONFIG_SOCKET_KEEPALIVE_ENABLE` -> `socket.keepalive.enable`:
+/// lower case, `__` stands for `_` (`LOG__LEVEL` -> `log_level`), `_` for `.`.
+pub fn kafka_property_of(var: &str) -> Option<String> {
+    let rest = var.strip_prefix(KAFKA_CONFIG_PREFIX)?;
+    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return None;
+    }
+    let name = rest.to_ascii_lowercase().split("__").map(|part| part.replace('_', ".")).collect::<Vec<_>>().join("_");
+    (!name.starts_with('.') && !name.ends_with('.') && !name.contains("..")).then_some(name)
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err("expected PROPERTY=VALUE (a librdkafka property)".into()),
+    }
+}
+
 fn parse_ms(s: &str) -> Result<Duration, String> {
     let ms: u64 = s.trim().parse().map_err(|e| format!("expected milliseconds: {e}"))?;
     if ms == 0 {
@@ -271,6 +368,22 @@ impl Config {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
+        Self::from_sources_with(args, env, std::iter::empty())
+    }
+
+    /// [`Config::from_sources`], where `names` lists the variables the
+    /// lookup holds, so that `KAFKA_CONFIG_*` (named by the operator, not
+    /// by this file) can be found: the process environment's names in
+    /// `main`, a map's keys in tests.
+    pub fn from_sources_with<I, S>(
+        args: I,
+        env: impl Fn(&str) -> Option<String>,
+        names: impl IntoIterator<Item = String>,
+    ) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
         let args: Vec<String> = args.into_iter().map(Into::into).collect();
         if args.iter().skip(1).any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version")) {
             // Help is printed from the command as declared, env names included.
@@ -287,6 +400,22 @@ impl Config {
                     argv.push(format!("--{long}={value}"));
                 }
             }
+        }
+        // `KAFKA_CONFIG_*` first, so `--kafka-config` flags (later) win.
+        let mut vars: Vec<String> = names.into_iter().filter(|n| n.starts_with(KAFKA_CONFIG_PREFIX)).collect();
+        vars.sort();
+        vars.dedup();
+        for var in vars {
+            let Some(value) = env(&var) else { continue };
+            let Some(property) = kafka_property_of(&var) else {
+                let cmd = Config::command();
+                return Err(clap::Error::raw(
+                    clap::error::ErrorKind::InvalidValue,
+                    format!("{var}: not a librdkafka property name (KAFKA_CONFIG_ then the property in capitals, `_` for `.` and `__` for `_`)\n"),
+                )
+                .with_cmd(&cmd));
+            };
+            argv.push(format!("--kafka-config={property}={value}"));
         }
         argv.extend(args.into_iter().skip(1));
         let cmd = cmd.mut_args(|a| a.env(None::<&str>));
@@ -361,6 +490,28 @@ mod tests {
         assert_eq!(c.websocket_service_port, 4000);
         assert_eq!(c.ip_whitelist.len(), 2);
         assert!(!c.rate_limit_enabled);
+    }
+
+    #[test]
+    fn kafka_config_variables_name_librdkafka_properties() {
+        assert_eq!(
+            kafka_property_of("KAFKA_CONFIG_SOCKET_KEEPALIVE_ENABLE").as_deref(),
+            Some("socket.keepalive.enable")
+        );
+        assert_eq!(kafka_property_of("KAFKA_CONFIG_LOG__LEVEL").as_deref(), Some("log_level"));
+        assert_eq!(kafka_property_of("KAFKA_CONFIG_DEBUG").as_deref(), Some("debug"));
+        assert_eq!(kafka_property_of("KAFKA_CONFIG_"), None);
+        assert_eq!(kafka_property_of("KAFKA_CONFIG__X"), None);
+        assert_eq!(kafka_property_of("KAFKA_CONFIG_A-B"), None);
+        assert_eq!(kafka_property_of("KAFKA_BROKERS"), None);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = parse(&[], &[("KAFKA_SASL_PASSWORD", "pw-123"), ("KAFKA_SSL_KEY_PASSWORD", "pw-456")]).unwrap();
+        assert_eq!(c.kafka_sasl_password.as_ref().map(Secret::expose), Some("pw-123"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("pw-123") && !shown.contains("pw-456"), "{shown}");
     }
 
     #[test]

@@ -12,7 +12,8 @@ fn main() -> anyhow::Result<()> {
     // Before the allocator maps much: see `sys::disable_transparent_huge_pages`.
     let thp = moonx_ws::server::disable_transparent_huge_pages();
     let _ = dotenvy::dotenv();
-    let config = match Config::from_sources(std::env::args(), |k| std::env::var(k).ok()) {
+    let names = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
+    let config = match Config::from_sources_with(std::env::args(), |k| std::env::var(k).ok(), names) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };

@@ -20,7 +20,13 @@
 //! `instances` sorted set instance -> last heartbeat (ms);
 //! `instance:{id}` JSON summary (expires); `connections:{id}` hash
 //! connection id -> JSON record (expires).
+//!
+//! Redis Cluster: every command and script here touches exactly one key,
+//! so none can span two hash slots (the per-IP script is told which
+//! instances are dead instead of reading `instances` itself), and batches
+//! are split by node (`conn.rs`). The same commands run on one node.
 
+mod conn;
 mod sync;
 
 use std::net::IpAddr;
@@ -65,6 +71,12 @@ enum IpCmd {
 #[derive(Debug, Default)]
 pub struct ClusterState {
     pub up: AtomicBool,
+    /// Why the last round failed (readable, without the password); None
+    /// while Redis answers.
+    pub error: Mutex<Option<String>>,
+    /// Instances whose last heartbeat is older than three heartbeat
+    /// intervals, from the last sync: the per-IP script drops their counts.
+    pub dead: Mutex<Arc<Vec<String>>>,
     /// Decisions taken on local counts because Redis did not answer.
     pub fallbacks: AtomicU64,
     /// Registry events dropped because the queue was full.
@@ -88,7 +100,7 @@ pub struct Cluster {
 /// Settings both workers share.
 #[derive(Clone)]
 pub(crate) struct Settings {
-    pub client: redis::Client,
+    pub target: conn::Target,
     pub prefix: String,
     pub instance: String,
     pub timeout: Duration,
@@ -105,11 +117,8 @@ impl Settings {
         self.heartbeat.as_millis() as u64 * 3
     }
 
-    pub fn connect(&self) -> redis::RedisResult<redis::Connection> {
-        let con = self.client.get_connection_with_timeout(self.timeout)?;
-        con.set_read_timeout(Some(self.timeout * 10))?;
-        con.set_write_timeout(Some(self.timeout * 10))?;
-        Ok(con)
+    pub fn connect(&self) -> redis::RedisResult<conn::Con> {
+        self.target.connect(self.timeout)
     }
 }
 
@@ -129,9 +138,10 @@ impl Cluster {
         clock: Clock,
     ) -> Result<Option<Arc<Cluster>>, ClusterError> {
         let Some(url) = &cfg.redis_url else { return Ok(None) };
-        let client = redis::Client::open(url.as_str()).map_err(|e| ClusterError(e.to_string()))?;
+        let target = conn::Target::from_config(cfg, url, cfg.redis_timeout_ms)?;
+        let mode = target.mode;
         let settings = Settings {
-            client,
+            target,
             prefix: cfg.redis_key_prefix.clone(),
             instance: instance.to_owned(),
             timeout: cfg.redis_timeout_ms,
@@ -159,7 +169,7 @@ impl Cluster {
                 dropped.ip_updates_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }));
-        tracing::info!(prefix = %cfg.redis_key_prefix, "redis: cluster-wide limits and registry enabled");
+        tracing::info!(prefix = %cfg.redis_key_prefix, mode, "redis: cluster-wide limits and registry enabled");
         Ok(Some(Arc::new(Cluster {
             ip_tx,
             events,
@@ -247,26 +257,28 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
     std::thread::Builder::new().name(name.into()).spawn(f).map_err(|e| ClusterError(e.to_string()))
 }
 
-/// Admits one IP: drops fields of dead instances, sums the others' counts
-/// with ours, and records ours if the total stays within the limit.
+/// Admits one IP: drops the fields of dead instances (ARGV[5..], from the
+/// last sync), sums the others' counts with ours, and records ours if the
+/// total stays within the limit. One key, so one slot on Redis Cluster.
 const ADMIT_LUA: &str = r#"
-local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
-for _, inst in ipairs(dead) do redis.call('HDEL', KEYS[1], inst) end
-local total = tonumber(ARGV[5])
+local dead = {}
+for i = 5, #ARGV do dead[ARGV[i]] = true end
+local total = tonumber(ARGV[4])
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
-  if all[i] ~= ARGV[1] then total = total + tonumber(all[i + 1]) end
+  if dead[all[i]] then redis.call('HDEL', KEYS[1], all[i])
+  elseif all[i] ~= ARGV[1] then total = total + tonumber(all[i + 1]) end
 end
 if total > tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 "#;
 
 fn ip_worker(s: Settings, rx: Receiver<IpCmd>, state: Arc<ClusterState>, stop: Arc<AtomicBool>) {
     let script = redis::Script::new(ADMIT_LUA);
     // Connected up front, so the first new connection does not pay for it.
-    let mut con: Option<redis::Connection> = s.connect().ok();
+    let mut con: Option<conn::Con> = s.connect().ok();
     while !stop.load(Ordering::Acquire) {
         let cmd = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(c) => c,
@@ -280,31 +292,31 @@ fn ip_worker(s: Settings, rx: Receiver<IpCmd>, state: Arc<ClusterState>, stop: A
             // The sync worker owns the up/down state; an admit just goes unanswered.
             continue;
         };
-        let now = s.clock.epoch_ms();
         let result: redis::RedisResult<()> = match cmd {
-            IpCmd::Admit { ip, local, reply } => script
-                .key(format!("{}ip:{ip}", s.prefix))
-                .key(format!("{}instances", s.prefix))
-                .arg(&s.instance)
-                .arg(s.max_per_ip)
-                .arg(now.saturating_sub(s.ttl_ms()))
-                .arg(s.ttl_ms())
-                .arg(local)
-                .invoke::<i64>(c)
-                .map(|ok| {
-                    let _ = reply.send(ok == 1);
-                }),
+            IpCmd::Admit { ip, local, reply } => {
+                let dead = state.dead.lock().clone();
+                script
+                    .key(format!("{}ip:{ip}", s.prefix))
+                    .arg(&s.instance)
+                    .arg(s.max_per_ip)
+                    .arg(s.ttl_ms())
+                    .arg(local)
+                    .arg(dead.as_slice())
+                    .invoke::<i64>(c.like())
+                    .map(|ok| {
+                        let _ = reply.send(ok == 1);
+                    })
+            }
             IpCmd::Set { ip, local } => {
                 let key = format!("{}ip:{ip}", s.prefix);
                 if local == 0 {
-                    redis::cmd("HDEL").arg(&key).arg(&s.instance).query::<()>(c)
+                    redis::Cmd::hdel(&key, &s.instance).query::<()>(c.like())
                 } else {
-                    redis::pipe()
-                        .hset(&key, &s.instance, local)
-                        .ignore()
-                        .pexpire(&key, s.ttl_ms() as i64)
-                        .ignore()
-                        .query(c)
+                    c.batch(vec![
+                        redis::Cmd::hset(&key, &s.instance, local),
+                        redis::Cmd::pexpire(&key, s.ttl_ms() as i64),
+                    ])
+                    .map(drop)
                 }
             }
         };

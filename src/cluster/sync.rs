@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::Receiver;
 use serde_json::{json, Value};
 
+use redis::{Cmd, FromRedisValue, Value as Reply};
+
+use super::conn::Con;
 use super::{ClusterState, RegistryEvent, Settings};
 use crate::limits::Limits;
 use crate::protocol::message::Channel;
@@ -87,10 +90,12 @@ pub(super) fn run(
     stop: Arc<AtomicBool>,
 ) {
     let log = LogLimiter::new(Duration::from_secs(10));
+    let mut refused_log = LogLimiter::new(REFUSED_LOG_EVERY);
+    let mut last_error: Option<String> = None;
     let interval = s.sync_interval;
     let heartbeat = s.heartbeat;
     let mut w = Worker { s, limits, stats, state, reg: Registry::default(), written_ips: HashSet::new() };
-    let mut con: Option<redis::Connection> = None;
+    let mut con: Option<Con> = None;
     let mut next_heartbeat = Instant::now();
     let mut full = true;
     loop {
@@ -98,12 +103,15 @@ pub(super) fn run(
         while let Ok(e) = events.try_recv() {
             w.reg.apply(e);
         }
+        let mut connect_error = None;
         if con.is_none() {
-            con = w.s.connect().ok();
+            con = w.s.connect().map_err(|e| connect_error = Some(e)).ok();
             full = true;
         }
         let result = match con.as_mut() {
-            None => Err(redis::RedisError::from((redis::ErrorKind::Io, "not connected"))),
+            None => {
+                Err(connect_error.unwrap_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "not connected"))))
+            }
             Some(c) => {
                 let heartbeat_due = full || Instant::now() >= next_heartbeat;
                 let r = w.round(c, heartbeat_due);
@@ -116,16 +124,34 @@ pub(super) fn run(
         };
         let was_up = w.state.up.swap(result.is_ok(), Ordering::Relaxed);
         match &result {
-            Ok(()) if !was_up => tracing::info!("redis reachable: cluster-wide counting on"),
+            Ok(()) => {
+                if !was_up {
+                    tracing::info!("redis reachable: cluster-wide counting on");
+                    // A refusal after this is a new one: logged at once.
+                    refused_log = LogLimiter::new(REFUSED_LOG_EVERY);
+                }
+                last_error = None;
+                *w.state.error.lock() = None;
+            }
             Err(e) => {
                 con = None;
-                if was_up {
-                    tracing::warn!(error = %e, "redis unreachable: limits fall back to local counts");
+                let (error, refused) = describe(&w.s, e);
+                *w.state.error.lock() = Some(error.clone());
+                if refused {
+                    // Wrong credentials or certificates do not heal by
+                    // themselves: error once, then a reminder at most every
+                    // REFUSED_LOG_EVERY (however the failures alternate
+                    // with timeouts meanwhile).
+                    if let Some(suppressed) = refused_log.allow() {
+                        tracing::error!(error, suppressed, "redis refused this client; limits fall back to local counts (check REDIS_URL's user and password, and REDIS_TLS_CA_FILE)");
+                    }
+                } else if was_up || last_error.is_none() {
+                    tracing::warn!(error, "redis unreachable: limits fall back to local counts");
                 } else if let Some(suppressed) = log.allow() {
-                    tracing::debug!(error = %e, suppressed, "redis still unreachable");
+                    tracing::debug!(error, suppressed, "redis still unreachable");
                 }
+                last_error = Some(error);
             }
-            Ok(()) => {}
         }
         if stopping {
             if let Some(c) = con.as_mut() {
@@ -140,8 +166,35 @@ pub(super) fn run(
     }
 }
 
+/// How often a refusal that goes on (wrong password, untrusted
+/// certificate) is logged again after its first error line.
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// A failed round as an operator reads it (the password scrubbed), and
+/// whether Redis refused this client (credentials, ACL permissions, TLS)
+/// rather than being out of reach.
+fn describe(s: &Settings, e: &redis::RedisError) -> (String, bool) {
+    let text = s.target.redact(&e.to_string());
+    let lower = text.to_ascii_lowercase();
+    let auth = matches!(
+        e.kind(),
+        redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
+    ) || ["wrongpass", "noauth", "noperm", "invalid username-password"].iter().any(|w| lower.contains(w));
+    let tls = ["certificate", "tls", "handshake", "corrupt message", "peer sent"].iter().any(|w| lower.contains(w));
+    match (auth, tls) {
+        (true, _) => (format!("authentication failed: {text}"), true),
+        (false, true) => (format!("TLS failed: {text}"), true),
+        _ => (text, false),
+    }
+}
+
+/// The reply at `i` of a batch, converted.
+fn reply<T: FromRedisValue>(replies: &[Reply], i: usize) -> redis::RedisResult<T> {
+    T::from_redis_value(replies.get(i).cloned().unwrap_or(Reply::Nil)).map_err(Into::into)
+}
+
 impl Worker {
-    fn round(&mut self, c: &mut redis::Connection, heartbeat: bool) -> redis::RedisResult<()> {
+    fn round(&mut self, c: &mut Con, heartbeat: bool) -> redis::RedisResult<()> {
         self.reconcile_users(c)?;
         if heartbeat {
             self.heartbeat(c)?;
@@ -153,28 +206,31 @@ impl Worker {
 
     /// Pushes this instance's new message counts per user and learns the
     /// other instances' counts for the current window.
-    fn reconcile_users(&mut self, c: &mut redis::Connection) -> redis::RedisResult<()> {
+    fn reconcile_users(&mut self, c: &mut Con) -> redis::RedisResult<()> {
         let now = self.s.clock.epoch_ms();
         let window = now / crate::limits::WINDOW_MS;
         let users = self.limits.user_counters();
         if users.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        let mut locals = Vec::with_capacity(users.len());
+        let mut cmds = Vec::with_capacity(users.len() * 2);
+        // Per user: its local count and where its window's total is in the replies.
+        let mut asked = Vec::with_capacity(users.len());
         for counter in &users {
             let key = format!("{}ratelimit:{}:{window}", self.s.prefix, counter.user());
             let local = counter.current(now);
             let delta = local.saturating_sub(counter.pushed(window));
+            asked.push((local, cmds.len()));
             if delta > 0 {
-                pipe.incr(&key, delta).pexpire(&key, RATELIMIT_TTL_MS).ignore();
+                cmds.push(Cmd::incr(&key, delta));
+                cmds.push(Cmd::pexpire(&key, RATELIMIT_TTL_MS));
             } else {
-                pipe.get(&key);
+                cmds.push(Cmd::get(&key));
             }
-            locals.push(local);
         }
-        let totals: Vec<Option<u32>> = pipe.query(c)?;
-        for ((counter, total), local) in users.iter().zip(totals).zip(locals) {
+        let replies = c.batch(cmds)?;
+        for (counter, (local, at)) in users.iter().zip(asked) {
+            let total: Option<u32> = reply(&replies, at)?;
             counter.set_pushed(window, local);
             counter.set_others(window, total.unwrap_or(0).saturating_sub(local));
         }
@@ -197,73 +253,78 @@ impl Worker {
     }
 
     /// Rewrites every record of this instance (heals after a Redis restart).
-    fn heartbeat(&mut self, c: &mut redis::Connection) -> redis::RedisResult<()> {
+    fn heartbeat(&mut self, c: &mut Con) -> redis::RedisResult<()> {
         let (p, id, ttl) = (&self.s.prefix, &self.s.instance, self.s.ttl_ms() as i64);
         let now = self.s.clock.epoch_ms();
-        let mut pipe = redis::pipe();
-        pipe.zadd(format!("{p}instances"), id, now).ignore();
-        pipe.zrembyscore(format!("{p}instances"), "-inf", now.saturating_sub(2 * ttl as u64)).ignore();
-        pipe.set(format!("{p}instance:{id}"), self.summary().to_string()).ignore();
-        pipe.pexpire(format!("{p}instance:{id}"), ttl).ignore();
+        let mut cmds = vec![
+            Cmd::zadd(format!("{p}instances"), id, now),
+            Cmd::zrembyscore(format!("{p}instances"), "-inf", now.saturating_sub(2 * ttl as u64)),
+            Cmd::set(format!("{p}instance:{id}"), self.summary().to_string()),
+            Cmd::pexpire(format!("{p}instance:{id}"), ttl),
+        ];
         let ips = self.limits.ip_counts();
         let current: HashSet<IpAddr> = ips.iter().map(|(ip, _)| *ip).collect();
         for (ip, n) in &ips {
             let key = format!("{p}ip:{ip}");
-            pipe.hset(&key, id, *n).ignore().pexpire(&key, ttl).ignore();
+            cmds.push(Cmd::hset(&key, id, *n));
+            cmds.push(Cmd::pexpire(&key, ttl));
         }
         for gone in self.written_ips.difference(&current) {
-            pipe.hdel(format!("{p}ip:{gone}"), id).ignore();
+            cmds.push(Cmd::hdel(format!("{p}ip:{gone}"), id));
         }
         let conns_key = format!("{p}connections:{id}");
-        pipe.del(&conns_key).ignore();
+        cmds.push(Cmd::del(&conns_key));
         for chunk in self.reg.conns.iter().collect::<Vec<_>>().chunks(500) {
             let fields: Vec<(String, String)> = chunk.iter().map(|(cid, r)| (cid.to_string(), r.json(**cid))).collect();
-            pipe.hset_multiple(&conns_key, &fields).ignore();
+            cmds.push(Cmd::hset_multiple(&conns_key, &fields));
         }
-        pipe.pexpire(&conns_key, ttl).ignore();
-        pipe.query::<()>(c)?;
+        cmds.push(Cmd::pexpire(&conns_key, ttl));
+        c.batch(cmds)?;
         self.written_ips = current;
         self.reg.dirty.clear();
         self.reg.removed.clear();
         Ok(())
     }
 
-    fn write_changes(&mut self, c: &mut redis::Connection) -> redis::RedisResult<()> {
+    fn write_changes(&mut self, c: &mut Con) -> redis::RedisResult<()> {
         if self.reg.dirty.is_empty() && self.reg.removed.is_empty() {
             return Ok(());
         }
         let key = format!("{}connections:{}", self.s.prefix, self.s.instance);
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::with_capacity(self.reg.dirty.len() + self.reg.removed.len() + 1);
         for id in &self.reg.dirty {
             if let Some(r) = self.reg.conns.get(id) {
-                pipe.hset(&key, id.to_string(), r.json(*id)).ignore();
+                cmds.push(Cmd::hset(&key, id.to_string(), r.json(*id)));
             }
         }
         for id in &self.reg.removed {
-            pipe.hdel(&key, id.to_string()).ignore();
+            cmds.push(Cmd::hdel(&key, id.to_string()));
         }
-        pipe.pexpire(&key, self.s.ttl_ms() as i64).ignore();
-        pipe.query::<()>(c)?;
+        cmds.push(Cmd::pexpire(&key, self.s.ttl_ms() as i64));
+        c.batch(cmds)?;
         self.reg.dirty.clear();
         self.reg.removed.clear();
         Ok(())
     }
 
     /// Reads the live instances' summaries into the shared view.
-    fn refresh_view(&mut self, c: &mut redis::Connection) -> redis::RedisResult<()> {
+    /// Also tells the per-IP worker which instances are dead.
+    fn refresh_view(&mut self, c: &mut Con) -> redis::RedisResult<()> {
         let p = &self.s.prefix;
-        let alive: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(format!("{p}instances"))
-            .arg(self.s.clock.epoch_ms().saturating_sub(self.s.ttl_ms()))
-            .arg("+inf")
-            .query(c)?;
-        let summaries: Vec<Value> = if alive.is_empty() {
-            Vec::new()
-        } else {
-            let keys: Vec<String> = alive.iter().map(|i| format!("{p}instance:{i}")).collect();
-            let raw: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(c)?;
-            raw.into_iter().flatten().filter_map(|s| serde_json::from_str(&s).ok()).collect()
-        };
+        let cutoff = self.s.clock.epoch_ms().saturating_sub(self.s.ttl_ms());
+        let all: Vec<(String, u64)> = Cmd::zrange_withscores(format!("{p}instances"), 0, -1)
+            .query::<Vec<(String, f64)>>(c.like())
+            .map(|v| v.into_iter().map(|(i, score)| (i, score as u64)).collect())?;
+        let (alive, dead): (Vec<_>, Vec<_>) = all.into_iter().partition(|(_, at)| *at >= cutoff);
+        *self.state.dead.lock() = Arc::new(dead.into_iter().map(|(i, _)| i).collect());
+        // One GET per summary (each instance's key has its own slot on a
+        // cluster: no MGET across slots).
+        let gets: Vec<Cmd> = alive.iter().map(|(i, _)| Cmd::get(format!("{p}instance:{i}"))).collect();
+        let raw = c.batch(gets)?;
+        let summaries: Vec<Value> = (0..raw.len())
+            .filter_map(|i| reply::<Option<String>>(&raw, i).ok().flatten())
+            .filter_map(|s| serde_json::from_str(&s).ok())
+            .collect();
         let sum = |field: &str| summaries.iter().map(|v| v[field].as_u64().unwrap_or(0)).sum::<u64>();
         let mut channels = serde_json::Map::new();
         for ch in Channel::ALL {
@@ -280,17 +341,18 @@ impl Worker {
     }
 
     /// On shutdown: this instance's records go away at once.
-    fn remove_own(&mut self, c: &mut redis::Connection) {
+    fn remove_own(&mut self, c: &mut Con) {
         let (p, id) = (&self.s.prefix, &self.s.instance);
-        let mut pipe = redis::pipe();
-        pipe.del(format!("{p}connections:{id}")).ignore();
-        pipe.del(format!("{p}instance:{id}")).ignore();
-        pipe.zrem(format!("{p}instances"), id).ignore();
+        let mut cmds = vec![
+            Cmd::del(format!("{p}connections:{id}")),
+            Cmd::del(format!("{p}instance:{id}")),
+            Cmd::zrem(format!("{p}instances"), id),
+        ];
         for ip in &self.written_ips {
-            pipe.hdel(format!("{p}ip:{ip}"), id).ignore();
+            cmds.push(Cmd::hdel(format!("{p}ip:{ip}"), id));
         }
-        match pipe.query::<()>(c) {
-            Ok(()) => tracing::info!("redis: this instance's records removed"),
+        match c.batch(cmds) {
+            Ok(_) => tracing::info!("redis: this instance's records removed"),
             Err(e) => tracing::warn!(error = %e, "redis: could not remove this instance's records (they expire)"),
         }
     }

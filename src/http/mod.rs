@@ -65,13 +65,21 @@ fn health(g: &Global, out: &mut Vec<u8>) {
     if !kafka {
         reasons.push("kafka: no broker connection is up (librdkafka keeps reconnecting)".into());
     }
+    if let Some(refused) = g.ingest.refused.lock().clone() {
+        let security = g.ingest.security.lock().clone();
+        reasons.push(format!("kafka: the broker refused this client ({security}): {refused}"));
+    }
     if stuck > 0 {
         reasons.push(format!(
             "kafka: {stuck} partition(s) held up by a batch that cannot be decoded (being stepped over)"
         ));
     }
     if !redis {
-        reasons.push("redis: not answering; limits are counted by this instance alone".into());
+        let why = g.cluster.as_ref().and_then(|c| c.state.error.lock().clone());
+        reasons.push(match why {
+            Some(why) => format!("redis: not answering ({why}); limits are counted by this instance alone"),
+            None => "redis: not answering; limits are counted by this instance alone".into(),
+        });
     }
     if !auth {
         reasons.push("auth: the Auth Service did not answer its last request".into());

@@ -24,7 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::assign::{Assignment, METADATA_TIMEOUT};
 use super::skip::{BatchEnd, Next, Seen};
 use super::validate::Validator;
-use super::{Ctx, IngestStats, PartitionStat};
+use super::{Ctx, IngestStats, PartitionStat, Refusals};
 use crate::clock::Clock;
 use crate::protocol::message::Channel;
 use crate::shard::inbox::{Publisher, Update};
@@ -39,6 +39,8 @@ pub(super) struct Settings {
     pub refresh: Duration,
     /// Stamps each update's envelope.
     pub clock: Clock,
+    /// Where a broker's refusal of this client is recorded and logged.
+    pub refusals: Arc<Refusals>,
 }
 
 /// How long a probe of an undecodable batch waits for the partition to
@@ -123,6 +125,7 @@ struct State {
     invalid_log: LogLimiter,
     error_log: LogLimiter,
     librdkafka_log: LogLimiter,
+    refusals: Arc<Refusals>,
 }
 
 impl State {
@@ -141,6 +144,7 @@ impl State {
             invalid_log: LogLimiter::new(Duration::from_secs(5)),
             error_log: LogLimiter::new(Duration::from_secs(5)),
             librdkafka_log: LogLimiter::new(Duration::from_secs(10)),
+            refusals: settings.refusals.clone(),
         }
     }
 
@@ -159,7 +163,10 @@ impl State {
                 if code == RDKafkaErrorCode::AllBrokersDown {
                     self.stats.broker_up.store(false, Ordering::Relaxed);
                 }
-                if let Some(suppressed) = self.error_log.allow() {
+                if is_refusal(code, reason) {
+                    self.refusals.refused(&code.to_string(), reason);
+                } else if let Some(suppressed) = self.error_log.allow() {
+                    let reason = self.refusals.redact(reason);
                     tracing::warn!(error = %code, reason, fatal, suppressed, "kafka client error");
                 }
             }
@@ -169,6 +176,7 @@ impl State {
                 // unreachable broker); its chatter below that stays out.
                 if level <= 4 {
                     if let Some(suppressed) = self.librdkafka_log.allow() {
+                        let message = self.refusals.redact(message);
                         tracing::warn!(facility, suppressed, "librdkafka: {message}");
                     }
                 }
@@ -415,6 +423,24 @@ impl State {
             }
         }
     }
+}
+
+/// Errors that say the brokers refuse this client as configured: a failed
+/// SASL login, a TLS handshake that failed (an untrusted or expired
+/// certificate, a TLS client on a plaintext listener, which librdkafka
+/// reports as a transport error), a connection dropped while logging in, a
+/// mechanism or access the broker does not grant.
+fn is_refusal(code: RDKafkaErrorCode, reason: &str) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SSL
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::UnsupportedSASLMechanism
+            | RDKafkaErrorCode::IllegalSASLState
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+    ) || (code == RDKafkaErrorCode::BrokerTransportFailure && super::looks_refused(reason))
 }
 
 /// Where a partition whose position `at` fell outside `low..=high` (or

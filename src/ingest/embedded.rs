@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::ClientConfig;
 
+use super::client::ClientSettings;
 use super::IngestError;
 
 /// Partitions per embedded topic.
@@ -27,6 +27,7 @@ const TICK: Duration = Duration::from_millis(500);
 pub fn start(
     topics: &[String],
     demo_topic: Option<String>,
+    client: ClientSettings,
     stop: Arc<AtomicBool>,
 ) -> Result<(String, JoinHandle<()>), IngestError> {
     let topics = topics.to_vec();
@@ -50,7 +51,7 @@ pub fn start(
             let bootstrap = cluster.bootstrap_servers();
             let _ = tx.send(Ok(bootstrap.clone()));
             match demo_topic {
-                Some(topic) => demo_feed(&bootstrap, &topic, &stop),
+                Some(topic) => demo_feed(&client, &bootstrap, &topic, &stop),
                 None => {
                     while !stop.load(Ordering::Acquire) {
                         std::thread::sleep(Duration::from_millis(100));
@@ -76,15 +77,15 @@ struct Ticker {
     volume: f64,
 }
 
-fn demo_feed(bootstrap: &str, topic: &str, stop: &AtomicBool) {
-    let producer: BaseProducer =
-        match ClientConfig::new().set("bootstrap.servers", bootstrap).set("linger.ms", "0").create() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "demo feed: cannot create producer");
-                return;
-            }
-        };
+fn demo_feed(client: &ClientSettings, bootstrap: &str, topic: &str, stop: &AtomicBool) {
+    // The properties every client of the service uses (security, passthrough).
+    let producer: BaseProducer = match client.client_config(bootstrap).set("linger.ms", "0").create() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %client.redact(&e.to_string()), "demo feed: cannot create producer");
+            return;
+        }
+    };
     let mut tickers = [
         ("ETH", 8453, 2150.45),
         ("ETH", 1, 2151.10),

@@ -14,6 +14,7 @@
 //! truthful meanwhile.
 
 mod assign;
+pub mod client;
 mod consume;
 mod embedded;
 mod skip;
@@ -23,25 +24,28 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use parking_lot::Mutex;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::statistics::Statistics;
-use rdkafka::{ClientConfig, ClientContext};
+use rdkafka::ClientContext;
 
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::protocol::message::Channel;
 use crate::shard::inbox::Publisher;
-use crate::telemetry::{Exposition, Kind};
+use crate::telemetry::{Exposition, Kind, LogLimiter};
 use validate::Invalid;
 
 /// Why ingest could not start (a start-up error).
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("kafka consumer: {0}")]
-    Consumer(#[from] KafkaError),
+    Consumer(String),
+    #[error("kafka settings: {0}")]
+    Settings(#[from] client::ClientError),
     #[error("embedded kafka broker: {0}")]
     Embedded(String),
 }
@@ -77,6 +81,12 @@ pub struct IngestStats {
     pub broker_up: AtomicBool,
     /// Every topic's partitions are assigned at known offsets: consuming.
     pub assigned: AtomicBool,
+    /// How the clients reach the brokers (`SASL_SSL/SCRAM-SHA-512`, ...).
+    pub security: Mutex<String>,
+    /// Why the brokers refuse this client right now (a failed SASL login,
+    /// an untrusted certificate, a refused TLS handshake), in librdkafka's
+    /// words with any secret scrubbed; cleared once a broker connection is up.
+    pub refused: Mutex<Option<String>>,
     pub embedded: AtomicBool,
 }
 
@@ -97,6 +107,11 @@ impl IngestStats {
         let was = self.broker_up.swap(up, Ordering::Relaxed);
         if was != up {
             tracing::warn!(up, "kafka broker connectivity changed");
+        }
+        if up {
+            if let Some(reason) = self.refused.lock().take() {
+                tracing::info!(was = %reason, "kafka: a broker accepted this client again");
+            }
         }
         let mut parts = self.partitions.lock();
         for (topic, t) in &s.topics {
@@ -169,13 +184,18 @@ pub fn start(
 ) -> Result<Ingest, IngestError> {
     let mut ingest = Ingest { stop: Arc::new(AtomicBool::new(false)), consumer: None, broker: None };
     let topics = topics(cfg);
+    // One set of properties for every client (the consumer, the demo feed).
+    let client = client::ClientSettings::from_config(cfg)?;
     let (bootstrap, fetch_wait_ms) = match &cfg.kafka_brokers {
         Some(b) => (b.clone(), cfg.kafka_fetch_wait_max_ms.as_millis() as u64),
         None => {
             let names: Vec<String> = topics.iter().map(|(t, _)| t.clone()).collect();
             let demo = cfg.demo_feed.unwrap_or(true).then(|| cfg.kafka_topic_prices.clone());
             let stop = Arc::new(AtomicBool::new(false));
-            let (addr, thread) = embedded::start(&names, demo, stop.clone())?;
+            if client.security() != "PLAINTEXT" {
+                tracing::warn!(security = client.security(), "KAFKA_SECURITY_PROTOCOL applies to the embedded broker too, which speaks PLAINTEXT only: its clients will not connect");
+            }
+            let (addr, thread) = embedded::start(&names, demo, client.clone(), stop.clone())?;
             ingest.broker = Some((stop, thread));
             stats.embedded.store(true, Ordering::Relaxed);
             if cfg.auth_mode() == "dev" {
@@ -189,10 +209,16 @@ pub fn start(
     };
     stats.broker_up.store(true, Ordering::Relaxed);
     let group = format!("{}-{}", cfg.kafka_consumer_group_id, instance_id);
-    let consumer: BaseConsumer<Ctx> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
+    let refusals = Arc::new(Refusals::new(stats.clone(), client.clone()));
+    let mut config = client.client_config(&bootstrap);
+    // Defaults a `KAFKA_CONFIG_*` property may replace.
+    for (name, value) in [("client.id", format!("moonx-ws-{instance_id}")), ("log_level", "4".into())] {
+        if client.get(name).is_none() {
+            config.set(name, value);
+        }
+    }
+    let consumer: BaseConsumer<Ctx> = config
         .set("group.id", &group)
-        .set("client.id", format!("moonx-ws-{instance_id}"))
         // Out of range is reported, not resolved silently: `consume.rs`
         // decides per topic where to go on, and says so.
         .set("auto.offset.reset", "error")
@@ -202,15 +228,25 @@ pub fn start(
         .set("fetch.max.bytes", cfg.kafka_consumer_fetch_max_bytes.to_string())
         .set("max.partition.fetch.bytes", cfg.kafka_consumer_max_partition_fetch_bytes.to_string())
         .set("statistics.interval.ms", "1000")
-        .set("log_level", "4")
-        .create_with_context(Ctx)?;
+        .create_with_context(Ctx { refusals: refusals.clone(), log: LogLimiter::new(Duration::from_secs(10)) })
+        .map_err(|e| IngestError::Consumer(client.redact(&e.to_string())))?;
     let names: Vec<&str> = topics.iter().map(|(t, _)| t.as_str()).collect();
-    tracing::info!(%bootstrap, group = %group, topics = ?names, "kafka consumer created");
+    // Property names only: values may be secrets. The security mode as
+    // librdkafka holds it, read back from the client.
+    let passthrough: Vec<&str> = cfg.kafka_config.iter().map(|(k, _)| k.as_str()).collect();
+    let effective = |name| crate::sys::kafka::effective_property(consumer.client(), name).unwrap_or_default();
+    let mut security = effective("security.protocol").to_ascii_uppercase();
+    if security.starts_with("SASL_") {
+        security = format!("{security}/{}", effective("sasl.mechanisms"));
+    }
+    tracing::info!(%bootstrap, group = %group, topics = ?names, security, properties = ?passthrough, "kafka consumer created");
+    *stats.security.lock() = client.security().to_owned();
     let settings = consume::Settings {
         topics,
         batch_size: cfg.kafka_consumer_batch_size.get(),
         refresh: cfg.kafka_topic_refresh_ms,
         clock,
+        refusals,
     };
     let stop = ingest.stop.clone();
     let thread = std::thread::Builder::new()
@@ -221,11 +257,85 @@ pub fn start(
     Ok(ingest)
 }
 
-/// The consumer's context: everything it reports (statistics, errors,
-/// librdkafka's log) arrives as events on its queue, read by `consume.rs`.
-struct Ctx;
+/// The consumer's context: statistics and errors arrive as events on its
+/// queue, read by `consume.rs`; librdkafka's log lines arrive here, on
+/// librdkafka's threads.
+struct Ctx {
+    refusals: Arc<Refusals>,
+    log: LogLimiter,
+}
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    /// Warnings and errors go to the service's log (scrubbed, at most one
+    /// every 10 s); a refusal it reports only here (a TLS 1.3 server that
+    /// rejects the client certificate after the handshake: the client
+    /// learns it on its first read) is recorded as any other.
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        use RDKafkaLogLevel::*;
+        if !matches!(level, Emerg | Alert | Critical | Error | Warning) {
+            return;
+        }
+        if matches!(level, Emerg | Alert | Critical | Error) && looks_refused(message) {
+            self.refusals.refused(facility, message);
+        } else if let Some(suppressed) = self.log.allow() {
+            let message = self.refusals.redact(message);
+            tracing::warn!(facility, suppressed, "librdkafka: {message}");
+        }
+    }
+}
+
+/// librdkafka's words for a broker refusing this client as configured
+/// (its error codes say less: a TLS handshake on a plaintext listener is
+/// a transport failure).
+fn looks_refused(text: &str) -> bool {
+    ["SSL handshake failed", "SSL transport error", "SASL authentication error", "in state AUTH"]
+        .iter()
+        .any(|w| text.contains(w))
+}
+
+/// The brokers refusing this client (a failed SASL login, an untrusted
+/// certificate, a refused TLS handshake): `/health` shows why until a
+/// broker connection is up (`IngestStats::refused`); logged at error when
+/// it starts, then at most every
+/// [`REFUSED_LOG_EVERY`] with the count held back. librdkafka keeps
+/// retrying by itself.
+pub(crate) struct Refusals {
+    stats: Arc<IngestStats>,
+    client: client::ClientSettings,
+    log: LogLimiter,
+}
+
+/// How often a refusal that goes on is logged again after its first line.
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl Refusals {
+    fn new(stats: Arc<IngestStats>, client: client::ClientSettings) -> Self {
+        Self { stats, client, log: LogLimiter::new(REFUSED_LOG_EVERY) }
+    }
+
+    /// `text` without any secret.
+    pub(crate) fn redact(&self, text: &str) -> String {
+        self.client.redact(text)
+    }
+
+    pub(crate) fn refused(&self, what: &str, reason: &str) {
+        let reason = self.client.redact(reason);
+        // One refusal shows as an error event and as log lines, with
+        // different texts: a new one is one that starts, not a new text.
+        let mut refused = self.stats.refused.lock();
+        let new = refused.is_none();
+        *refused = Some(reason.clone());
+        drop(refused);
+        self.stats.broker_up.store(false, Ordering::Relaxed);
+        let security = self.client.security();
+        if new {
+            let _ = self.log.allow();
+            tracing::error!(error = what, reason, security, "kafka: the broker refused this client; retrying (check the KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_* and KAFKA_SSL_* settings)");
+        } else if let Some(suppressed) = self.log.allow() {
+            tracing::error!(error = what, reason, security, suppressed, "kafka: the broker still refuses this client");
+        }
+    }
+}
 
 impl ConsumerContext for Ctx {}
 

@@ -228,3 +228,36 @@ unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {
     // SAFETY: per the contract.
     unsafe { std::slice::from_raw_parts(p, len) }
 }
+
+/// What librdkafka holds for `name` in the configuration `client` runs
+/// with (its effective value; None for a property that is unknown or
+/// holds no value). Confirms that settings reached the client; never
+/// log a secret property's value read this way.
+pub fn effective_property<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    name: &str,
+) -> Option<String> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `native_ptr` is the live handle of `client`, borrowed for
+    // this call; librdkafka returns a pointer to the configuration it owns
+    // (valid while the client lives) and never null for a live client.
+    let conf = unsafe { rd::rd_kafka_conf(client.native_ptr()) };
+    if conf.is_null() {
+        return None;
+    }
+    let mut size: usize = 0;
+    // SAFETY: `conf` is live (above); a null destination asks for the size
+    // only, written to `size`.
+    let res = unsafe { rd::rd_kafka_conf_get(conf, name.as_ptr(), std::ptr::null_mut(), &mut size) };
+    if res != rd::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK || size == 0 {
+        return None;
+    }
+    let mut buf = vec![0u8; size];
+    // SAFETY: as above; `buf` has the `size` bytes librdkafka asked for.
+    let res = unsafe { rd::rd_kafka_conf_get(conf, name.as_ptr(), buf.as_mut_ptr().cast(), &mut size) };
+    if res != rd::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK {
+        return None;
+    }
+    let text = CStr::from_bytes_until_nul(&buf).ok()?.to_str().ok()?;
+    (!text.is_empty()).then(|| text.to_owned())
+}

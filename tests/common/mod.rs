@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod redis_servers;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -65,7 +66,8 @@ impl TestServer {
                 map.insert(k.to_string(), v.to_string());
             }
         }
-        let config = Config::from_sources(["moonx-ws"], |k| map.get(k).cloned()).expect("test config");
+        let config = Config::from_sources_with(["moonx-ws"], |k| map.get(k).cloned(), map.keys().cloned())
+            .map_err(|e| e.to_string())?;
         let handle = server::start_with(config, clock).map_err(|e| format!("{e:#}"))?;
         let addr = handle.local_addr();
         Ok(TestServer { handle: Some(handle), addr })

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 fn fanout(c: &mut Criterion) {
     let data = br#"{"token":"ETH","chainId":8453,"price":"2150.45","priceUsd":"2150.45","change24h":"5.2","volume24h":"1250000","timestamp":1701234567890,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
-    let update = Update::encode(Route::Prices, "u1", 1701234567890, data);
+    let update = Arc::new(Update::encode(Route::Prices, "u1", 1701234567890, data));
     let mut g = c.benchmark_group("shard_fanout");
     for n in [100usize, 1000, 5000] {
         let mut shard = Shard::new(0, 1 << 20, Arc::new(ShardStats::default()));
@@ -47,7 +47,7 @@ fn fanout_to_sockets(c: &mut Criterion) {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
     let data = br#"{"token":"ETH","chainId":8453,"price":"2150.45","priceUsd":"2150.45","change24h":"5.2","volume24h":"1250000","timestamp":1701234567890,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
-    let update = Update::encode(Route::Prices, "u1", 1701234567890, data);
+    let update = Arc::new(Update::encode(Route::Prices, "u1", 1701234567890, data));
     let mut g = c.benchmark_group("shard_fanout_sockets");
     g.sample_size(20);
     g.measurement_time(std::time::Duration::from_secs(4));

@@ -73,7 +73,7 @@ fn main() {
 
 /// `rounds` x (one update to every subscriber, one sweep, drain).
 fn fanout(rounds: usize) {
-    let update = Update::encode(Route::Prices, "u1", 1701234567890, PRICE);
+    let update = Arc::new(Update::encode(Route::Prices, "u1", 1701234567890, PRICE));
     let mut shard = Shard::new(0, 1 << 20, Arc::new(ShardStats::default()));
     let mut pairs = Vec::with_capacity(SUBSCRIBERS);
     for _ in 0..SUBSCRIBERS {

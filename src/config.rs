@@ -195,9 +195,18 @@ pub struct Config {
     /// Most frames one fragmented client message may span (close 1009 beyond).
     #[arg(long, env = "WS_MAX_FRAGMENTS", default_value = "64")]
     pub ws_max_fragments: NonZeroU32,
-    /// Subscriptions allowed per connection.
-    #[arg(long, env = "WS_MAX_SUBSCRIPTIONS", default_value = "64")]
+    /// Subscriptions allowed per connection (every channel counts, market
+    /// and chain channels included).
+    #[arg(long, env = "WS_MAX_SUBSCRIPTIONS", default_value = "256")]
     pub ws_max_subscriptions: NonZeroU32,
+    /// Markets whose last price update is kept for snapshots; past this the
+    /// least recently updated market loses its value (counted).
+    #[arg(long, env = "WS_MAX_MARKETS", default_value = "100000")]
+    pub ws_max_markets: NonZeroUsize,
+    /// Most snapshot frames one `prices:<chainId>` or `prices` subscription
+    /// with `"snapshot": true` is sent (newest markets first).
+    #[arg(long, env = "WS_SNAPSHOT_MAX_MARKETS", default_value = "1000")]
+    pub ws_snapshot_max_markets: NonZeroUsize,
     /// Unsent output after which a connection is a slow consumer (close 4009), in bytes (at most 1 GiB).
     #[arg(long, env = "WS_MAX_BUFFERED_BYTES", default_value = "1048576", value_parser = parse_buffer_limit)]
     pub ws_max_buffered_bytes: NonZeroUsize,

@@ -127,7 +127,9 @@ fn slow_consumer_is_closed_4009_and_others_keep_receiving() {
         publisher.publish_data(
             Route::Prices,
             0,
-            format!(r#"{{"token":"T","chainId":1,"i":{i},"pad":"{pad}"}}"#).as_bytes(),
+            // A market per update: nothing to conflate, so the backlog
+            // passes the limit (PROTOCOL.md §7).
+            format!(r#"{{"token":"T{i}","chainId":1,"i":{i},"pad":"{pad}"}}"#).as_bytes(),
         );
     }
     let _bystander = reader.join().expect("bystander received everything");

@@ -177,7 +177,9 @@ fn a_parked_slow_consumer_is_closed_4009_mid_stream() {
         publisher.publish_data(
             Route::Prices,
             0,
-            format!(r#"{{"token":"T","chainId":1,"i":{i},"pad":"{pad}"}}"#).as_bytes(),
+            // A market per update: nothing to conflate, so the backlog
+            // passes the limit (PROTOCOL.md §7).
+            format!(r#"{{"token":"T{i}","chainId":1,"i":{i},"pad":"{pad}"}}"#).as_bytes(),
         );
         if i % 50 == 0 {
             std::thread::sleep(Duration::from_millis(5));

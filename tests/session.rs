@@ -195,7 +195,11 @@ fn channel_rules() {
         send(&mut ws, json!({"id":"s","type":"subscribe","data":{"channel":"prices"}}));
         let r = recv(&mut ws);
         assert_eq!(r["type"], "subscribed");
-        assert_eq!(r["data"], json!({"channel":"prices","requestId":"s"}));
+        assert_eq!(
+            r["data"],
+            json!({"channel":"prices","snapshot":0,"requestId":"s"}),
+            "price channels count their snapshots"
+        );
     }
     subscribe(&mut ws, "orders");
     send(&mut ws, json!({"type":"subscribe","data":{"channel":"trades"}}));

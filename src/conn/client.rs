@@ -20,9 +20,11 @@ use super::ShardCtx;
 use crate::auth::{AuthFailure, Identity, Verification};
 use crate::cluster::RegistryEvent;
 use crate::limits::{RateCounter, RateDecision, UserRate};
-use crate::protocol::message::{parse_client, ClientKind, ErrorCode, Outgoing, ParseError, UserView};
-use crate::protocol::session::{Decision, Session, StoredSession, Verified};
+use crate::protocol::channel::ChannelName;
+use crate::protocol::message::{parse_client, ChannelArgs, ClientKind, ErrorCode, Outgoing, ParseError, UserView};
+use crate::protocol::session::{Decision, Refusal, Session, StoredSession, Verified};
 use crate::protocol::CloseCode;
+use crate::shard::inbox::Update;
 use crate::telemetry::Received;
 
 /// Which connection this is, for replies, registrations and log lines.
@@ -164,6 +166,7 @@ impl Client {
                     message: "message rate limit exceeded",
                     request_id: id,
                     retry_after_ms: Some(retry_after_ms),
+                    channel: None,
                 });
                 return None;
             }
@@ -183,7 +186,13 @@ impl Client {
                     ParseError::Invalid { reason, .. } => *reason,
                     ParseError::UnknownType { .. } => "unknown message type",
                 };
-                who.reply(&Outgoing::Error { code: e.code(), message, request_id: id, retry_after_ms: None });
+                who.reply(&Outgoing::Error {
+                    code: e.code(),
+                    message,
+                    request_id: id,
+                    retry_after_ms: None,
+                    channel: None,
+                });
                 return None;
             }
         };
@@ -191,7 +200,7 @@ impl Client {
         match self.session.on_message(&msg.kind) {
             Decision::Pong => who.reply(&Outgoing::Pong { now_ms: now, request_id }),
             Decision::Error(code, message) => {
-                who.reply(&Outgoing::Error { code, message, request_id, retry_after_ms: None })
+                who.reply(&Outgoing::Error { code, message, request_id, retry_after_ms: None, channel: None })
             }
             Decision::AuthFailed(reason) => return Some(self.auth_failed(who, None, reason.into(), request_id)),
             Decision::Verify(token) => match who.ctx.global.auth.verify(token) {
@@ -200,22 +209,75 @@ impl Client {
                     self.pending_auth = Some(Box::new(PendingAuth { rx, request_id: request_id.map(Into::into) }));
                 }
             },
-            Decision::Subscribed { channel, added } => {
-                if added {
-                    who.ctx.shard.borrow_mut().subscribe(who.key, channel);
-                    who.registry(RegistryEvent::Subscriptions { id: who.id, subs: self.session.subscriptions() });
-                }
-                who.reply(&Outgoing::Subscribed { channel, request_id });
-            }
-            Decision::Unsubscribed { channel, removed } => {
-                if removed {
-                    who.ctx.shard.borrow_mut().unsubscribe(who.key, channel);
-                    who.registry(RegistryEvent::Subscriptions { id: who.id, subs: self.session.subscriptions() });
-                }
-                who.reply(&Outgoing::Unsubscribed { channel, request_id });
-            }
+            Decision::Subscribe(args) => self.subscribe(who, args, request_id),
+            Decision::Unsubscribe(args) => self.unsubscribe(who, args, request_id),
         }
         None
+    }
+
+    /// A subscribe (PROTOCOL.md §5, §11): all or nothing, then
+    /// `subscribed` and the snapshots that follow it.
+    fn subscribe(&mut self, who: &Who<'_>, args: &ChannelArgs<'_>, request_id: Option<&str>) {
+        let ctx = who.ctx;
+        let plan = {
+            let shard = ctx.shard.borrow();
+            self.session.plan_subscribe(args, |name| shard.holds(who.key, name), shard.topics_held(who.key))
+        };
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(refusal) => return refuse(who, args, refusal, request_id),
+        };
+        let max = ctx.global.config.ws_snapshot_max_markets.get();
+        let mut snapshots: Vec<Arc<Update>> = Vec::new();
+        let mut fixed_changed = false;
+        {
+            let mut shard = ctx.shard.borrow_mut();
+            for (name, new) in &plan {
+                if *new {
+                    fixed_changed |= matches!(name, ChannelName::Fixed(_));
+                    shard.subscribe_to(who.key, name.clone());
+                }
+                // Each market once, however many of the names cover it.
+                for update in shard.snapshot(name, args.snapshot, max) {
+                    if !snapshots.iter().any(|u| Arc::ptr_eq(u, &update)) {
+                        snapshots.push(update);
+                    }
+                }
+            }
+        }
+        if fixed_changed {
+            who.registry(RegistryEvent::Subscriptions { id: who.id, subs: self.session.subscriptions() });
+        }
+        let any_price = plan.iter().any(|(name, _)| name.is_price());
+        who.reply(&Outgoing::Subscribed {
+            names: args.reply_names(),
+            snapshot: any_price.then_some(snapshots.len()),
+            request_id,
+        });
+        let mut shard = ctx.shard.borrow_mut();
+        for update in &snapshots {
+            if !shard.queue_snapshot(who.key, &update.frame) {
+                return;
+            }
+            ctx.stats.snapshots_sent.inc();
+        }
+    }
+
+    fn unsubscribe(&mut self, who: &Who<'_>, args: &ChannelArgs<'_>, request_id: Option<&str>) {
+        let names = match self.session.plan_unsubscribe(args) {
+            Ok(names) => names,
+            Err(refusal) => return refuse(who, args, refusal, request_id),
+        };
+        {
+            let mut shard = who.ctx.shard.borrow_mut();
+            for name in &names {
+                shard.unsubscribe_from(who.key, name);
+            }
+        }
+        if names.iter().any(|n| matches!(n, ChannelName::Fixed(_))) {
+            who.registry(RegistryEvent::Subscriptions { id: who.id, subs: self.session.subscriptions() });
+        }
+        who.reply(&Outgoing::Unsubscribed { names: args.reply_names(), request_id });
     }
 
     /// Takes the Auth Service's answer when it has come.
@@ -299,6 +361,18 @@ impl Client {
             request_id,
         });
     }
+}
+
+/// The `error` of a refused subscribe or unsubscribe, naming the first
+/// bad channel.
+fn refuse(who: &Who<'_>, args: &ChannelArgs<'_>, refusal: Refusal, request_id: Option<&str>) {
+    who.reply(&Outgoing::Error {
+        code: refusal.code,
+        message: refusal.message,
+        request_id,
+        retry_after_ms: None,
+        channel: args.names.get(refusal.index).map(|n| &**n),
+    });
 }
 
 /// The log line of a refused token (the user when the session knew it).

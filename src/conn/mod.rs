@@ -62,6 +62,7 @@ impl ShardCtx {
         let stats = global.stats[id].clone();
         let mut shard = Shard::new(id, cfg.ws_max_buffered_bytes.get(), stats.clone());
         shard.set_clock(global.clock.clone());
+        shard.set_max_markets(cfg.ws_max_markets.get());
         let uring = shard.use_io_uring(true);
         let share = cfg.ws_max_connections.get().div_ceil(global.stats.len().max(1));
         shard.reserve(share);

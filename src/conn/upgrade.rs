@@ -18,6 +18,7 @@ use super::driver::{self, Start};
 use super::ShardCtx;
 use crate::auth::Verification;
 use crate::cluster::IpVerdict;
+use crate::protocol::channel::ChannelName;
 use crate::protocol::handshake::{
     bearer_token, parse_head, route, write_refusal, write_switching_protocols, Parsed, Refusal, RequestHead, Route,
     MAX_HEAD_BYTES,
@@ -56,7 +57,8 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
         Route::Http => {
             ctx.stats.http_requests.inc();
             let mut out = Vec::new();
-            crate::http::respond(&head, &ctx.global, &mut out);
+            let snapshots = |name: &ChannelName, max: usize| ctx.shard.borrow().snapshot(name, Some(true), max);
+            crate::http::respond(&head, &ctx.global, &snapshots, &mut out);
             let _ = stream.write_all(&out).await;
             let _ = stream.close().await; // flushes TLS and sends close_notify
             return;

@@ -7,7 +7,9 @@
 //! the server's own encoders, so they cannot drift from what it sends, and
 //! the dev token is filled in when running in embedded mode.
 
-use crate::protocol::message::{encode_outgoing, write_update_json, Channel, ErrorCode, Outgoing, UserView};
+use std::borrow::Cow;
+
+use crate::protocol::message::{encode_outgoing, write_update_json, Channel, ErrorCode, Names, Outgoing, UserView};
 
 const TEMPLATE: &str = include_str!("docs.html");
 /// The protocol reference users read in the repository.
@@ -35,26 +37,39 @@ fn reference() -> String {
 fn examples() -> String {
     let user = UserView { id: "user_123", email: Some("user@example.com") };
     let rid = Some("msg_1");
+    let markets =
+        [Cow::Borrowed("prices:8453:ETH"), Cow::Borrowed("prices:1:0x833589fcd6edb6e08f4c7c32d4f71b54bda02913")];
     let server: Vec<Outgoing> = vec![
         Outgoing::AuthRequired { timeout_ms: 10_000, connection_id: "ws-1-8f3a2c/42" },
         Outgoing::AuthSuccess { user, connection_id: "ws-1-8f3a2c/42", request_id: rid },
         Outgoing::AuthFailed { error: "Token expired", request_id: None },
-        Outgoing::Subscribed { channel: Channel::Prices, request_id: rid },
-        Outgoing::Unsubscribed { channel: Channel::Orders, request_id: rid },
+        Outgoing::Subscribed { names: Names::One("prices"), snapshot: Some(0), request_id: rid },
+        Outgoing::Subscribed { names: Names::One("prices:8453:ETH"), snapshot: Some(1), request_id: rid },
+        Outgoing::Subscribed { names: Names::Many(&markets), snapshot: Some(2), request_id: rid },
+        Outgoing::Unsubscribed { names: Names::One("orders"), request_id: rid },
         Outgoing::Pong { now_ms: EXAMPLE_TS, request_id: rid },
         Outgoing::Error {
             code: ErrorCode::RateLimited,
             message: "message rate limit exceeded",
             request_id: rid,
             retry_after_ms: Some(42_000),
+            channel: None,
+        },
+        Outgoing::Error {
+            code: ErrorCode::UnknownChannel,
+            message: "unknown channel",
+            request_id: rid,
+            retry_after_ms: None,
+            channel: Some("prices:01"),
         },
     ];
     let mut out = String::from("<h3>Client to server</h3>\n");
     for text in [
         r#"{"id":"msg_1","type":"authenticate","timestamp":1701234567890,"data":{"token":"<JWT>"}}"#,
         r#"{"id":"msg_2","type":"subscribe","timestamp":1701234567890,"data":{"channel":"prices"}}"#,
-        r#"{"id":"msg_3","type":"unsubscribe","data":{"channel":"prices"}}"#,
-        r#"{"id":"msg_4","type":"ping"}"#,
+        r#"{"id":"msg_3","type":"subscribe","data":{"channels":["prices:8453:ETH","prices:8453"],"snapshot":true}}"#,
+        r#"{"id":"msg_4","type":"unsubscribe","data":{"channel":"prices"}}"#,
+        r#"{"id":"msg_5","type":"ping"}"#,
     ] {
         // Checked by the real parser: an example the server would refuse is a bug.
         debug_assert!(crate::protocol::message::parse_client(text.as_bytes()).is_ok());

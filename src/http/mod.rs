@@ -1,23 +1,34 @@
 //! The HTTP endpoints on the WebSocket port (PROTOCOL.md §8).
 //!
 //! Owns: `/health`, `/health/live`, `/health/ready`, `/metrics`,
-//! `/connections`, `/docs` and the JSON 404. Every endpoint reads shared,
+//! `/connections`, `/docs`, `/snapshot/<channel>` and the JSON 404. Every endpoint reads shared,
 //! per-shard state (summed here, on the shard that serves the request); none
 //! of them touches another shard's connections.
 
 pub mod docs;
 
+use std::sync::Arc;
+
 use serde_json::json;
 
 use crate::global::Global;
+use crate::protocol::channel::ChannelName;
 use crate::protocol::handshake::{write_refusal, write_response, Refusal, RequestHead};
 use crate::protocol::message::Channel;
+use crate::shard::inbox::Update;
 use crate::telemetry::{describe_shards, total, Exposition};
 
+/// Where `GET /snapshot/<channel>` reads last values: the serving shard's
+/// table (the same on every shard), newest first, at most `max`.
+pub type Snapshots<'a> = &'a dyn Fn(&ChannelName, usize) -> Vec<Arc<Update>>;
+
 /// Writes the response to an HTTP (non-upgrade) request.
-pub fn respond(head: &RequestHead, g: &Global, out: &mut Vec<u8>) {
+pub fn respond(head: &RequestHead, g: &Global, snapshots: Snapshots<'_>, out: &mut Vec<u8>) {
     if head.method != "GET" && head.method != "HEAD" {
         return write_refusal(Refusal::new(404, "not found"), out);
+    }
+    if let Some(channel) = head.path.strip_prefix("/snapshot/") {
+        return snapshot(channel, g, snapshots, out);
     }
     match head.path.as_str() {
         "/health" => health(g, out),
@@ -35,6 +46,29 @@ pub fn respond(head: &RequestHead, g: &Global, out: &mut Vec<u8>) {
         "/docs" | "/docs/" => write_response(200, "text/html; charset=utf-8", &[], g.docs_html.as_bytes(), out),
         _ => write_refusal(Refusal::new(404, "not found"), out),
     }
+}
+
+/// `GET /snapshot/<channel>` (PROTOCOL.md §11): the last `price_update`
+/// envelopes of a market or a chain, newest first; 404 for any other name.
+fn snapshot(channel: &str, g: &Global, snapshots: Snapshots<'_>, out: &mut Vec<u8>) {
+    // A client may escape the colons (`prices%3A8453%3AETH`).
+    let channel = channel.replace("%3A", ":").replace("%3a", ":");
+    let name = ChannelName::parse(&channel).filter(|n| matches!(n, ChannelName::Market(_) | ChannelName::Chain(_)));
+    let Some(name) = name else {
+        let body = json!({ "error": "not_found", "message": "expected /snapshot/prices:<chainId> or /snapshot/prices:<chainId>:<token>" });
+        return json_response(404, &body, out);
+    };
+    let updates = snapshots(&name, g.config.ws_snapshot_max_markets.get());
+    let mut body = Vec::with_capacity(2 + updates.iter().map(|u| u.frame.len() + 1).sum::<usize>());
+    body.push(b'[');
+    for (i, u) in updates.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(u.json());
+    }
+    body.push(b']');
+    write_response(200, "application/json", &[], &body, out)
 }
 
 /// The `/metrics` page: every owner describes its own figures through the

@@ -110,7 +110,7 @@ fn demo_feed(client: &ClientSettings, bootstrap: &str, topic: &str, stop: &Atomi
                 r#"{{"token":"{}","chainId":{},"price":"{:.2}","priceUsd":"{:.2}","change24h":"{:.2}","volume24h":"{:.0}","timestamp":{}}}"#,
                 t.token, t.chain_id, t.price, t.price, change, t.volume, now
             );
-            let key = format!("{}:{}", t.token, t.chain_id);
+            let key = format!("{}:{}", t.chain_id, t.token);
             if let Err((e, _)) = producer.send(BaseRecord::to(topic).key(&key).payload(&value)) {
                 tracing::debug!(error = %e, "demo feed: produce failed");
             }

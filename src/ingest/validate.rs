@@ -10,6 +10,7 @@
 use simd_json::prelude::*;
 use simd_json::{Buffers, Tape};
 
+use crate::protocol::channel::{normalize_token, whole_chain, Market};
 use crate::protocol::message::Channel;
 use crate::shard::inbox::Route;
 
@@ -73,13 +74,21 @@ fn route_of(channel: Channel, tape: &Tape<'_>) -> Result<Route, Invalid> {
     let obj = root.as_object().ok_or(Invalid::NotObject)?;
     match channel {
         Channel::Prices => {
-            let token_ok = obj.get("token").is_some_and(|v| v.as_str().is_some());
-            let chain_ok = obj.get("chainId").is_some_and(|v| v.is_number());
-            if token_ok && chain_ok {
-                Ok(Route::Prices)
-            } else {
-                Err(Invalid::MissingRouting)
-            }
+            let (Some(token), Some(chain)) = (obj.get("token"), obj.get("chainId")) else {
+                return Err(Invalid::MissingRouting);
+            };
+            let (Some(token), true) = (token.as_str(), chain.is_number()) else {
+                return Err(Invalid::MissingRouting);
+            };
+            // PROTOCOL.md §11: a chain id outside 0..=2^64-1 or not whole
+            // reaches `prices` only; a token outside the grammar reaches
+            // `prices` and its chain only.
+            let chain = chain.as_u64().or_else(|| chain.as_f64().and_then(whole_chain));
+            Ok(match (chain, chain.and(normalize_token(token))) {
+                (Some(chain), Some(token)) => Route::Market(Market { chain, token }),
+                (Some(chain), None) => Route::Chain(chain),
+                _ => Route::Prices,
+            })
         }
         _ => {
             let v = obj.get("userId").ok_or(Invalid::MissingRouting)?;
@@ -110,9 +119,35 @@ mod tests {
 
     #[test]
     fn prices_need_token_and_numeric_chain() {
-        assert_eq!(route(Channel::Prices, r#"{"token":"ETH","chainId":8453,"x":{"y":[1]}}"#), Ok(Route::Prices));
+        let market = |chain, token: &str| Ok(Route::Market(Market { chain, token: token.into() }));
+        assert_eq!(route(Channel::Prices, r#"{"token":"ETH","chainId":8453,"x":{"y":[1]}}"#), market(8453, "ETH"));
         assert_eq!(route(Channel::Prices, r#"{"token":"ETH","chainId":"8453"}"#), Err(Invalid::MissingRouting));
         assert_eq!(route(Channel::Prices, r#"{"chainId":1}"#), Err(Invalid::MissingRouting));
+    }
+
+    #[test]
+    fn the_market_a_price_reaches_by_section_11() {
+        let market = |chain, token: &str| Ok(Route::Market(Market { chain, token: token.into() }));
+        assert_eq!(route(Channel::Prices, r#"{"token":"\u0045TH","chainId":1}"#), market(1, "ETH"));
+        assert_eq!(
+            route(Channel::Prices, r#"{"token":"ETH","chainId":18446744073709551615}"#),
+            market(u64::MAX, "ETH")
+        );
+        assert_eq!(route(Channel::Prices, r#"{"token":"ETH","chainId":8453.0}"#), market(8453, "ETH"));
+        let address = r#"{"token":"0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913","chainId":8453}"#;
+        assert_eq!(route(Channel::Prices, address), market(8453, "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"));
+        // A token outside the grammar: `prices` and its chain only.
+        assert_eq!(route(Channel::Prices, r#"{"token":"ETH/USD","chainId":1}"#), Ok(Route::Chain(1)));
+        assert_eq!(route(Channel::Prices, r#"{"token":"","chainId":1}"#), Ok(Route::Chain(1)));
+        // A chain id that is not a whole number in range: `prices` only.
+        for chain in ["1.5", "-1", "1e30"] {
+            let v = format!(r#"{{"token":"ETH","chainId":{chain}}}"#);
+            assert_eq!(route(Channel::Prices, &v), Ok(Route::Prices), "{chain}");
+        }
+        // An integer past 2^64 - 1 is beyond the JSON parser itself: the
+        // value is skipped as not JSON (counted), not delivered.
+        let huge = r#"{"token":"ETH","chainId":18446744073709551616}"#;
+        assert_eq!(route(Channel::Prices, huge), Err(Invalid::NotJson));
     }
 
     #[test]
@@ -145,7 +180,10 @@ mod tests {
         let mut v = Validator::default();
         for i in 0..100 {
             let ok = format!(r#"{{"token":"T{i}","chainId":{i}}}"#);
-            assert_eq!(v.route(Channel::Prices, ok.as_bytes()), Ok(Route::Prices));
+            assert_eq!(
+                v.route(Channel::Prices, ok.as_bytes()),
+                Ok(Route::Market(Market { chain: i, token: format!("T{i}").into() }))
+            );
             assert_eq!(v.route(Channel::Prices, b"nope"), Err(Invalid::NotJson));
         }
     }

@@ -79,16 +79,47 @@ pub enum ClientKind<'a> {
     Authenticate {
         token: Option<Cow<'a, str>>,
     },
-    Subscribe(ChannelArg),
-    Unsubscribe(ChannelArg),
+    Subscribe(ChannelArgs<'a>),
+    Unsubscribe(ChannelArgs<'a>),
     Ping,
 }
 
-/// The `data.channel` of a subscribe/unsubscribe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChannelArg {
-    Known(Channel),
-    Unknown,
+/// Most channels one subscribe or unsubscribe may name (PROTOCOL.md §5).
+pub const MAX_CHANNELS_PER_MESSAGE: usize = 100;
+
+/// The `data` of a subscribe/unsubscribe: the channel names as the client
+/// wrote them (not yet checked against the grammar, see
+/// `protocol::channel`), and the options.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ChannelArgs<'a> {
+    pub names: Vec<Cow<'a, str>>,
+    /// Named as `channels` (a list): the reply names a list too.
+    pub many: bool,
+    /// `data.snapshot`, when given.
+    pub snapshot: Option<bool>,
+}
+
+impl<'a> ChannelArgs<'a> {
+    /// One channel, as `{"channel": name}`.
+    pub fn one(name: &'a str) -> Self {
+        ChannelArgs { names: vec![Cow::Borrowed(name)], many: false, snapshot: None }
+    }
+
+    /// The names, as a reply shows them.
+    pub fn reply_names(&self) -> Names<'_> {
+        if self.many {
+            Names::Many(&self.names)
+        } else {
+            Names::One(&self.names[0])
+        }
+    }
+}
+
+/// The channel names a reply carries: `channel` or `channels`.
+#[derive(Debug, Clone, Copy)]
+pub enum Names<'a> {
+    One(&'a str),
+    Many(&'a [Cow<'a, str>]),
 }
 
 /// A message refused before its own rules apply (§3 order).
@@ -125,8 +156,12 @@ struct TokenData<'a> {
 
 #[derive(Deserialize)]
 struct ChannelData<'a> {
-    #[serde(borrow)]
-    channel: Cow<'a, str>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    channels: Option<Vec<Cow<'a, str>>>,
+    #[serde(default)]
+    snapshot: Option<bool>,
 }
 
 /// Parses one client text message (already UTF-8 checked by the codec).
@@ -153,10 +188,18 @@ pub fn parse_client(text: &[u8]) -> Result<ClientMessage<'_>, ParseError<'_>> {
             ClientKind::Authenticate { token: serde_json::from_str::<TokenData>(data.get()).ok().and_then(|d| d.token) }
         }
         "subscribe" | "unsubscribe" => {
+            const SHAPE: &str =
+                "expected data.channel (a string) or data.channels (1 to 100 strings), and data.snapshot a boolean";
             let Ok(d) = serde_json::from_str::<ChannelData>(data.get()) else {
-                return Err(invalid(id, "data.channel must be a string"));
+                return Err(invalid(id, SHAPE));
             };
-            let arg = Channel::parse(&d.channel).map_or(ChannelArg::Unknown, ChannelArg::Known);
+            let arg = match (d.channel, d.channels) {
+                (Some(name), None) => ChannelArgs { names: vec![name], many: false, snapshot: d.snapshot },
+                (None, Some(names)) if (1..=MAX_CHANNELS_PER_MESSAGE).contains(&names.len()) => {
+                    ChannelArgs { names, many: true, snapshot: d.snapshot }
+                }
+                _ => return Err(invalid(id, SHAPE)),
+            };
             if ty == "subscribe" {
                 ClientKind::Subscribe(arg)
             } else {
@@ -219,23 +262,27 @@ pub enum Outgoing<'a> {
         error: &'a str,
         request_id: Option<&'a str>,
     },
+    /// `snapshot`: how many snapshot frames follow (for price channels).
     Subscribed {
-        channel: Channel,
+        names: Names<'a>,
+        snapshot: Option<usize>,
         request_id: Option<&'a str>,
     },
     Unsubscribed {
-        channel: Channel,
+        names: Names<'a>,
         request_id: Option<&'a str>,
     },
     Pong {
         now_ms: u64,
         request_id: Option<&'a str>,
     },
+    /// `channel`: the first bad channel of a subscribe/unsubscribe.
     Error {
         code: ErrorCode,
         message: &'a str,
         request_id: Option<&'a str>,
         retry_after_ms: Option<u64>,
+        channel: Option<&'a str>,
     },
 }
 
@@ -274,7 +321,16 @@ enum Data<'a> {
         request_id: Option<&'a str>,
     },
     Channel {
-        channel: &'static str,
+        channel: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        snapshot: Option<usize>,
+        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a str>,
+    },
+    Channels {
+        channels: &'a [Cow<'a, str>],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        snapshot: Option<usize>,
         #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
         request_id: Option<&'a str>,
     },
@@ -290,6 +346,8 @@ enum Data<'a> {
         request_id: Option<&'a str>,
         #[serde(rename = "retryAfterMs", skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<&'a str>,
     },
 }
 
@@ -313,19 +371,29 @@ pub fn encode_outgoing(msg: &Outgoing, id: &str, now_ms: u64, json: &mut Vec<u8>
             Data::User { user, connection_id, request_id: *request_id }
         }
         Outgoing::AuthFailed { error, request_id } => Data::Failed { error, request_id: *request_id },
-        Outgoing::Subscribed { channel, request_id } | Outgoing::Unsubscribed { channel, request_id } => {
-            Data::Channel { channel: channel.name(), request_id: *request_id }
-        }
+        Outgoing::Subscribed { names, snapshot, request_id } => channel_data(*names, *snapshot, *request_id),
+        Outgoing::Unsubscribed { names, request_id } => channel_data(*names, None, *request_id),
         Outgoing::Pong { now_ms, request_id } => Data::Pong { timestamp: *now_ms, request_id: *request_id },
-        Outgoing::Error { code, message, request_id, retry_after_ms } => {
-            Data::Error { code: code.as_str(), message, request_id: *request_id, retry_after_ms: *retry_after_ms }
-        }
+        Outgoing::Error { code, message, request_id, retry_after_ms, channel } => Data::Error {
+            code: code.as_str(),
+            message,
+            request_id: *request_id,
+            retry_after_ms: *retry_after_ms,
+            channel: *channel,
+        },
     };
     let env = ServerEnvelope { id, ty: msg.type_name(), timestamp: now_ms, data };
     json.clear();
     // Serializing plain structs of strings and integers into a Vec cannot fail.
     serde_json::to_writer(&mut *json, &env).expect("serialize server message");
     encode_frame(OP_TEXT, json, out);
+}
+
+fn channel_data<'a>(names: Names<'a>, snapshot: Option<usize>, request_id: Option<&'a str>) -> Data<'a> {
+    match names {
+        Names::One(channel) => Data::Channel { channel, snapshot, request_id },
+        Names::Many(channels) => Data::Channels { channels, snapshot, request_id },
+    }
 }
 
 /// Appends a Kafka update's envelope JSON (not yet framed) to `out`:
@@ -358,11 +426,19 @@ mod tests {
         );
         assert_eq!(
             kind(r#"{"type":"subscribe","data":{"channel":"prices"}}"#),
-            Ok(ClientKind::Subscribe(ChannelArg::Known(Channel::Prices)))
+            Ok(ClientKind::Subscribe(ChannelArgs::one("prices")))
         );
         assert_eq!(
             kind(r#"{"type":"unsubscribe","data":{"channel":"nope"}}"#),
-            Ok(ClientKind::Unsubscribe(ChannelArg::Unknown))
+            Ok(ClientKind::Unsubscribe(ChannelArgs::one("nope")))
+        );
+        assert_eq!(
+            kind(r#"{"type":"subscribe","data":{"channels":["prices:1:ETH","orders"],"snapshot":true}}"#),
+            Ok(ClientKind::Subscribe(ChannelArgs {
+                names: vec!["prices:1:ETH".into(), "orders".into()],
+                many: true,
+                snapshot: Some(true)
+            }))
         );
         assert_eq!(kind(r#"{"type":"ping"}"#), Ok(ClientKind::Ping));
         assert_eq!(kind(r#"{"type":"ping","data":[1,2]}"#), Ok(ClientKind::Ping));
@@ -381,6 +457,17 @@ mod tests {
         assert_eq!(kind(r#"{"type":"nope"}"#), Err(InvalidMessage));
         assert_eq!(kind(r#"{"type":"nope","data":{}}"#), Err(UnknownType));
         assert_eq!(kind(r#"{"type":"subscribe","data":{"channel":1}}"#), Err(InvalidMessage));
+        assert_eq!(kind(r#"{"type":"subscribe","data":{"channels":[]}}"#), Err(InvalidMessage));
+        assert_eq!(kind(r#"{"type":"subscribe","data":{"channels":"prices"}}"#), Err(InvalidMessage));
+        assert_eq!(
+            kind(r#"{"type":"subscribe","data":{"channel":"prices","channels":["prices"]}}"#),
+            Err(InvalidMessage)
+        );
+        assert_eq!(kind(r#"{"type":"subscribe","data":{"channel":"prices","snapshot":"yes"}}"#), Err(InvalidMessage));
+        let hundred = vec!["\"prices\""; 100].join(",");
+        assert!(kind(&format!(r#"{{"type":"subscribe","data":{{"channels":[{hundred}]}}}}"#)).is_ok());
+        let over = vec!["\"prices\""; 101].join(",");
+        assert_eq!(kind(&format!(r#"{{"type":"subscribe","data":{{"channels":[{over}]}}}}"#)), Err(InvalidMessage));
         let long_id = format!(r#"{{"id":"{}","type":"ping"}}"#, "x".repeat(129));
         assert_eq!(kind(&long_id), Err(InvalidMessage));
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
@@ -406,6 +493,7 @@ mod tests {
             message: "slow down",
             request_id: Some("r1"),
             retry_after_ms: Some(1500),
+            channel: None,
         };
         encode_outgoing(&msg, "s0-1", 42, &mut json, &mut out);
         assert_eq!(out[0], 0x81);

@@ -4,6 +4,7 @@
 //! `conn/` and `ingest/` call these parsers and state machines, and so do the
 //! unit tests, benches and fuzz targets.
 
+pub mod channel;
 pub mod close;
 pub mod frame;
 pub mod handshake;

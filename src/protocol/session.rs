@@ -8,7 +8,8 @@
 
 use std::sync::Arc;
 
-use super::message::{Channel, ChannelArg, ClientKind, ErrorCode};
+use super::channel::ChannelName;
+use super::message::{ChannelArgs, ClientKind, ErrorCode};
 use super::CloseCode;
 
 /// Who a verified token belongs to.
@@ -40,16 +41,37 @@ pub enum Decision<'m> {
     Verify(&'m str),
     /// Refuse authentication outright: `auth_failed`, then close 4001.
     AuthFailed(&'static str),
-    /// Reply `subscribed`; `added` says whether the registry must change.
-    Subscribed {
-        channel: Channel,
-        added: bool,
-    },
-    /// Reply `unsubscribed`; `removed` says whether the registry must change.
-    Unsubscribed {
-        channel: Channel,
-        removed: bool,
-    },
+    /// Check with [`Session::plan_subscribe`], then apply and reply
+    /// `subscribed`.
+    Subscribe(&'m ChannelArgs<'m>),
+    /// Check with [`Session::plan_unsubscribe`], then apply and reply
+    /// `unsubscribed`.
+    Unsubscribe(&'m ChannelArgs<'m>),
+}
+
+/// A subscribe or unsubscribe refused as a whole: the error, and the index
+/// of the first bad channel among the names.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: &'static str,
+    pub index: usize,
+}
+
+/// Parses every name, or refuses with the first that does not fit.
+fn parse_names(args: &ChannelArgs<'_>) -> Result<Vec<ChannelName>, Refusal> {
+    args.names
+        .iter()
+        .enumerate()
+        .map(|(index, name)| {
+            ChannelName::parse(name).ok_or(Refusal {
+                code: ErrorCode::UnknownChannel,
+                message: "unknown channel: expected prices, prices:<chainId>, prices:<chainId>:<token>, orders, \
+                          portfolio or trades",
+                index,
+            })
+        })
+        .collect()
 }
 
 /// The result of applying a verification.
@@ -182,30 +204,64 @@ impl Session {
             return Decision::Error(ErrorCode::NotAuthenticated, "authenticate first");
         }
         match kind {
-            ClientKind::Subscribe(ChannelArg::Known(channel)) => {
-                let bit = channel.bit();
-                if self.subs & bit != 0 {
-                    return Decision::Subscribed { channel: *channel, added: false };
-                }
-                if self.subs.count_ones() >= self.timers.max_subscriptions {
-                    return Decision::Error(ErrorCode::TooManySubscriptions, "subscription limit reached");
-                }
-                self.subs |= bit;
-                Decision::Subscribed { channel: *channel, added: true }
-            }
-            ClientKind::Unsubscribe(ChannelArg::Known(channel)) => {
-                let removed = self.subs & channel.bit() != 0;
-                self.subs &= !channel.bit();
-                Decision::Unsubscribed { channel: *channel, removed }
-            }
-            ClientKind::Subscribe(ChannelArg::Unknown) | ClientKind::Unsubscribe(ChannelArg::Unknown) => {
-                Decision::Error(
-                    ErrorCode::UnknownChannel,
-                    "unknown channel: expected prices, orders, portfolio or trades",
-                )
-            }
+            ClientKind::Subscribe(args) => Decision::Subscribe(args),
+            ClientKind::Unsubscribe(args) => Decision::Unsubscribe(args),
             ClientKind::Ping | ClientKind::Authenticate { .. } => unreachable!("handled above"),
         }
+    }
+
+    /// Decides a subscribe, all or nothing: every name must fit the
+    /// grammar and the new ones must fit under `WS_MAX_SUBSCRIPTIONS`.
+    /// `held` tells whether the connection already holds a market or chain
+    /// channel, `topics` how many it holds. Returns every name parsed, in
+    /// order, each with whether it is new (a repeat is not); the private
+    /// and `prices` bits are set here.
+    pub fn plan_subscribe(
+        &mut self,
+        args: &ChannelArgs<'_>,
+        held: impl Fn(&ChannelName) -> bool,
+        topics: usize,
+    ) -> Result<Vec<(ChannelName, bool)>, Refusal> {
+        let names = parse_names(args)?;
+        let mut count = self.subs.count_ones() as usize + topics;
+        let mut plan: Vec<(ChannelName, bool)> = Vec::with_capacity(names.len());
+        let mut bits = self.subs;
+        for (index, name) in names.into_iter().enumerate() {
+            let is_held = match &name {
+                ChannelName::Fixed(c) => bits & c.bit() != 0,
+                other => held(other) || plan.iter().any(|(n, _)| n == other),
+            };
+            if !is_held {
+                if count >= self.timers.max_subscriptions as usize {
+                    return Err(Refusal {
+                        code: ErrorCode::TooManySubscriptions,
+                        message: "subscription limit (WS_MAX_SUBSCRIPTIONS) reached",
+                        index,
+                    });
+                }
+                count += 1;
+                if let ChannelName::Fixed(c) = &name {
+                    bits |= c.bit();
+                }
+            }
+            plan.push((name, !is_held));
+        }
+        self.subs = bits;
+        Ok(plan)
+    }
+
+    /// Decides an unsubscribe, all or nothing: every name must fit the
+    /// grammar. Returns the names (each once); the private and `prices`
+    /// bits are cleared here.
+    pub fn plan_unsubscribe(&mut self, args: &ChannelArgs<'_>) -> Result<Vec<ChannelName>, Refusal> {
+        let mut names = parse_names(args)?;
+        names.dedup();
+        for name in &names {
+            if let ChannelName::Fixed(c) = name {
+                self.subs &= !c.bit();
+            }
+        }
+        Ok(names)
     }
 
     /// Applies the outcome of a token verification (first login or refresh).
@@ -261,6 +317,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::message::Channel;
 
     const TIMERS: SessionTimers = SessionTimers { auth_timeout_ms: 10_000, leeway_ms: 30_000, max_subscriptions: 2 };
 
@@ -281,7 +338,7 @@ mod tests {
             let mut id = ident("u1", exp);
             id.email = Some("u1@example.com".into());
             s.on_verified(Ok(id));
-            s.on_message(&ClientKind::Subscribe(ChannelArg::Known(Channel::Orders)));
+            s.plan_subscribe(&ChannelArgs::one("orders"), |_| false, 0).unwrap();
             let back = Session::resume(s.store(), Some(&user), TIMERS);
             assert_eq!(back.identity(), Some(&ident("u1", exp)), "the email is not kept");
             assert_eq!(back.deadline_ms(), exp.map(|e| e + TIMERS.leeway_ms));
@@ -299,36 +356,52 @@ mod tests {
     #[test]
     fn requires_auth_before_subscribing() {
         let mut s = Session::new(0, TIMERS);
-        let sub = ClientKind::Subscribe(ChannelArg::Known(Channel::Prices));
+        let sub = ClientKind::Subscribe(ChannelArgs::one("prices"));
         assert!(matches!(s.on_message(&sub), Decision::Error(ErrorCode::NotAuthenticated, _)));
         assert_eq!(s.on_message(&ClientKind::Ping), Decision::Pong);
         let auth = ClientKind::Authenticate { token: Some("tok".into()) };
         assert_eq!(s.on_message(&auth), Decision::Verify("tok"));
         assert_eq!(s.on_verified(Ok(ident("u1", None))), Verified::Authenticated);
-        assert_eq!(s.on_message(&sub), Decision::Subscribed { channel: Channel::Prices, added: true });
-        assert_eq!(s.on_message(&sub), Decision::Subscribed { channel: Channel::Prices, added: false });
+        assert!(matches!(s.on_message(&sub), Decision::Subscribe(_)));
+        let args = ChannelArgs::one("prices");
+        assert_eq!(s.plan_subscribe(&args, |_| false, 0), Ok(vec![(ChannelName::Fixed(Channel::Prices), true)]));
+        assert_eq!(
+            s.plan_subscribe(&args, |_| false, 0),
+            Ok(vec![(ChannelName::Fixed(Channel::Prices), false)]),
+            "a repeat adds nothing"
+        );
     }
 
     #[test]
     fn subscription_cap_and_unknown_channels() {
         let mut s = Session::new(0, TIMERS);
         s.on_verified(Ok(ident("u1", None)));
-        for ch in [Channel::Prices, Channel::Orders] {
-            s.on_message(&ClientKind::Subscribe(ChannelArg::Known(ch)));
-        }
-        assert!(matches!(
-            s.on_message(&ClientKind::Subscribe(ChannelArg::Known(Channel::Trades))),
-            Decision::Error(ErrorCode::TooManySubscriptions, _)
-        ));
-        assert!(matches!(
-            s.on_message(&ClientKind::Subscribe(ChannelArg::Unknown)),
-            Decision::Error(ErrorCode::UnknownChannel, _)
-        ));
-        assert_eq!(
-            s.on_message(&ClientKind::Unsubscribe(ChannelArg::Known(Channel::Orders))),
-            Decision::Unsubscribed { channel: Channel::Orders, removed: true }
-        );
-        assert_eq!(s.subscriptions(), Channel::Prices.bit());
+        let many = |names: &[&'static str]| ChannelArgs {
+            names: names.iter().map(|&n| n.into()).collect(),
+            many: true,
+            snapshot: None,
+        };
+        // All or nothing: the third name passes the limit of 2, so the
+        // first two are not added either.
+        let refused = s.plan_subscribe(&many(&["prices", "orders", "trades"]), |_| false, 0).unwrap_err();
+        assert_eq!((refused.code, refused.index), (ErrorCode::TooManySubscriptions, 2));
+        assert_eq!(s.subscriptions(), 0);
+        // Repeats within one message count once.
+        let plan = s.plan_subscribe(&many(&["prices:1:ETH", "prices:1:ETH", "orders"]), |_| false, 0).unwrap();
+        assert_eq!(plan.iter().map(|(_, new)| *new).collect::<Vec<_>>(), [true, false, true]);
+        assert_eq!(s.subscriptions(), Channel::Orders.bit());
+        // Market channels the shard holds count against the limit.
+        let refused = s.plan_subscribe(&many(&["prices"]), |_| false, 1).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::TooManySubscriptions);
+        let plan = s.plan_subscribe(&many(&["prices:1:ETH"]), |_| true, 1).unwrap();
+        assert!(!plan[0].1, "held: idempotent");
+        let refused = s.plan_subscribe(&many(&["orders", "prices:01"]), |_| false, 0).unwrap_err();
+        assert_eq!((refused.code, refused.index), (ErrorCode::UnknownChannel, 1));
+        let refused = s.plan_unsubscribe(&many(&["orders", "nope"])).unwrap_err();
+        assert_eq!((refused.code, refused.index), (ErrorCode::UnknownChannel, 1));
+        assert_eq!(s.subscriptions(), Channel::Orders.bit(), "a refused unsubscribe changes nothing");
+        assert_eq!(s.plan_unsubscribe(&many(&["orders"])), Ok(vec![ChannelName::Fixed(Channel::Orders)]));
+        assert_eq!(s.subscriptions(), 0);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use atomic_waker::AtomicWaker;
 use crossbeam::queue::ArrayQueue;
 
+use crate::protocol::channel::Market;
 use crate::protocol::frame::{encode_header, MAX_HEADER_LEN, OP_TEXT};
 use crate::protocol::message::{write_update_json, Channel};
 use crate::telemetry::LogLimiter;
@@ -28,8 +29,15 @@ use crate::telemetry::LogLimiter;
 /// Who receives an update.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    /// Every `prices` subscriber.
+    /// A price without a chain: every `prices` subscriber.
     Prices,
+    /// A price of a chain whose token does not name a market: `prices`
+    /// and `prices:<chainId>` subscribers.
+    Chain(u64),
+    /// A market's price: `prices`, `prices:<chainId>` and
+    /// `prices:<chainId>:<token>` subscribers; it becomes the market's
+    /// snapshot.
+    Market(Market),
     /// Connections of `user` subscribed to `channel` (a private channel).
     User { channel: Channel, user: Box<str> },
 }
@@ -37,7 +45,7 @@ pub enum Route {
 impl Route {
     pub fn channel(&self) -> Channel {
         match self {
-            Route::Prices => Channel::Prices,
+            Route::Prices | Route::Chain(_) | Route::Market(_) => Channel::Prices,
             Route::User { channel, .. } => *channel,
         }
     }
@@ -69,6 +77,18 @@ impl Update {
         frame[start..MAX_HEADER_LEN].copy_from_slice(&header[..n]);
         frame.drain(..start);
         Update { route, frame: frame.into_boxed_slice(), published_at: Instant::now(), kafka_ts_ms: 0 }
+    }
+}
+
+impl Update {
+    /// The envelope JSON inside the frame (the payload after the header).
+    pub fn json(&self) -> &[u8] {
+        let header = match self.frame.get(1).map(|b| b & 0x7F) {
+            Some(126) => 4,
+            Some(127) => 10,
+            _ => 2,
+        };
+        &self.frame[header.min(self.frame.len())..]
     }
 }
 

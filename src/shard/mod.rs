@@ -27,6 +27,7 @@
 
 mod fanout;
 pub mod inbox;
+mod markets;
 mod outbox;
 pub mod pacing;
 mod price_log;
@@ -43,10 +44,12 @@ use std::task::Waker;
 use slab::Slab;
 
 use crate::clock::Clock;
+use crate::protocol::channel::ChannelName;
 use crate::protocol::message::Channel;
 use crate::protocol::CloseCode;
 use crate::telemetry::{Sent, ShardStats};
 use inbox::{Route, Update};
+use markets::{Markets, TopicKey};
 use outbox::Buffers;
 use price_log::PriceLog;
 use registry::Registry;
@@ -60,10 +63,18 @@ pub use outbox::InFlight;
 pub use pacing::Pacing;
 pub use tick::{run_tick, tick_for};
 
+/// Markets whose last update a shard keeps unless told otherwise
+/// (`WS_MAX_MARKETS`).
+pub const DEFAULT_MAX_MARKETS: usize = 100_000;
+
 pub struct Shard {
     pub id: usize,
     conns: Slab<Slot>,
     registry: Registry,
+    /// Market and chain channels, and each market's last update.
+    markets: Markets,
+    /// Connections an update with overlapping routes reached (scratch).
+    reached: Vec<usize>,
     log: PriceLog,
     /// Spare buffers and the per-connection limit.
     bufs: Buffers,
@@ -83,6 +94,8 @@ impl Shard {
             id,
             conns: Slab::new(),
             registry: Registry::default(),
+            markets: Markets::new(DEFAULT_MAX_MARKETS),
+            reached: Vec::new(),
             log: PriceLog::default(),
             bufs: Buffers::new(max_buffered),
             unpark: Vec::new(),
@@ -92,6 +105,12 @@ impl Shard {
             clock: Clock::system(),
             shutting_down: false,
         }
+    }
+
+    /// How many markets keep their last update (`WS_MAX_MARKETS`); set
+    /// before any update is taken.
+    pub fn set_max_markets(&mut self, max: usize) {
+        self.markets = Markets::new(max);
     }
 
     /// The clock latency samples are read from (the server's).
@@ -184,6 +203,57 @@ impl Shard {
         self.stats.subscribers[channel as usize].sub(1);
     }
 
+    /// Whether the connection holds a market or chain channel (the fixed
+    /// channels are the session's bits).
+    pub fn holds(&self, key: usize, name: &ChannelName) -> bool {
+        topic_key(name).is_some_and(|t| self.markets.holds(key, &t))
+    }
+
+    /// How many market and chain channels the connection holds.
+    pub fn topics_held(&self, key: usize) -> usize {
+        self.markets.count(key)
+    }
+
+    /// Subscribes the connection to any channel (idempotent).
+    pub fn subscribe_to(&mut self, key: usize, name: ChannelName) {
+        match name {
+            ChannelName::Fixed(channel) => self.subscribe(key, channel),
+            ChannelName::Chain(c) => self.subscribe_topic(key, TopicKey::Chain(c)),
+            ChannelName::Market(m) => self.subscribe_topic(key, TopicKey::Market(m)),
+        }
+    }
+
+    /// Unsubscribes the connection from any channel (idempotent).
+    pub fn unsubscribe_from(&mut self, key: usize, name: &ChannelName) {
+        match name {
+            ChannelName::Fixed(channel) => self.unsubscribe(key, *channel),
+            other => {
+                if topic_key(other).is_some_and(|t| self.markets.unsubscribe(key, &t)) {
+                    self.stats.market_subscriptions.sub(1);
+                }
+            }
+        }
+    }
+
+    fn subscribe_topic(&mut self, key: usize, topic: TopicKey) {
+        if self.conns[key].out.takes_updates() && self.markets.subscribe(key, topic) {
+            self.stats.market_subscriptions.inc();
+        }
+    }
+
+    /// The snapshot of a price channel (PROTOCOL.md §11): a market's last
+    /// update unless `wanted` is `Some(false)`; for `prices:<chainId>` and
+    /// `prices` only when `wanted` is `Some(true)`, the last update of each
+    /// matching market, newest first, at most `max`.
+    pub fn snapshot(&self, name: &ChannelName, wanted: Option<bool>, max: usize) -> Vec<Arc<Update>> {
+        match (name, wanted) {
+            (ChannelName::Market(m), None | Some(true)) => self.markets.last(m).cloned().into_iter().collect(),
+            (ChannelName::Chain(c), Some(true)) => self.markets.latest(Some(*c), max),
+            (ChannelName::Fixed(Channel::Prices), Some(true)) => self.markets.latest(None, max),
+            _ => Vec::new(),
+        }
+    }
+
     /// Takes the connection out of every route: nothing more is queued for
     /// it except by its own driver (replies, the close frame).
     pub fn stop_updates(&mut self, key: usize) {
@@ -193,6 +263,8 @@ impl Shard {
         if slot.subs == 0 && slot.user.is_none() && !slot.out.takes_updates() {
             return;
         }
+        let topics = self.markets.remove(key);
+        self.stats.market_subscriptions.sub(topics as u64);
         for ch in Channel::ALL {
             self.unsubscribe(key, ch);
         }
@@ -209,6 +281,21 @@ impl Shard {
         let slot = &mut self.conns[key];
         let ok = slot.out.push(frames, &self.log, &mut self.bufs).is_ok();
         slot.wake(key, &mut self.unpark);
+        if !ok {
+            self.stop_updates(key);
+        }
+        ok
+    }
+
+    /// Queues a snapshot frame: after what the price log still owes the
+    /// connection (a `prices` subscriber may have older frames of the same
+    /// market there), so no older update follows it. False if dropped.
+    pub fn queue_snapshot(&mut self, key: usize, frame: &[u8]) -> bool {
+        let slot = &mut self.conns[key];
+        let ok = slot.out.materialize(&self.log, &mut self.bufs).is_ok()
+            && slot.out.push(frame, &self.log, &mut self.bufs).is_ok();
+        slot.wake(key, &mut self.unpark);
+        self.stats.conflated.set(self.bufs.conflated);
         if !ok {
             self.stop_updates(key);
         }
@@ -265,11 +352,12 @@ impl Shard {
     }
 
     /// Queues `update` for every matching subscriber; returns how many.
-    pub fn fanout(&mut self, update: &Update) -> usize {
+    /// A market's update also becomes its snapshot.
+    pub fn fanout(&mut self, update: &Arc<Update>) -> usize {
         let mut delivered = 0;
         let mut slow = Vec::new();
         match &update.route {
-            Route::Prices => {
+            Route::Prices | Route::Chain(_) | Route::Market(_) => {
                 // Once for the shard; each subscriber's sweep visit sends it.
                 if !self.registry.prices().is_empty() {
                     self.log.append(&update.frame);
@@ -277,6 +365,14 @@ impl Shard {
                     if update.kafka_ts_ms > 0 {
                         self.stamps.price(self.log.head(), update.kafka_ts_ms, &self.stats);
                     }
+                }
+                let logged = delivered > 0;
+                delivered += self.fanout_markets(update, logged, &mut slow);
+                if let Route::Market(m) = &update.route {
+                    if self.markets.record(m, update) {
+                        self.stats.markets_evicted.inc();
+                    }
+                    self.stats.markets_known.set(self.markets.with_value() as u64);
                 }
             }
             Route::User { channel, user } => {
@@ -311,8 +407,61 @@ impl Shard {
         for key in slow {
             self.stop_updates(key);
         }
+        self.stats.conflated.set(self.bufs.conflated);
         self.stats.sent[Sent::Update(update.route.channel()).index()].add(delivered as u64);
         self.stats.deliveries.add(delivered as u64);
+        delivered
+    }
+
+    /// Queues a price update for its chain's and its market's subscribers
+    /// that do not take it through `prices` already; each connection once,
+    /// however many of its channels match. `logged`: the update went to
+    /// the price log (and its latency sample with it).
+    fn fanout_markets(&mut self, update: &Update, logged: bool, slow: &mut Vec<usize>) -> usize {
+        let (chain, market) = match &update.route {
+            Route::Chain(c) => (*c, None),
+            Route::Market(m) => (m.chain, Some(m)),
+            _ => return 0,
+        };
+        let Shard { conns, markets, reached, log, bufs, sweep, unpark, .. } = self;
+        let reach = markets.reach(chain, market);
+        // A connection can be on both lists only when both have someone.
+        let overlap = !reach.chain.is_empty() && !reach.market.is_empty();
+        let mut delivered = 0;
+        let mut first = None;
+        for &k in reach.market.iter().chain(reach.chain) {
+            let key = k as usize;
+            let slot = &mut conns[key];
+            if slot.subs & Channel::Prices.bit() != 0 || !slot.out.takes_updates() {
+                continue;
+            }
+            if overlap {
+                if slot.marks.get(Marks::REACHED) {
+                    continue;
+                }
+                slot.marks.set(Marks::REACHED, true);
+                reached.push(key);
+            }
+            match slot.out.push(&update.frame, log, bufs) {
+                Ok(()) => {
+                    slot.mark_dirty(key, &mut sweep.dirty);
+                    delivered += 1;
+                    first.get_or_insert(key);
+                }
+                Err(outbox::Slow) => {
+                    slot.wake(key, unpark);
+                    slow.push(key);
+                }
+            }
+        }
+        for key in reached.drain(..) {
+            conns[key].marks.set(Marks::REACHED, false);
+        }
+        if let (Some(key), false, true) = (first, logged, update.kafka_ts_ms > 0) {
+            if self.stamps.private(key, update.kafka_ts_ms, &self.stats) {
+                self.conns[key].marks.set(Marks::STAMPED, true);
+            }
+        }
         delivered
     }
 
@@ -390,6 +539,15 @@ impl Shard {
     /// Whether any parked connection was woken.
     pub fn has_unparks(&self) -> bool {
         !self.unpark.is_empty()
+    }
+}
+
+/// The market table's key of a market or chain channel.
+fn topic_key(name: &ChannelName) -> Option<TopicKey> {
+    match name {
+        ChannelName::Fixed(_) => None,
+        ChannelName::Chain(c) => Some(TopicKey::Chain(*c)),
+        ChannelName::Market(m) => Some(TopicKey::Market(m.clone())),
     }
 }
 

@@ -15,8 +15,11 @@
 //!   No frame is ever cut, sent twice, or dropped in part.
 //! - **Bounded.** Queued plus in the driver's hands never passes the limit
 //!   (`WS_MAX_BUFFERED_BYTES`), except by the one frame a write stopped
-//!   inside. Going over drops the backlog after that frame, and the outbox
-//!   then owes its connection close 4009 ([`Lifecycle::Slow`]).
+//!   inside. Going over conflates the queued price updates first (the
+//!   newest per market stays, in the order of those newest; nothing else
+//!   is touched); if that is not enough, the backlog after that frame
+//!   goes, and the outbox then owes its connection close 4009
+//!   ([`Lifecycle::Slow`]).
 //! - **One writer at a time.** The fan-out writes a connection directly
 //!   only when its driver holds nothing and no direct write stopped part-way
 //!   ([`Outbox::writable_directly`]); otherwise the driver writes, and the
@@ -25,6 +28,9 @@
 //!   queued) an outbox never takes one again; a close frame is the last
 //!   thing queued.
 
+use std::collections::HashMap;
+
+use crate::protocol::channel::{market_of_envelope, Market};
 use crate::protocol::frame::server_frame_len;
 use crate::protocol::CloseCode;
 
@@ -163,10 +169,80 @@ impl Outbox {
         }
     }
 
-    /// Appends whole frames (an update, a reply, a control frame) unless
-    /// that passes the limit, counting what the log still owes it.
+    /// Appends whole frames (an update, a reply, a control frame),
+    /// counting what the log still owes it. Past the limit the price
+    /// updates are conflated first (the log's part brought in, so order
+    /// holds); [`Slow`] only when what remains still passes it.
     pub fn push(&mut self, frames: &[u8], log: &PriceLog, bufs: &mut Buffers) -> Result<(), Slow> {
-        self.append(frames, self.lag(log), bufs)
+        if self.fits(frames.len() + self.lag(log), bufs) {
+            self.queued.extend(frames, bufs);
+            return Ok(());
+        }
+        if self.lag(log) > 0 {
+            self.queued.extend(log.since(self.cursor), bufs);
+            self.cursor = log.head();
+        }
+        self.queued.extend(frames, bufs);
+        self.relieve(bufs)
+    }
+
+    /// Whether `more` bytes fit under the limit beside what is queued and
+    /// in the driver's hands.
+    fn fits(&self, more: usize, bufs: &Buffers) -> bool {
+        self.queued.len() + self.in_driver as usize + more <= bufs.limit
+    }
+
+    /// Over the limit: conflate, and go slow if that was not enough.
+    fn relieve(&mut self, bufs: &mut Buffers) -> Result<(), Slow> {
+        if self.fits(0, bufs) {
+            return Ok(());
+        }
+        bufs.conflated += self.conflate(bufs) as u64;
+        if self.fits(0, bufs) {
+            return Ok(());
+        }
+        self.go_slow();
+        Err(Slow)
+    }
+
+    /// Reduces the queued price updates to the newest per market, in the
+    /// order of those newest (PROTOCOL.md §11); every other frame (replies,
+    /// private updates, prices without a market) stays where it was, and
+    /// so does the frame a direct write stopped inside. Returns how many
+    /// frames went.
+    fn conflate(&mut self, bufs: &mut Buffers) -> usize {
+        let buf = self.queued.as_slice();
+        let protect = whole_frames_covering(buf, self.sent as usize);
+        let mut frames = Vec::new();
+        let mut pos = protect;
+        while pos < buf.len() {
+            let Some(len) = server_frame_len(&buf[pos..]).filter(|&n| pos + n <= buf.len()) else {
+                return 0; // not whole frames (cannot happen): leave it
+            };
+            let frame = &buf[pos..pos + len];
+            frames.push((pos, len, market_of_envelope(&frame[frame_header_len(frame)..])));
+            pos += len;
+        }
+        let mut newest: HashMap<&Market, usize> = HashMap::new();
+        for (i, (_, _, market)) in frames.iter().enumerate() {
+            if let Some(m) = market {
+                newest.insert(m, i);
+            }
+        }
+        let keep = |i: usize, market: &Option<Market>| market.as_ref().is_none_or(|m| newest[m] == i);
+        let dropped = frames.iter().enumerate().filter(|(i, (_, _, m))| !keep(*i, m)).count();
+        if dropped == 0 {
+            return 0;
+        }
+        let mut out = Buf(Some(bufs.take()));
+        out.extend(&buf[..protect], bufs);
+        for (i, (start, len, market)) in frames.iter().enumerate() {
+            if keep(i, market) {
+                out.extend(&buf[*start..start + len], bufs);
+            }
+        }
+        bufs.recycle(std::mem::replace(&mut self.queued, out));
+        dropped
     }
 
     /// Queues the close frame: the last bytes this outbox takes.
@@ -227,11 +303,7 @@ impl Outbox {
                 self.queued.extend(offered, bufs);
                 self.cursor = log.head();
             }
-            if self.queued.len() + self.in_driver as usize > bufs.limit {
-                self.go_slow();
-                return Err(Slow);
-            }
-            return Ok(Direct::ToDriver);
+            return self.relieve(bufs).map(|()| Direct::ToDriver);
         }
         // Full (EAGAIN) or broken: the driver finds out and finishes.
         self.materialize(log, bufs).map(|()| Direct::ToDriver)
@@ -243,9 +315,9 @@ impl Outbox {
         if self.lag(log) == 0 {
             return Ok(());
         }
-        let result = self.append(log.since(self.cursor), 0, bufs);
+        self.queued.extend(log.since(self.cursor), bufs);
         self.cursor = log.head();
-        result
+        self.relieve(bufs)
     }
 
     /// The driver has written all it held: hands it everything queued
@@ -274,15 +346,6 @@ impl Outbox {
     /// The driver still holds `unwritten` bytes (its socket is full).
     pub fn driver_holds(&mut self, unwritten: usize) {
         self.in_driver = unwritten as u32;
-    }
-
-    fn append(&mut self, bytes: &[u8], also_queued: usize, bufs: &mut Buffers) -> Result<(), Slow> {
-        if self.queued.len() + self.in_driver as usize + also_queued + bytes.len() > bufs.limit {
-            self.go_slow();
-            return Err(Slow);
-        }
-        self.queued.extend(bytes, bufs);
-        Ok(())
     }
 
     /// Over the limit: the backlog goes, except the frame a direct write
@@ -317,6 +380,16 @@ impl Outbox {
     pub(super) fn sent(&self) -> u32 {
         self.sent
     }
+}
+
+/// The header length of the server frame `frame` starts with.
+fn frame_header_len(frame: &[u8]) -> usize {
+    match frame.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    }
+    .min(frame.len())
 }
 
 /// The end of the whole frames at the front of `buf` that cover its first
@@ -453,11 +526,13 @@ pub struct Buffers {
     low: usize,
     /// `WS_MAX_BUFFERED_BYTES`.
     pub limit: usize,
+    /// Price updates conflated away, ever (the shard publishes it).
+    pub conflated: u64,
 }
 
 impl Buffers {
     pub fn new(limit: usize) -> Self {
-        Self { spare: Vec::new(), low: 0, limit }
+        Self { spare: Vec::new(), low: 0, limit, conflated: 0 }
     }
 
     #[allow(clippy::box_collection)]
@@ -515,6 +590,49 @@ mod tests {
         assert!(!out.takes_updates());
         out.stop_updates();
         assert_eq!(out.lifecycle(), Lifecycle::Slow, "the owed 4009 is not forgotten");
+    }
+
+    fn update(ty: &str, data: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let json = format!(r#"{{"id":"u","type":"{ty}","timestamp":1,"data":{data}}}"#);
+        encode_frame(OP_TEXT, json.as_bytes(), &mut out);
+        out
+    }
+
+    fn price(token: &str, n: u32) -> Vec<u8> {
+        update("price_update", &format!(r#"{{"token":"{token}","chainId":1,"n":{n}}}"#))
+    }
+
+    /// Past the limit a slow reader's price updates are reduced to the
+    /// newest per market, in the order of those newest; private updates,
+    /// replies and the frame on the wire stay; 4009 only if that is not
+    /// enough.
+    #[test]
+    fn past_the_limit_prices_are_conflated_before_the_reader_is_dropped() {
+        let log = PriceLog::default();
+        let order = update("order_update", r#"{"userId":"u1","n":1}"#);
+        let frames = [price("A", 1), price("B", 2), order.clone(), price("A", 3), price("A", 4), price("C", 5)];
+        let mut bufs = Buffers::new(frames.iter().map(Vec::len).sum::<usize>() - 1);
+        let mut out = Outbox::new(0);
+        // A direct write stopped inside the first A: it stays whole.
+        out.set_sent(frames[0].clone(), 3);
+        for f in &frames[1..] {
+            assert_eq!(out.push(f, &log, &mut bufs), Ok(()));
+        }
+        let expected = [&frames[0][..], &frames[1], &order, &frames[4], &frames[5]].concat();
+        assert_eq!(out.queued(), &expected[..], "A3 went (A4 is newer); A1 was on the wire");
+        assert_eq!(bufs.conflated, 1);
+        assert!(out.takes_updates());
+
+        // Private updates are never conflated: past the limit with no price
+        // to spare, the reader is slow.
+        let mut bufs = Buffers::new(3 * order.len());
+        let mut out = Outbox::new(0);
+        for _ in 0..3 {
+            assert_eq!(out.push(&order, &log, &mut bufs), Ok(()));
+        }
+        assert_eq!(out.push(&order, &log, &mut bufs), Err(Slow));
+        assert_eq!(bufs.conflated, 0);
     }
 
     #[test]

@@ -105,6 +105,9 @@ impl Marks {
     /// The first recipient of a private update whose latency sample waits
     /// for this connection's next write (see `stamps.rs`).
     pub const STAMPED: u8 = 8;
+    /// Reached by the update being fanned out (it matched two of the
+    /// connection's channels; cleared before the next update).
+    pub const REACHED: u8 = 16;
 
     pub fn get(self, bit: u8) -> bool {
         self.0 & bit != 0

@@ -154,6 +154,7 @@ impl Shard {
             stamps.log_written = stamps.log_written.max(*head);
         }
         stamps.record_written(self.clock.epoch_ms(), stats);
+        stats.conflated.set(bufs.conflated);
         for key in std::mem::take(&mut self.sweep.slow) {
             self.stop_updates(key);
         }

@@ -10,8 +10,8 @@ fn shard(max: usize) -> Shard {
     Shard::new(0, max, Arc::new(ShardStats::default()))
 }
 
-fn price(data: &str) -> Update {
-    Update::encode(Route::Prices, "u1", 0, data.as_bytes())
+fn price(data: &str) -> Arc<Update> {
+    Arc::new(Update::encode(Route::Prices, "u1", 0, data.as_bytes()))
 }
 
 /// Everything queued for a connection: its outbox, then its unsent part
@@ -56,7 +56,7 @@ fn private_updates_reach_only_their_user_and_channel() {
         s.subscribe(k, Channel::Orders);
     }
     s.subscribe(a2, Channel::Trades);
-    let u = Update::encode(Route::User { channel: Channel::Orders, user: "alice".into() }, "u1", 0, b"{}");
+    let u = Arc::new(Update::encode(Route::User { channel: Channel::Orders, user: "alice".into() }, "u1", 0, b"{}"));
     assert_eq!(s.fanout(&u), 1);
     assert!(!queued(&s, a).is_empty());
     assert!(queued(&s, b).is_empty());
@@ -102,8 +102,9 @@ fn a_slow_consumer_keeps_the_frame_a_direct_write_stopped_inside() {
 #[test]
 fn the_user_index_follows_connections_in_and_out() {
     let mut s = shard(1 << 20);
-    let orders =
-        |user: &str| Update::encode(Route::User { channel: Channel::Orders, user: user.into() }, "u1", 0, b"{}");
+    let orders = |user: &str| {
+        Arc::new(Update::encode(Route::User { channel: Channel::Orders, user: user.into() }, "u1", 0, b"{}"))
+    };
     let reached = |s: &mut Shard, user: &str, keys: &[usize]| {
         let keys: Vec<usize> = keys.iter().copied().filter(|&k| s.conns.contains(k)).collect();
         for &k in &keys {
@@ -298,7 +299,7 @@ fn random_interleavings_deliver_each_channel_exactly_once_in_order() {
                         c.5.push(data.clone());
                     }
                     let route = Route::User { channel: Channel::Orders, user: user.to_string().into() };
-                    s.fanout(&Update::encode(route, "u1", 0, format!("\"{data}\"").as_bytes()));
+                    s.fanout(&Arc::new(Update::encode(route, "u1", 0, format!("\"{data}\"").as_bytes())));
                 }
                 _ => {
                     if !s.sweeping() {
@@ -352,8 +353,9 @@ fn latency_is_sampled_at_the_first_write_of_a_delivered_update() {
     use std::os::unix::net::UnixStream;
     let stamped = |mut u: Update| {
         u.kafka_ts_ms = Clock::system().epoch_ms() as i64 - 5;
-        u
+        Arc::new(u)
     };
+    let price = |data: &str| Update::encode(Route::Prices, "u1", 0, data.as_bytes());
     let mut s = shard(1 << 20);
     for _ in 0..10_000 {
         s.fanout(&stamped(price("{}")));
@@ -387,9 +389,9 @@ fn latency_samples_are_bounded_and_counted() {
     let k = s.insert(None, 0);
     s.subscribe(k, Channel::Prices);
     for _ in 0..MAX_STAMPS + 10 {
-        let mut u = price("{}");
+        let mut u = Update::encode(Route::Prices, "u1", 0, b"{}");
         u.kafka_ts_ms = 1;
-        s.fanout(&u);
+        s.fanout(&Arc::new(u));
     }
     assert_eq!(s.stamps.log.len(), MAX_STAMPS);
     assert_eq!(s.stats.latency_samples_skipped.get(), 10);
@@ -439,4 +441,109 @@ mod size {
     fn a_slot_stays_at_104_bytes() {
         assert_eq!(std::mem::size_of::<super::Slot>(), 104);
     }
+}
+
+fn market_update(chain: u64, token: &str, data: &str) -> Arc<Update> {
+    let route = Route::Market(crate::protocol::channel::Market { chain, token: token.into() });
+    Arc::new(Update::encode(route, "u1", 0, data.as_bytes()))
+}
+
+fn name(text: &str) -> ChannelName {
+    ChannelName::parse(text).unwrap()
+}
+
+/// Market and chain channels: each connection gets exactly the updates of
+/// its channels, once however many match, and `prices` subscribers get
+/// them through the log, not a second time.
+#[test]
+fn market_and_chain_routing_delivers_each_update_once() {
+    let mut s = shard(1 << 20);
+    let (eth, chain, both, all, none) =
+        (s.insert(None, 0), s.insert(None, 0), s.insert(None, 0), s.insert(None, 0), s.insert(None, 0));
+    s.subscribe_to(eth, name("prices:1:ETH"));
+    s.subscribe_to(chain, name("prices:1"));
+    s.subscribe_to(both, name("prices:1"));
+    s.subscribe_to(both, name("prices:1:ETH"));
+    s.subscribe_to(all, name("prices"));
+    s.subscribe_to(all, name("prices:1:ETH"));
+    s.subscribe_to(none, name("prices:2:ETH"));
+    let u = market_update(1, "ETH", "1");
+    assert_eq!(s.fanout(&u), 4, "eth, chain, both once, all through the log");
+    for k in [eth, chain, both, all] {
+        assert_eq!(outbox(&mut s, k), u.frame.to_vec(), "connection {k}");
+    }
+    assert!(outbox(&mut s, none).is_empty());
+    // Another token on chain 1: chain subscribers only (and `prices`).
+    let btc = market_update(1, "BTC", "2");
+    assert_eq!(s.fanout(&btc), 3);
+    assert_eq!(outbox(&mut s, eth), u.frame.to_vec());
+    assert_eq!(outbox(&mut s, both), [&u.frame[..], &btc.frame[..]].concat());
+    // Unsubscribing one of two overlapping channels leaves the other.
+    s.unsubscribe_from(both, &name("prices:1"));
+    let u2 = market_update(1, "ETH", "3");
+    s.fanout(&u2);
+    assert_eq!(outbox(&mut s, both), [&u.frame[..], &btc.frame[..], &u2.frame[..]].concat());
+    assert_eq!(s.topics_held(both), 1);
+    assert!(s.holds(both, &name("prices:1:ETH")) && !s.holds(both, &name("prices:1")));
+    // A removed connection leaves every list; the others keep theirs.
+    s.remove(eth);
+    assert_eq!(s.fanout(&market_update(1, "ETH", "4")), 3);
+    assert_eq!(s.stats.market_subscriptions.get(), 4, "chain, both, all, none: one each");
+}
+
+/// The last update of each market is its snapshot; chain and all-market
+/// snapshots list markets newest first, bounded.
+#[test]
+fn snapshots_are_each_markets_newest_update() {
+    let mut s = shard(1 << 20);
+    let m = |c: &str| name(c);
+    assert!(s.snapshot(&m("prices:1:ETH"), None, 10).is_empty(), "never ticked: no snapshot");
+    let (a, b, c) = (market_update(1, "ETH", "1"), market_update(2, "ETH", "2"), market_update(1, "BTC", "3"));
+    for u in [&a, &b, &c] {
+        s.fanout(u);
+    }
+    let newer = market_update(1, "ETH", "4");
+    s.fanout(&newer);
+    let frames = |v: Vec<Arc<Update>>| v.iter().map(|u| u.frame.to_vec()).collect::<Vec<_>>();
+    assert_eq!(frames(s.snapshot(&m("prices:1:ETH"), None, 10)), [newer.frame.to_vec()]);
+    assert!(s.snapshot(&m("prices:1:ETH"), Some(false), 10).is_empty(), "turned off");
+    assert!(s.snapshot(&m("prices:1"), None, 10).is_empty(), "opt-in for chains");
+    assert_eq!(frames(s.snapshot(&m("prices:1"), Some(true), 10)), [newer.frame.to_vec(), c.frame.to_vec()]);
+    assert_eq!(
+        frames(s.snapshot(&m("prices"), Some(true), 10)),
+        [newer.frame.to_vec(), c.frame.to_vec(), b.frame.to_vec()]
+    );
+    assert_eq!(s.snapshot(&m("prices"), Some(true), 2).len(), 2, "bounded by WS_SNAPSHOT_MAX_MARKETS");
+    assert!(s.snapshot(&m("orders"), Some(true), 10).is_empty());
+}
+
+/// At most `WS_MAX_MARKETS` markets keep a value: the least recently
+/// updated loses it, counted; subscribers of an evicted market stay.
+#[test]
+fn the_last_value_table_is_bounded_by_least_recent_update() {
+    let mut s = shard(1 << 20);
+    s.set_max_markets(3);
+    let k = s.insert(None, 0);
+    s.subscribe_to(k, name("prices:1:T0"));
+    for i in 0..3 {
+        s.fanout(&market_update(1, &format!("T{i}"), "1"));
+    }
+    s.fanout(&market_update(1, "T0", "2")); // T0 is now the newest
+    s.fanout(&market_update(1, "T3", "3")); // evicts T1, the least recent
+    assert_eq!(s.stats.markets_evicted.get(), 1);
+    assert_eq!(s.stats.markets_known.get(), 3);
+    assert!(s.snapshot(&name("prices:1:T1"), None, 10).is_empty());
+    for t in ["T0", "T2", "T3"] {
+        assert_eq!(s.snapshot(&name(&format!("prices:1:{t}")), None, 10).len(), 1, "{t}");
+    }
+    for i in 4..1000 {
+        s.fanout(&market_update(1, &format!("T{i}"), "1"));
+    }
+    assert_eq!(s.stats.markets_known.get(), 3);
+    assert_eq!(s.stats.markets_evicted.get(), 997);
+    // The evicted market's subscriber still gets its updates.
+    let t0 = market_update(1, "T0", "9");
+    let before = outbox(&mut s, k).len();
+    s.fanout(&t0);
+    assert_eq!(outbox(&mut s, k).len(), before + t0.frame.len());
 }

@@ -42,6 +42,11 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// Sets a gauge.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed)
+    }
 }
 
 /// Client messages, as counted in `moonx_ws_messages_received_total`.
@@ -181,6 +186,16 @@ pub struct ShardStats {
     /// in the listen backlog while the shard backs off).
     pub accept_failures: Counter,
     pub subscribers: [Counter; 4],
+    /// Market and chain channel subscriptions (gauge).
+    pub market_subscriptions: Counter,
+    /// Markets that lost their last value to the `WS_MAX_MARKETS` bound.
+    pub markets_evicted: Counter,
+    /// Markets holding a last value (gauge; the same on every shard).
+    pub markets_known: Counter,
+    /// Snapshot frames queued after `subscribed`.
+    pub snapshots_sent: Counter,
+    /// Price updates conflated away from slow readers' queues.
+    pub conflated: Counter,
     /// Publish -> queued for every subscriber on the shard (the price log
     /// or the private subscribers' outboxes), in µs.
     pub fanout_latency_us: Mutex<Histogram<u64>>,
@@ -222,6 +237,11 @@ impl Default for ShardStats {
             park_failures: Counter::default(),
             accept_failures: Counter::default(),
             subscribers: Default::default(),
+            market_subscriptions: Counter::default(),
+            markets_evicted: Counter::default(),
+            markets_known: Counter::default(),
+            snapshots_sent: Counter::default(),
+            conflated: Counter::default(),
             // 1 µs .. 60 s at 3 significant figures; these bounds are valid.
             fanout_latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
             e2e_latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),
@@ -290,6 +310,39 @@ pub fn describe_shards(shards: &[Arc<ShardStats>], queue_dropped: &[u64], e: &mu
     for ch in Channel::ALL {
         f.sample(&[("channel", &ch.name())], sum(&|s| s.subscribers[ch as usize].get()));
     }
+    e.single(
+        Kind::Gauge,
+        "moonx_ws_market_subscriptions",
+        "Subscriptions to market (prices:<chainId>:<token>) and chain (prices:<chainId>) channels.",
+        sum(&|s| s.market_subscriptions.get()),
+    );
+    // Every shard takes every update, so each holds the same markets: the
+    // table's size is one shard's, not their sum.
+    let max = |f: &dyn Fn(&ShardStats) -> u64| shards.iter().map(|s| f(s)).max().unwrap_or(0);
+    e.single(
+        Kind::Gauge,
+        "moonx_ws_markets",
+        "Markets whose last update is kept for snapshots (bounded by WS_MAX_MARKETS).",
+        max(&|s| s.markets_known.get()),
+    );
+    e.single(
+        Kind::Counter,
+        "moonx_ws_markets_evicted_total",
+        "Markets that lost their last update to the WS_MAX_MARKETS bound (least recently updated first).",
+        max(&|s| s.markets_evicted.get()),
+    );
+    e.single(
+        Kind::Counter,
+        "moonx_ws_snapshots_sent_total",
+        "Snapshot frames sent after subscribed.",
+        sum(&|s| s.snapshots_sent.get()),
+    );
+    e.single(
+        Kind::Counter,
+        "moonx_ws_conflated_total",
+        "Price updates dropped from a slow reader's queue because a newer update of the same market was queued after them (conflation).",
+        sum(&|s| s.conflated.get()),
+    );
     e.family(Kind::Counter, "moonx_ws_auth_total", "Authentication attempts by result.")
         .sample(&[("result", &"success")], sum(&|s| s.auth_success.get()))
         .sample(&[("result", &"failure")], sum(&|s| s.auth_failure.get()));

@@ -123,6 +123,14 @@ pub struct Config {
     /// 500 ms until it appears).
     #[arg(long, env = "KAFKA_TOPIC_REFRESH_MS", default_value = "10000", value_parser = parse_ms)]
     pub kafka_topic_refresh_ms: Duration,
+    /// How far back, in ms, the prices topic is read on start for the
+    /// markets' last values (snapshots), before the instance turns ready.
+    /// 0: no read-back (markets have no snapshot until they tick).
+    #[arg(long, env = "KAFKA_SNAPSHOT_LOOKBACK_MS", default_value = "86400000", value_parser = parse_ms_or_zero)]
+    pub kafka_snapshot_lookback_ms: Duration,
+    /// Most messages read back per prices partition on start (the newest).
+    #[arg(long, env = "KAFKA_SNAPSHOT_MAX_MESSAGES", default_value = "1000000")]
+    pub kafka_snapshot_max_messages: u32,
     /// Consumer fetch.wait.max.ms (how long a broker may hold an empty fetch).
     #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value = "100", value_parser = parse_ms_or_zero)]
     pub kafka_fetch_wait_max_ms: Duration,

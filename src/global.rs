@@ -53,7 +53,9 @@ impl Global {
 
     /// Listening, and the Kafka consumer has its partitions (consuming).
     pub fn is_ready(&self) -> bool {
-        self.is_listening() && self.ingest.assigned.load(Ordering::Acquire)
+        self.is_listening()
+            && self.ingest.assigned.load(Ordering::Acquire)
+            && self.ingest.readback_done.load(Ordering::Acquire)
     }
 
     /// Starts the shutdown sequence on every shard (idempotent).

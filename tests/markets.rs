@@ -298,3 +298,56 @@ fn a_stalled_reader_is_conflated_to_the_newest_per_market_and_keeps_its_private_
     assert_eq!(prices as f64 + conflated, f64::from(n), "every price delivered or counted as conflated");
     assert_eq!(metric(srv.addr, "moonx_ws_slow_consumer_closes_total"), 0.0);
 }
+
+/// Snapshots survive a restart through Kafka: a fresh instance reads the
+/// prices topic's tail back before it is ready, keeps each market's newest
+/// value inside the lookback, and delivers none of it live.
+#[test]
+fn a_fresh_instance_reads_last_values_back_from_kafka_before_it_is_ready() {
+    use rdkafka::producer::BaseRecord;
+
+    let kafka = Kafka::new(2);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let produce = |token: &str, n: u32, partition: i32, ts: i64| {
+        let value = price(token, "8453", n);
+        let rec = BaseRecord::<(), str>::to("price.updates").payload(&value).partition(partition).timestamp(ts);
+        kafka.producer.send(rec).map_err(|(e, _)| e).unwrap();
+    };
+    produce("OLD", 1, 0, now - 3 * 3_600_000); // before the one-hour lookback
+    produce("ETH", 2, 0, now - 60_000);
+    produce("ETH", 3, 0, now - 30_000);
+    produce("BTC", 4, 1, now - 10_000);
+    kafka.flush();
+
+    let env = [("KAFKA_SNAPSHOT_LOOKBACK_MS", "3600000"), ("WS_SHARDS", "2")];
+    let srv = server(&kafka, &env);
+    assert_eq!(metric(srv.addr, "moonx_ws_kafka_readback_done"), 1.0);
+    assert_eq!(metric(srv.addr, "moonx_ws_kafka_readback_messages_total"), 4.0);
+    assert_eq!(metric(srv.addr, "moonx_ws_kafka_readback_markets"), 2.0);
+    // Nothing read back is delivered live.
+    let mut all = authed(srv.addr, "all");
+    let reply = subscribe_with(&mut all, json!({"channel": "prices", "snapshot": false}));
+    assert_eq!(reply["data"]["snapshot"], 0);
+    assert_eq!(prices_until_pong(&mut all), Vec::<String>::new());
+    // Each market's newest value inside the lookback is its snapshot, on
+    // every shard, with the age the Kafka timestamp gives it.
+    for _ in 0..4 {
+        let mut ws = authed(srv.addr, "u");
+        let reply =
+            subscribe_with(&mut ws, json!({"channels": ["prices:8453:ETH", "prices:8453:BTC", "prices:8453:OLD"]}));
+        assert_eq!(reply["data"]["snapshot"], 2, "{reply}");
+        let snapshots: Vec<Value> = (0..2).map(|_| recv(&mut ws)).collect();
+        let mut got: Vec<(&str, i64)> = snapshots
+            .iter()
+            .map(|v| (v["data"]["price"].as_str().unwrap(), v["timestamp"].as_i64().unwrap()))
+            .collect();
+        got.sort();
+        assert_eq!(got, [("3", now - 30_000), ("4", now - 10_000)]);
+    }
+    // Live from the watermark read at start.
+    kafka.produce("price.updates", Some(0), price("ETH", "8453", 5).as_bytes());
+    kafka.flush();
+    assert_eq!(take_prices(&mut all, 1).len(), 1);
+    let body = serde_json::from_str::<Value>(&get(srv.addr, "/snapshot/prices:8453:ETH").1).unwrap();
+    assert_eq!(body[0]["data"]["price"], "5");
+}

@@ -21,6 +21,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::readback::Readback;
 use crate::telemetry::LogLimiter;
 
 /// Bounds each metadata call, so a stop request waits at most this long.
@@ -55,8 +56,14 @@ impl Assignment {
     }
 
     /// Assigns partitions not assigned yet; true when every topic exists
-    /// and all its partitions are assigned.
-    pub fn refresh<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, stop: &AtomicBool) -> bool {
+    /// and all its partitions are assigned. The topic at `readback.0`
+    /// (prices) starts where its read-back says, when it existed at start.
+    pub fn refresh<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        stop: &AtomicBool,
+        mut readback: Option<(usize, &mut Readback)>,
+    ) -> bool {
         let mut complete = true;
         let mut add = TopicPartitionList::new();
         let mut added = Vec::new();
@@ -101,7 +108,11 @@ impl Assignment {
                 let offset = match seen {
                     // It existed when the service started: live from now.
                     Seen::Unknown => match consumer.fetch_watermarks(&topic, p, METADATA_TIMEOUT) {
-                        Ok((_, high)) => Offset::Offset(high),
+                        Ok(marks) => match readback.as_mut() {
+                            // The prices tail is read back for snapshots first.
+                            Some((r, rb)) if *r == t => Offset::Offset(rb.start(consumer, &topic, p, marks)),
+                            _ => Offset::Offset(marks.1),
+                        },
                         Err(e) => {
                             if let Some(suppressed) = self.log.allow() {
                                 tracing::warn!(topic, partition = p, error = %e, suppressed, "kafka watermarks unavailable; will retry");
@@ -128,6 +139,11 @@ impl Assignment {
             match consumer.incremental_assign(&add) {
                 Ok(()) => {
                     self.partitions.extend(added);
+                    if let Some((r, rb)) = readback {
+                        if done.iter().any(|(t, _)| t == &r) {
+                            rb.all_assigned();
+                        }
+                    }
                     tracing::info!(
                         partitions = add.count(),
                         total = self.partitions.len(),

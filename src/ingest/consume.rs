@@ -22,6 +22,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::assign::{Assignment, METADATA_TIMEOUT};
+use super::readback::{Lookback, Readback};
 use super::skip::{BatchEnd, Next, Seen};
 use super::validate::Validator;
 use super::{Ctx, IngestStats, PartitionStat, Refusals};
@@ -33,6 +34,8 @@ use crate::telemetry::LogLimiter;
 
 /// What the loop needs besides the consumer.
 pub(super) struct Settings {
+    /// The read-back of the prices topic on start, unless turned off.
+    pub lookback: Option<Lookback>,
     pub topics: [(String, Channel); 4],
     pub batch_size: usize,
     /// How often metadata is re-read for new topics and partitions.
@@ -65,9 +68,12 @@ pub(super) fn run(
     let mut state = State::new(&settings, stats.clone());
     let mut batch: Vec<Update> = Vec::with_capacity(settings.batch_size);
     let mut next_refresh = Instant::now();
+    // The prices topic is the one whose tail is read back.
+    let prices = settings.topics.iter().position(|(_, c)| *c == Channel::Prices);
     while !stop.load(Ordering::Acquire) {
         if Instant::now() >= next_refresh {
-            let complete = assignment.refresh(&consumer, &stop);
+            let readback = prices.zip(state.readback.as_mut());
+            let complete = assignment.refresh(&consumer, &stop, readback);
             if complete {
                 stats.assigned.store(true, Ordering::Release);
             }
@@ -84,6 +90,7 @@ pub(super) fn run(
             publisher.publish_batch(batch.drain(..));
         }
         state.act(&consumer);
+        state.read_back(&consumer, &publisher);
     }
     tracing::info!("kafka consumer stopped");
 }
@@ -126,6 +133,8 @@ struct State {
     error_log: LogLimiter,
     librdkafka_log: LogLimiter,
     refusals: Arc<Refusals>,
+    /// The prices read-back on start, until it is handed over.
+    readback: Option<Readback>,
 }
 
 impl State {
@@ -145,6 +154,32 @@ impl State {
             error_log: LogLimiter::new(Duration::from_secs(5)),
             librdkafka_log: LogLimiter::new(Duration::from_secs(10)),
             refusals: settings.refusals.clone(),
+            readback: settings.lookback.map(|l| Readback::new(l, settings.clock.epoch_ms())),
+        }
+    }
+
+    /// Moves the read-back on: partitions whose consumer position passed
+    /// their end (over control records or compacted gaps) are done; once
+    /// all are, the values go to the shards and the instance may be ready.
+    fn read_back(&mut self, consumer: &BaseConsumer<Ctx>, publisher: &Publisher) {
+        let Some(rb) = self.readback.as_mut() else { return };
+        let Some(t) = self.channels.iter().position(|c| *c == Channel::Prices) else { return };
+        let pending: Vec<i32> = rb.pending().collect();
+        if !pending.is_empty() {
+            if let Ok(positions) = consumer.position() {
+                for p in pending {
+                    if let Some(Offset::Offset(next)) = positions.find_partition(&self.topics[t], p).map(|e| e.offset())
+                    {
+                        rb.reached(p, next);
+                    }
+                }
+            }
+        }
+        self.stats.readback_messages.store(rb.messages, Ordering::Relaxed);
+        if let Some(markets) = rb.finish_if_done(publisher) {
+            self.stats.readback_markets.store(markets as u64, Ordering::Relaxed);
+            self.stats.readback_done.store(true, Ordering::Release);
+            self.readback = None;
         }
     }
 
@@ -202,8 +237,24 @@ impl State {
         }
         next[p] = m.offset + 1;
         let channel = self.channels[t];
+        if channel == Channel::Prices {
+            if let Some(rb) = self.readback.as_mut().filter(|rb| rb.wants(m.partition, m.offset)) {
+                // Read back for its market's last value, not delivered; its
+                // envelope carries the Kafka timestamp, so it shows its age.
+                let update = self.validator.route(channel, m.payload).ok().map(|route| {
+                    let id = publisher.next_id(&mut self.ids);
+                    let ts = if m.timestamp_ms > 0 { m.timestamp_ms as u64 } else { self.clock.epoch_ms() };
+                    Update::encode(route, &id, ts, m.payload)
+                });
+                rb.take(m.partition, m.offset, m.timestamp_ms, update);
+                return;
+            }
+        }
         match self.validator.route(channel, m.payload) {
             Ok(route) => {
+                if let Some(rb) = self.readback.as_mut() {
+                    rb.live(&route);
+                }
                 self.stats.consumed[channel as usize].fetch_add(1, Ordering::Relaxed);
                 let id = publisher.next_id(&mut self.ids);
                 let mut update = Update::encode(route, &id, self.clock.epoch_ms(), m.payload);

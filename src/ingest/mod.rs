@@ -17,6 +17,7 @@ mod assign;
 pub mod client;
 mod consume;
 mod embedded;
+mod readback;
 mod skip;
 pub mod validate;
 
@@ -81,6 +82,12 @@ pub struct IngestStats {
     pub broker_up: AtomicBool,
     /// Every topic's partitions are assigned at known offsets: consuming.
     pub assigned: AtomicBool,
+    /// The prices topic's tail was read back for snapshots (or needs not
+    /// be): with `assigned`, the instance is ready.
+    pub readback_done: AtomicBool,
+    /// Messages read back on start, and the markets they left a value for.
+    pub readback_messages: AtomicU64,
+    pub readback_markets: AtomicU64,
     /// How the clients reach the brokers (`SASL_SSL/SCRAM-SHA-512`, ...).
     pub security: Mutex<String>,
     /// Why the brokers refuse this client right now (a failed SASL login,
@@ -241,7 +248,16 @@ pub fn start(
     }
     tracing::info!(%bootstrap, group = %group, topics = ?names, security, properties = ?passthrough, "kafka consumer created");
     *stats.security.lock() = client.security().to_owned();
+    let lookback = (!cfg.kafka_snapshot_lookback_ms.is_zero()).then(|| readback::Lookback {
+        window: cfg.kafka_snapshot_lookback_ms,
+        max_messages: i64::from(cfg.kafka_snapshot_max_messages),
+        max_markets: cfg.ws_max_markets.get(),
+    });
+    if lookback.is_none() {
+        stats.readback_done.store(true, Ordering::Release);
+    }
     let settings = consume::Settings {
+        lookback,
         topics,
         batch_size: cfg.kafka_consumer_batch_size.get(),
         refresh: cfg.kafka_topic_refresh_ms,
@@ -399,6 +415,24 @@ impl IngestStats {
             }
         }
         drop(parts);
+        e.single(
+            Kind::Counter,
+            "moonx_ws_kafka_readback_messages_total",
+            "Prices messages read back on start for the markets' last values (KAFKA_SNAPSHOT_LOOKBACK_MS), not delivered.",
+            self.readback_messages.load(Ordering::Relaxed),
+        );
+        e.single(
+            Kind::Gauge,
+            "moonx_ws_kafka_readback_markets",
+            "Markets given a last value by the read-back on start.",
+            self.readback_markets.load(Ordering::Relaxed),
+        );
+        e.single(
+            Kind::Gauge,
+            "moonx_ws_kafka_readback_done",
+            "Whether the read-back on start is complete (until then the instance is not ready).",
+            self.readback_done.load(Ordering::Relaxed) as u8,
+        );
         e.single(
             Kind::Gauge,
             "moonx_ws_kafka_partitions_stuck",

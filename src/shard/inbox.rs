@@ -60,6 +60,9 @@ pub struct Update {
     pub published_at: Instant,
     /// The Kafka message timestamp (ms since the epoch), 0 when unknown.
     pub kafka_ts_ms: i64,
+    /// Read back on start for snapshots: recorded as its market's last
+    /// value, delivered to no one.
+    pub replay: bool,
 }
 
 impl Update {
@@ -76,7 +79,7 @@ impl Update {
         let start = MAX_HEADER_LEN - n;
         frame[start..MAX_HEADER_LEN].copy_from_slice(&header[..n]);
         frame.drain(..start);
-        Update { route, frame: frame.into_boxed_slice(), published_at: Instant::now(), kafka_ts_ms: 0 }
+        Update { route, frame: frame.into_boxed_slice(), published_at: Instant::now(), kafka_ts_ms: 0, replay: false }
     }
 }
 
@@ -161,6 +164,27 @@ impl Publisher {
     /// Publishes a batch, waking each shard once at the end.
     pub fn publish_batch(&self, updates: impl IntoIterator<Item = Update>) {
         for update in updates {
+            let update = Arc::new(update);
+            for (shard, inbox) in self.inboxes.iter().enumerate() {
+                self.push(shard, inbox, update.clone());
+            }
+        }
+        for inbox in self.inboxes.iter() {
+            inbox.waker.wake();
+        }
+    }
+
+    /// Publishes a batch without pushing anything out of a full inbox: waits
+    /// while any inbox is over half full (for updates that may wait, such
+    /// as a start-up read-back).
+    pub fn publish_when_room(&self, updates: impl IntoIterator<Item = Update>) {
+        for update in updates {
+            while self.inboxes.iter().any(|i| i.queue.len() > i.queue.capacity() / 2) {
+                for inbox in self.inboxes.iter() {
+                    inbox.waker.wake();
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
             let update = Arc::new(update);
             for (shard, inbox) in self.inboxes.iter().enumerate() {
                 self.push(shard, inbox, update.clone());

@@ -354,6 +354,15 @@ impl Shard {
     /// Queues `update` for every matching subscriber; returns how many.
     /// A market's update also becomes its snapshot.
     pub fn fanout(&mut self, update: &Arc<Update>) -> usize {
+        if update.replay {
+            if let Route::Market(m) = &update.route {
+                if self.markets.record(m, update) {
+                    self.stats.markets_evicted.inc();
+                }
+                self.stats.markets_known.set(self.markets.with_value() as u64);
+            }
+            return 0;
+        }
         let mut delivered = 0;
         let mut slow = Vec::new();
         match &update.route {

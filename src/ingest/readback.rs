@@ -1,0 +1,185 @@
+//! Last values on start (PROTOCOL.md §11): before `/health/ready`, the
+//! tail of the prices topic is read back into the shards' last-value
+//! tables without being delivered, so a market has a snapshot right after a
+//! restart.
+//!
+//! Owns: where each prices partition starts (the first offset inside
+//! `KAFKA_SNAPSHOT_LOOKBACK_MS`, found with offsets-for-times, and never
+//! more than `KAFKA_SNAPSHOT_MAX_MESSAGES` before the end), where it ends
+//! (the high watermark read at start: from there on updates are live), and
+//! the newest value per market read in between. When every partition has
+//! reached its end, those values go to the shards as replayed updates,
+//! oldest first, and the instance may turn ready.
+//!
+//! A live update of a market that arrives while others are still being read
+//! back wins: the market's read-back value is dropped, so a shard's table
+//! never goes back to an older value.
+//!
+//! Offsets-for-times may answer "none" either because every message is
+//! older than the lookback or because the broker cannot say (librdkafka's
+//! mock cluster); both read the last `KAFKA_SNAPSHOT_MAX_MESSAGES` and keep
+//! only what is inside the lookback by each message's timestamp, so the
+//! answer is the same and the cost bounded.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::assign::METADATA_TIMEOUT;
+use crate::protocol::channel::Market;
+use crate::shard::inbox::{Publisher, Route, Update};
+
+/// What to read back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lookback {
+    /// Messages older than this (by their timestamp) are left out.
+    pub window: Duration,
+    /// At most this many messages per partition are read back.
+    pub max_messages: i64,
+    /// Markets kept (`WS_MAX_MARKETS`): the most recently updated.
+    pub max_markets: usize,
+}
+
+/// The read-back in progress.
+pub(super) struct Readback {
+    lookback: Lookback,
+    /// Messages older than this (ms since the epoch) are not kept.
+    cutoff_ms: i64,
+    /// Prices partitions still being read, and the offset live starts at.
+    until: HashMap<i32, i64>,
+    /// Every prices partition has been given its range.
+    assigned: bool,
+    /// The newest value read per market, with the order it came in.
+    values: HashMap<Market, (u64, Update)>,
+    seq: u64,
+    pub messages: u64,
+    started: Instant,
+    finished: bool,
+}
+
+impl Readback {
+    pub fn new(lookback: Lookback, now_ms: u64) -> Self {
+        Self {
+            lookback,
+            cutoff_ms: now_ms.saturating_sub(lookback.window.as_millis() as u64) as i64,
+            until: HashMap::new(),
+            assigned: false,
+            values: HashMap::new(),
+            seq: 0,
+            messages: 0,
+            started: Instant::now(),
+            finished: false,
+        }
+    }
+
+    /// Where a prices partition whose end is `high` starts: inside the
+    /// lookback and at most `max_messages` before the end. Records the
+    /// range when there is one to read.
+    pub fn start<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        topic: &str,
+        partition: i32,
+        (low, high): (i64, i64),
+    ) -> i64 {
+        if self.finished || high <= low {
+            return high;
+        }
+        let floor = low.max(high - self.lookback.max_messages);
+        let mut tpl = TopicPartitionList::new();
+        let by_time = tpl
+            .add_partition_offset(topic, partition, Offset::Offset(self.cutoff_ms))
+            .ok()
+            .and_then(|()| consumer.offsets_for_times(tpl, METADATA_TIMEOUT).ok())
+            .and_then(|found| match found.find_partition(topic, partition).map(|e| e.offset()) {
+                Some(Offset::Offset(n)) => Some(n),
+                _ => None,
+            });
+        let start = by_time.unwrap_or(floor).max(floor);
+        if start < high {
+            self.until.insert(partition, high);
+        }
+        start
+    }
+
+    /// Every prices partition has its range now.
+    pub fn all_assigned(&mut self) {
+        self.assigned = true;
+    }
+
+    /// Whether the message at `offset` of a prices partition is read back
+    /// (not delivered).
+    pub fn wants(&self, partition: i32, offset: i64) -> bool {
+        !self.finished && self.until.get(&partition).is_some_and(|&until| offset < until)
+    }
+
+    /// Keeps a read-back update as its market's newest (inside the
+    /// lookback only); then notes how far the partition got.
+    pub fn take(&mut self, partition: i32, offset: i64, timestamp_ms: i64, update: Option<Update>) {
+        self.messages += 1;
+        if let Some(update) = update {
+            if let Route::Market(m) = &update.route {
+                if timestamp_ms <= 0 || timestamp_ms >= self.cutoff_ms {
+                    self.seq += 1;
+                    self.values.insert(m.clone(), (self.seq, update));
+                }
+            }
+        }
+        self.reached(partition, offset + 1);
+    }
+
+    /// A live price update arrived while others are still read back: the
+    /// market's read-back value is older, and goes.
+    pub fn live(&mut self, route: &Route) {
+        if let (false, Route::Market(m)) = (self.finished, route) {
+            self.values.remove(m);
+        }
+    }
+
+    /// The partition's next offset is `next` (a message, or the consumer's
+    /// position past control records and compacted gaps).
+    pub fn reached(&mut self, partition: i32, next: i64) {
+        if self.until.get(&partition).is_some_and(|&until| next >= until) {
+            self.until.remove(&partition);
+        }
+    }
+
+    /// The partitions still being read (for the consumer's positions).
+    pub fn pending(&self) -> impl Iterator<Item = i32> + '_ {
+        self.until.keys().copied()
+    }
+
+    /// When every partition is read back: hands the values to the shards
+    /// (oldest first, the most recent `max_markets`) and returns how many
+    /// markets; None while reading goes on.
+    pub fn finish_if_done(&mut self, publisher: &Publisher) -> Option<usize> {
+        if self.finished || !self.assigned || !self.until.is_empty() {
+            return None;
+        }
+        self.finished = true;
+        let mut values: Vec<(u64, Update)> = std::mem::take(&mut self.values).into_values().collect();
+        values.sort_unstable_by_key(|(seq, _)| *seq);
+        let skip = values.len().saturating_sub(self.lookback.max_markets);
+        let markets = values.len() - skip;
+        // In chunks that leave room in the inboxes: a read-back must not
+        // push live updates out.
+        let mut chunk = Vec::with_capacity(1024);
+        for (_, mut update) in values.into_iter().skip(skip) {
+            update.replay = true;
+            chunk.push(update);
+            if chunk.len() == 1024 {
+                publisher.publish_when_room(chunk.drain(..));
+            }
+        }
+        publisher.publish_when_room(chunk.drain(..));
+        tracing::info!(
+            markets,
+            messages = self.messages,
+            elapsed_ms = self.started.elapsed().as_millis() as u64,
+            "kafka: last prices read back for snapshots"
+        );
+        Some(markets)
+    }
+}

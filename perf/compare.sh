@@ -10,12 +10,19 @@
 #            go-gorilla, node-ws
 #   PEERS_DIR   where the peers were copied and built (default /tmp/peers)
 #   RUNS        repetitions of each measurement (default 3; the median is reported)
-#   FANOUT_SECS measured seconds per fan-out run (default 10)
+#   FANOUT_SECS measured seconds per fan-out run (default 10; the markets run too)
+#   MARKETS_RATE updates/s of the markets run (default 10: 10k connections x 5
+#               of 1000 Zipf-popular markets, 10% also on prices, ~2,800-3,100
+#               deliveries per update, so ~30k deliveries/s. Here the
+#               rust-tokio peer used 48-54% of its core at 10/s (15-17.5 us
+#               per delivery, two runs) and 73% at 20/s, all passing: 10/s
+#               is well below its saturation)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PEERS_DIR=${PEERS_DIR:-/tmp/peers}
 RUNS=${RUNS:-3}
 FANOUT_SECS=${FANOUT_SECS:-10}
+MARKETS_RATE=${MARKETS_RATE:-10}
 SECRET=loadtest-secret
 PORT=3101
 servers=("${@:-moonx-ws rust-tokio}")
@@ -109,6 +116,12 @@ for name in "${servers[@]}"; do
     stop_server
     start_server "$name"
     measure "$name" fanout10 fanout --brokers "$BROKERS" -c 5000 -r 10 -d "$FANOUT_SECS" --sources 64
+    stop_server
+    # Per-market fan-out (market channels; the scenario's defaults: 10k
+    # connections x 5 of 1000 markets over 4 chains, Zipf s = 1.1, 10% on prices).
+    # A server without market channels fails it at set-up (subscribe refused).
+    start_server "$name"
+    measure "$name" markets markets --brokers "$BROKERS" -r "$MARKETS_RATE" -d "$FANOUT_SECS" --sources 64
     stop_server
   done
 done

@@ -1,7 +1,9 @@
-//! The `fanout` and `churn` scenarios: N subscribers on `prices` and an
-//! open-loop Kafka producer stamping each update with its intended send
-//! time and a sequence number; for `churn`, connections opened and dropped
-//! at a steady rate meanwhile.
+//! The fan-out engine and its scenarios: subscribers on price channels and
+//! an open-loop Kafka producer stamping each update with its intended send
+//! time and a sequence number. `fanout` puts every subscriber on `prices`;
+//! `churn` adds connections opened and dropped at a steady rate; `markets`
+//! (markets.rs) routes updates per market. A scenario plugs into the
+//! engine through [`Plan`] (plan.rs).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -15,13 +17,19 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::plan::{Check, Delivery, Expectation, Plan, Stamper, Totals};
 use crate::run::Run;
 use crate::verdict::{Figures, Verdict};
 use crate::ws::{field_u64, Sequence, SENT_NS, SEQ};
-use crate::{brief, causes, hdr, now_ns, open_all, per, percentiles, print_table, procstat, set_up, Common, Recorder};
+use crate::{
+    brief, causes, hdr, now_ns, open_all, per, percentiles, print_table, procstat, same_channels, set_up, Channels,
+    Common, Recorder, Setup,
+};
 
+/// The settings every fan-out scenario shares (the rate is each
+/// scenario's own: their defaults differ).
 #[derive(Args, Serialize)]
-pub struct FanoutOpts {
+pub struct LoadOpts {
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) common: Common,
@@ -31,9 +39,6 @@ pub struct FanoutOpts {
     /// Kafka topic the server reads price updates from.
     #[arg(long, default_value = "price.updates")]
     pub(crate) topic: String,
-    /// Updates per second (open loop: the schedule never waits for the server).
-    #[arg(long, short = 'r', default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub(crate) rate: u64,
     /// Seconds of measured load.
     #[arg(long, short = 'd', default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) duration: u64,
@@ -65,14 +70,20 @@ pub struct FanoutOpts {
 pub struct FanoutArgs {
     #[command(flatten)]
     #[serde(flatten)]
-    pub(crate) opts: FanoutOpts,
+    pub(crate) opts: LoadOpts,
+    /// Updates per second (open loop: the schedule never waits for the server).
+    #[arg(long, short = 'r', default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub(crate) rate: u64,
 }
 
 #[derive(Args, Serialize)]
 pub struct ChurnArgs {
     #[command(flatten)]
     #[serde(flatten)]
-    pub(crate) opts: FanoutOpts,
+    pub(crate) opts: LoadOpts,
+    /// Updates per second (open loop: the schedule never waits for the server).
+    #[arg(long, short = 'r', default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub(crate) rate: u64,
     /// Extra connections opened (auth + subscribe), held and dropped per
     /// second during the measured window.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -82,10 +93,79 @@ pub struct ChurnArgs {
     pub(crate) churn_hold_ms: u64,
 }
 
+/// `fanout` and `churn`: every subscriber on `prices`, one stream in order.
+struct InOrder(Sequence);
+
+impl Check for InOrder {
+    fn see(&mut self, _: &[u8], seq: u64, _: u64) -> Delivery {
+        let (skipped, repeat) = self.0.see(seq, false);
+        Delivery::Update { skipped, repeat }
+    }
+}
+
+/// Every measured update at every subscriber.
+struct All {
+    subscribers: u64,
+    warm: u64,
+}
+
+impl Expectation for All {
+    fn of(&mut self, _: usize, produced: u64) -> u64 {
+        produced.saturating_sub(self.warm)
+    }
+
+    fn total(&mut self, produced: u64) -> u64 {
+        produced.saturating_sub(self.warm) * self.subscribers
+    }
+}
+
+struct FanoutPlan {
+    churn: bool,
+}
+
+impl Plan for FanoutPlan {
+    type Check = InOrder;
+
+    fn scenario(&self) -> &'static str {
+        if self.churn {
+            "churn"
+        } else {
+            "fanout"
+        }
+    }
+
+    fn channels(&self) -> Channels {
+        same_channels(&["prices"])
+    }
+
+    fn check(&self, _: usize, _: &Setup) -> InOrder {
+        InOrder(Sequence::default())
+    }
+
+    fn expectation(&self, connected: &[usize], warm: u64) -> Box<dyn Expectation> {
+        Box::new(All { subscribers: connected.len() as u64, warm })
+    }
+
+    fn stamper(&self) -> Stamper {
+        Box::new(|_, v: &mut String| v.push_str(r#""token":"ETH","chainId":8453,"#))
+    }
+
+    fn headline(&self, subscribers: usize, rate: u64, o: &LoadOpts) -> String {
+        format!(
+            "{}: {subscribers} subscribers x {rate} updates/s for {} s ({} B values)",
+            self.scenario(),
+            o.duration,
+            o.size
+        )
+    }
+}
+
 /// What the subscribers share (one runtime thread: no locking).
 struct Tally {
     /// Intended send time → parsed (the headline latency).
     latency: Recorder,
+    /// Deliveries are routed per market: leaks are counted and shown.
+    routed: bool,
     /// Intended send time → kernel receive stamp (the server's part).
     to_socket: Recorder,
     /// Kernel receive stamp → parsed (this client's part).
@@ -93,20 +173,24 @@ struct Tally {
     received: u64,
     /// Distinct measured updates received, over all subscribers.
     measured: u64,
+    /// The same per subscriber (by its place in the readers).
+    measured_by: Vec<u64>,
     gaps: u64,
     dups: u64,
+    leaked: u64,
+    snapshots: u64,
     /// Subscribers the server closed (or lost) before the run ended, by cause.
     closed: BTreeMap<String, u64>,
 }
 
 pub async fn run_fanout(a: FanoutArgs) -> anyhow::Result<u8> {
     let settings = serde_json::to_value(&a)?;
-    run(a.opts, None, settings).await
+    run(&a.opts, a.rate, None, settings, FanoutPlan { churn: false }).await
 }
 
 pub async fn run_churn(a: ChurnArgs) -> anyhow::Result<u8> {
     let settings = serde_json::to_value(&a)?;
-    run(a.opts, Some((a.churn_rate, a.churn_hold_ms)), settings).await
+    run(&a.opts, a.rate, Some((a.churn_rate, a.churn_hold_ms)), settings, FanoutPlan { churn: true }).await
 }
 
 /// Per-second figures of the warm-up, measure and drain phases.
@@ -115,17 +199,19 @@ struct Seen {
     received: u64,
     gaps: u64,
     dups: u64,
+    leaked: u64,
     closed: u64,
 }
 
 fn tick(run: &mut Run, tally: &RefCell<Tally>, churn: Option<&RefCell<ChurnTally>>, prev: &mut Seen, extra: &str) {
     let mut t = tally.borrow_mut();
     let closed: u64 = t.closed.values().sum();
-    let now = Seen { received: t.received, gaps: t.gaps, dups: t.dups, closed };
+    let now = Seen { received: t.received, gaps: t.gaps, dups: t.dups, leaked: t.leaked, closed };
     let secs = run.interval().as_secs_f64().max(1e-3);
     let latency = if run.phase() == "warm-up" { "not measured in warm-up".into() } else { brief(&t.latency.interval) };
+    let leaked = if t.routed { format!(", +{} leaked", now.leaked - prev.leaked) } else { String::new() };
     let mut line = format!(
-        "{:.0} deliveries/s; latency {latency}; +{} gaps, +{} duplicates, +{} closed",
+        "{:.0} deliveries/s; latency {latency}; +{} gaps, +{} duplicates{leaked}, +{} closed",
         (now.received - prev.received) as f64 / secs,
         now.gaps - prev.gaps,
         now.dups - prev.dups,
@@ -181,9 +267,18 @@ async fn phase_until(
     }
 }
 
-async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value) -> anyhow::Result<u8> {
+/// Runs a fan-out scenario: connect, warm-up, measure, drain; the verdict
+/// and the result. Shared by `fanout`, `churn` and `markets`.
+pub(crate) async fn run<P: Plan>(
+    a: &LoadOpts,
+    rate: u64,
+    churn_settings: Option<(u64, u64)>,
+    settings: Value,
+    plan: P,
+) -> anyhow::Result<u8> {
     let c = &a.common;
-    let scenario = if churn_settings.is_some() { "churn" } else { "fanout" };
+    let scenario = plan.scenario();
+    let routed = plan.routed();
     if c.deadline <= a.warmup + a.duration {
         bail!(
             "--deadline {} s is not longer than --warmup {} s + --duration {} s: the run could never complete",
@@ -207,24 +302,32 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
         latency: Recorder::new("latency"),
         to_socket: Recorder::new("to_socket"),
         client_lag: Recorder::new("client_lag"),
+        routed,
         received: 0,
         measured: 0,
+        measured_by: Vec::new(),
         gaps: 0,
         dups: 0,
+        leaked: 0,
+        snapshots: 0,
         closed: BTreeMap::new(),
     }));
     let churn_tally = Rc::new(RefCell::new(ChurnTally::default()));
     let churn_ref = churn_settings.map(|_| &*churn_tally);
-    let mut o = if kafka_error.is_none() { Some(open_all(&mut run, c, &["prices"], 1).await) } else { None };
+    let mut o = if kafka_error.is_none() { Some(open_all(&mut run, c, plan.channels(), 1).await) } else { None };
     let setups = o.as_mut().map(|o| std::mem::take(&mut o.setups)).unwrap_or_default();
     let subscribers = setups.len();
+    let connected: Vec<usize> = setups.iter().map(|(i, _)| *i).collect();
+    let snapshots_announced: u64 = setups.iter().map(|(_, s)| s.snapshots_announced).sum();
+    tally.borrow_mut().measured_by = vec![0; subscribers];
     // Updates with a seq at or past this are measured (set when warm-up ends).
     let measure_from = Rc::new(Cell::new(u64::MAX));
     // False once the run is over: closes after that are expected.
     let running = Rc::new(Cell::new(true));
     let mut readers = Vec::with_capacity(subscribers);
-    for (_, s) in setups {
+    for (k, (i, s)) in setups.into_iter().enumerate() {
         let (tally, measure_from, running) = (tally.clone(), measure_from.clone(), running.clone());
+        let mut check = plan.check(i, &s);
         let stamps = a.arrival_stamps;
         readers.push(tokio::task::spawn_local(async move {
             let mut ws = s.ws;
@@ -232,7 +335,11 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
                 // Without stamps the run still measures publish -> receive.
                 let _ = ws.stamp_arrivals();
             }
-            let mut sequence = Sequence::default();
+            // What arrived while subscribing (snapshots) comes first.
+            for p in &s.early {
+                see(&tally, &mut check, k, measure_from.get(), p, None);
+            }
+            drop(s.early);
             loop {
                 let f = match ws.next_text_or_close().await {
                     Ok(f) => f,
@@ -243,34 +350,17 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
                         return;
                     }
                 };
-                let p = ws.payload(&f);
-                let (Some(seq), Some(sent)) = (field_u64(p, &SEQ), field_u64(p, &SENT_NS)) else {
-                    continue;
-                };
-                let now = now_ns();
-                let mut t = tally.borrow_mut();
-                t.received += 1;
-                let (skipped, repeat) = sequence.see(seq, false);
-                t.gaps += skipped;
-                t.dups += repeat as u64;
-                if seq >= measure_from.get() && !repeat {
-                    t.measured += 1;
-                    t.latency.record(now.saturating_sub(sent) / 1000);
-                    if let Some(at) = ws.arrived_ns() {
-                        t.to_socket.record(at.saturating_sub(sent) / 1000);
-                        t.client_lag.record(now.saturating_sub(at) / 1000);
-                    }
-                }
+                see(&tally, &mut check, k, measure_from.get(), ws.payload(&f), ws.arrived_ns());
             }
         }));
     }
 
-    let total = a.rate * (a.warmup + a.duration);
-    let warm = a.rate * a.warmup;
+    let total = rate * (a.warmup + a.duration);
+    let warm = rate * a.warmup;
+    let expectation = Rc::new(RefCell::new(plan.expectation(&connected, warm)));
     let stop = Arc::new(AtomicBool::new(false));
     let produced = Arc::new(AtomicU64::new(0));
     let late = Arc::new(AtomicU64::new(0));
-    let me = procstat::Sample::own();
     let server_start = run.sample();
     let mut prev = Seen::default();
     let mut window = Duration::ZERO;
@@ -281,12 +371,14 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
     let go = kafka_error.is_none() && subscribers > 0 && !run.stop.stopped();
     if go {
         producer = Some({
-            let (brokers, topic, size, rate) = (a.brokers.clone(), a.topic.clone(), a.size, a.rate);
+            let (brokers, topic, size) = (a.brokers.clone(), a.topic.clone(), a.size);
             let (stop, produced, late) = (stop.clone(), produced.clone(), late.clone());
             let idempotent = a.idempotent;
+            let mut stamp = plan.stamper();
             std::thread::spawn(move || {
                 let producer = crate::kafka::producer(&brokers, 0, idempotent);
-                produce(&producer, &topic, size, rate, total, &stop, &produced, &late)
+                let pace = Pace { rate, total, stop: &stop, produced: &produced, late: &late };
+                produce(&producer, &topic, size, &pace, &mut *stamp)
             })
         });
         let start = Instant::now();
@@ -323,12 +415,16 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
             // the producer sent, or the drain time.
             run.enter("drain");
             let drain_start = Instant::now();
-            let expect =
-                |produced: &AtomicU64| produced.load(Ordering::Relaxed).saturating_sub(warm) * subscribers as u64;
-            let (t2, p2) = (tally.clone(), produced.clone());
-            let done = move || t2.borrow().measured >= expect(&p2) && p2.load(Ordering::Relaxed) >= total;
-            let (t3, p3) = (tally.clone(), produced.clone());
-            let extra = move || format!("; measured {}/{}", t3.borrow().measured, expect(&p3));
+            let (t2, p2, e2) = (tally.clone(), produced.clone(), expectation.clone());
+            let done = move || {
+                let p = p2.load(Ordering::Relaxed);
+                p >= total && t2.borrow().measured >= e2.borrow_mut().total(p)
+            };
+            let (t3, p3, e3) = (tally.clone(), produced.clone(), expectation.clone());
+            let extra = move || {
+                let expected = e3.borrow_mut().total(p3.load(Ordering::Relaxed));
+                format!("; measured {}/{expected}", t3.borrow().measured)
+            };
             phase_until(
                 &mut run,
                 drain_start + Duration::from_secs(a.drain),
@@ -360,15 +456,25 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
         r.abort();
     }
     let server_end = run.sample();
-    let _ = me;
 
     let t = tally.borrow();
     let churn = churn_tally.borrow();
     let produced = produced.load(Ordering::Relaxed);
-    let expected_measured = produced.saturating_sub(warm) * subscribers as u64;
+    let mut expectation = expectation.borrow_mut();
+    let expected_measured = expectation.total(produced);
     let lost = expected_measured.saturating_sub(t.measured);
+    let connections_short =
+        connected.iter().zip(&t.measured_by).filter(|(i, got)| **got < expectation.of(**i, produced)).count() as u64;
+    let totals = Totals {
+        measured_updates: produced.saturating_sub(warm),
+        expected_measured,
+        leaked: t.leaked,
+        snapshots: t.snapshots,
+        snapshots_announced,
+        connections_short,
+    };
     let n_closed: u64 = t.closed.values().sum();
-    let rate = per(delivered as f64, window.as_secs_f64());
+    let throughput = per(delivered as f64, window.as_secs_f64());
     let exited = run.probe.is_some() && server_end.is_none();
     let server = match (&run.probe, server_before, server_after) {
         (Some(p), Some(b), Some(af)) => {
@@ -418,6 +524,9 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
             "lost {lost} of {expected_measured} expected deliveries ({:.2}%)",
             lost as f64 * 100.0 / expected_measured as f64
         );
+        if routed {
+            r.push_str(&format!(" at {connections_short} of {subscribers} connections"));
+        }
         if t.measured == 0 {
             r.push_str(&format!(
                 ": nothing was delivered; does the server consume topic {} from the Kafka at --brokers {}?",
@@ -426,8 +535,19 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
         }
         v.fail(r);
     }
+    if t.leaked > 0 {
+        v.fail(format!("{} leaked deliveries (updates of a market the connection is not subscribed to)", t.leaked));
+    }
     if t.dups > 0 {
         v.fail(format!("{} duplicate deliveries", t.dups));
+    }
+    // Snapshot frames precede live updates, so by the end of the drain
+    // every one announced has been read (unless the run was cut short).
+    if routed && !run.stop.stopped() && t.snapshots != snapshots_announced {
+        v.fail(format!(
+            "the subscribe replies announced {snapshots_announced} snapshot frames and {} arrived",
+            t.snapshots
+        ));
     }
     if t.latency.total.is_empty() {
         v.fail("no samples: no measured update was delivered");
@@ -444,7 +564,11 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
         ("delivered", t.measured as f64),
         ("connections", subscribers as f64),
     ]);
-    if let Some(r) = rate.as_f64() {
+    if routed {
+        values.insert("leaked", t.leaked as f64);
+        values.insert("snapshots", t.snapshots as f64);
+    }
+    if let Some(r) = throughput.as_f64() {
         values.insert("throughput", r);
     }
     if let Some(x) = server["cpu_us_per_delivery"].as_f64() {
@@ -468,7 +592,7 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
         ("connect_failures", json!(o.as_ref().map(|o| o.failures.clone()).unwrap_or_default())),
         ("setup", percentiles(&o.as_ref().map_or_else(hdr::histogram, |o| o.total.total.clone()))),
         ("kafka_error", json!(kafka_error)),
-        ("rate_per_s", json!(a.rate)),
+        ("rate_per_s", json!(rate)),
         ("warmup_s", json!(a.warmup)),
         ("duration_s", json!(a.duration)),
         ("value_bytes", json!(a.size)),
@@ -480,7 +604,7 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
         ("delivered_in_window", json!(delivered)),
         ("window_s", json!(window.as_secs_f64())),
         ("drain_s", json!(drain_s)),
-        ("deliveries_per_s", rate.clone()),
+        ("deliveries_per_s", throughput.clone()),
         ("gaps", json!(t.gaps)),
         ("duplicates", json!(t.dups)),
         ("closed_unexpectedly", json!(t.closed)),
@@ -505,15 +629,14 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
     ] {
         report.insert(k.into(), val);
     }
+    plan.report(&mut report, &totals);
     let probe = run.probe.take();
     let human = || {
-        out!(
-            "{scenario}: {subscribers} subscribers x {} updates/s for {} s ({} B values){}",
-            a.rate,
-            a.duration,
-            a.size,
-            churn_settings.map_or(String::new(), |(r, h)| format!(", churn {r}/s held {h} ms"))
-        );
+        let mut head = plan.headline(subscribers, rate, a);
+        if let Some((r, h)) = churn_settings {
+            head.push_str(&format!(", churn {r}/s held {h} ms"));
+        }
+        out!("{head}");
         if let Some(o) = &o {
             for (cause, n) in &o.failures {
                 out!("  connect failure x{n}: {cause}");
@@ -523,14 +646,16 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
             out!("  Kafka unreachable at {}: {e}", a.brokers);
         }
         out!(
-            "  delivered {delivered} in the {:.2} s window = {}; measured {}/{} expected (lost {lost}); gaps {}, duplicates {}",
+            "  delivered {delivered} in the {:.2} s window = {}; measured {}/{} expected (lost {lost}); gaps {}, duplicates {}{}",
             window.as_secs_f64(),
-            rate.as_f64().map_or("no deliveries/s figure".into(), |r| format!("{r:.0} deliveries/s")),
+            throughput.as_f64().map_or("no deliveries/s figure".into(), |r| format!("{r:.0} deliveries/s")),
             t.measured,
             expected_measured,
             t.gaps,
-            t.dups
+            t.dups,
+            if routed { format!(", leaked {}", t.leaked) } else { String::new() }
         );
+        plan.describe(&totals);
         for (cause, n) in &t.closed {
             out!("  subscriber closed x{n}: {cause}");
         }
@@ -566,6 +691,43 @@ async fn run(a: FanoutOpts, churn_settings: Option<(u64, u64)>, settings: Value)
         }
     };
     Ok(run.finish(scenario, settings, report, &mut v, &figures, human))
+}
+
+/// One update frame at subscriber `k`: checked, counted, and (when
+/// measured and expected) its latency recorded. `arrived_ns` is the
+/// kernel's receive stamp, with `--arrival-stamps`.
+fn see<C: Check>(
+    tally: &RefCell<Tally>,
+    check: &mut C,
+    k: usize,
+    measure_from: u64,
+    p: &[u8],
+    arrived_ns: Option<u64>,
+) {
+    let (Some(seq), Some(sent)) = (field_u64(p, &SEQ), field_u64(p, &SENT_NS)) else {
+        return;
+    };
+    let now = now_ns();
+    let delivery = check.see(p, seq, sent);
+    let mut t = tally.borrow_mut();
+    t.received += 1;
+    match delivery {
+        Delivery::Update { skipped, repeat } => {
+            t.gaps += skipped;
+            t.dups += repeat as u64;
+            if seq >= measure_from && !repeat {
+                t.measured += 1;
+                t.measured_by[k] += 1;
+                t.latency.record(now.saturating_sub(sent) / 1000);
+                if let Some(at) = arrived_ns {
+                    t.to_socket.record(at.saturating_sub(sent) / 1000);
+                    t.client_lag.record(now.saturating_sub(at) / 1000);
+                }
+            }
+        }
+        Delivery::Snapshot => t.snapshots += 1,
+        Delivery::Leaked => t.leaked += 1,
+    }
 }
 
 struct ChurnTally {
@@ -643,20 +805,27 @@ async fn churn(
     }
 }
 
+/// The producer's schedule and counters.
+struct Pace<'a> {
+    rate: u64,
+    total: u64,
+    stop: &'a AtomicBool,
+    produced: &'a AtomicU64,
+    late: &'a AtomicU64,
+}
+
 /// The open-loop producer: update `i` is due at `start + i / rate`; its
 /// intended time is stamped in it whether or not the producer kept up.
-#[allow(clippy::too_many_arguments)]
+/// `stamp` writes its routing fields (token, chainId, ...) first.
 fn produce(
     producer: &rdkafka::producer::BaseProducer,
     topic: &str,
     size: usize,
-    rate: u64,
-    total: u64,
-    stop: &AtomicBool,
-    produced: &AtomicU64,
-    late: &AtomicU64,
+    pace: &Pace,
+    stamp: &mut dyn FnMut(u64, &mut String),
 ) {
     use rdkafka::producer::BaseRecord;
+    let Pace { rate, total, stop, produced, late } = *pace;
     let start_ns = now_ns();
     let start = Instant::now();
     let interval_ns = 1_000_000_000 / rate.max(1);
@@ -673,10 +842,12 @@ fn produce(
         }
         let intended = start_ns + i * interval_ns;
         value.clear();
+        value.push('{');
+        stamp(i, &mut value);
         use std::fmt::Write;
         let _ = write!(
             value,
-            r#"{{"token":"ETH","chainId":8453,"price":"2150.45","priceUsd":"2150.45","change24h":"5.2","volume24h":"1250000","seq":{i},"sentNs":{intended},"pad":""#
+            r#""price":"2150.45","priceUsd":"2150.45","change24h":"5.2","volume24h":"1250000","seq":{i},"sentNs":{intended},"pad":""#
         );
         while value.len() + 2 < size {
             value.push('x');

@@ -26,6 +26,8 @@ macro_rules! out {
 mod fanout;
 mod hdr;
 mod kafka;
+mod markets;
+mod plan;
 mod private;
 mod procstat;
 mod report;
@@ -73,6 +75,8 @@ enum Scenario {
     Fanout(fanout::FanoutArgs),
     /// Many users with private streams: each gets exactly its own, in order.
     Private(private::PrivateArgs),
+    /// Connections on a few Zipf-popular markets each: exactly their markets' updates.
+    Markets(markets::MarketsArgs),
     /// A fan-out while connections are opened and dropped at a steady rate.
     Churn(fanout::ChurnArgs),
     /// Run a standalone embedded Kafka-protocol broker and print its address.
@@ -178,6 +182,7 @@ fn main() -> ExitCode {
         Scenario::Connect(a) => run_local(connect(a)),
         Scenario::Fanout(a) => run_local(fanout::run_fanout(a)),
         Scenario::Private(a) => run_local(private::run(a)),
+        Scenario::Markets(a) => run_local(markets::run(a)),
         Scenario::Churn(a) => run_local(fanout::run_churn(a)),
     };
     match result {
@@ -252,13 +257,25 @@ pub(crate) fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
-/// Latencies of one connection's set-up, in µs.
+/// One connection set up, and how long each step took (µs).
 pub(crate) struct Setup {
     pub(crate) ws: Ws,
     connect_us: u64,
     auth_us: u64,
     subscribe_us: u64,
+    /// Wall clock (ns since the epoch) just before the first subscribe was
+    /// sent: an update produced before it can only be a snapshot.
+    pub(crate) subscribed_ns: u64,
+    /// Update frames that arrived between subscribe replies (a market's
+    /// snapshot follows its `subscribed`), in order, for the reader.
+    pub(crate) early: Vec<Vec<u8>>,
+    /// The snapshot frames the `subscribed` replies announced
+    /// (`"snapshot": n`; 0 from a server that does not say).
+    pub(crate) snapshots_announced: u64,
 }
+
+/// Update frames kept while waiting for subscribe replies, at most.
+const MAX_EARLY: usize = 10_000;
 
 /// The `"error"` text of a server reply, for failure messages.
 fn error_text(reply: &[u8]) -> String {
@@ -267,15 +284,16 @@ fn error_text(reply: &[u8]) -> String {
     d["error"].as_str().or(d["message"].as_str()).or(d["code"].as_str()).unwrap_or("no reason given").to_string()
 }
 
-/// Connects, authenticates and subscribes one connection. `t0` is when
-/// the attempt was due: with a connect rate, its scheduled time (so a
-/// late start counts in the latency), otherwise when it started.
-pub(crate) async fn set_up(
+/// Connects, authenticates and subscribes one connection (one `subscribe`
+/// per channel, each answered before the next). `t0` is when the attempt
+/// was due: with a connect rate, its scheduled time (so a late start
+/// counts in the latency), otherwise when it started.
+pub(crate) async fn set_up<S: AsRef<str>>(
     common: &Common,
     server: SocketAddr,
     i: usize,
     user: &str,
-    channels: &[&str],
+    channels: &[S],
     t0: Instant,
 ) -> anyhow::Result<Setup> {
     let mut ws = match Ws::connect(server, source(common, server, i), "").await {
@@ -303,14 +321,37 @@ pub(crate) async fn set_up(
     }
     let auth_us = t1.elapsed().as_micros() as u64;
     let t2 = Instant::now();
+    let subscribed_ns = now_ns();
+    let (mut early, mut snapshots_announced) = (Vec::new(), 0);
     for channel in channels {
+        let channel = channel.as_ref();
         ws.send_text(&json!({"id":"s","type":"subscribe","data":{"channel": channel}}).to_string()).await?;
-        let reply = ws.next_text().await.context("waiting for the subscribe reply")?;
-        if memchr::memmem::find(&reply, b"\"subscribed\"").is_none() {
+        loop {
+            let reply = ws.next_text().await.context("waiting for the subscribe reply")?;
+            if memchr::memmem::find(&reply, b"\"subscribed\"").is_some() {
+                // Parsed in full (once per channel, at set-up): the count may
+                // be written any way JSON allows.
+                let v: Value = serde_json::from_slice(&reply).unwrap_or(Value::Null);
+                snapshots_announced += v["data"]["snapshot"].as_u64().unwrap_or(0);
+                break;
+            }
+            // A snapshot after the previous channel's reply: the reader's.
+            if memchr::memmem::find(&reply, b"_update\"").is_some() && early.len() < MAX_EARLY {
+                early.push(reply);
+                continue;
+            }
             bail!("subscribe to {channel} refused ({})", error_text(&reply));
         }
     }
-    Ok(Setup { ws, connect_us, auth_us, subscribe_us: t2.elapsed().as_micros() as u64 })
+    Ok(Setup {
+        ws,
+        connect_us,
+        auth_us,
+        subscribe_us: t2.elapsed().as_micros() as u64,
+        subscribed_ns,
+        early,
+        snapshots_announced,
+    })
 }
 
 /// The user of connection `i`: `lt-{i}`, or `lt-u{i / per_user}` when
@@ -358,17 +399,24 @@ impl Opened {
     /// "N of M connections failed to set up: cause xK; ..." when any did.
     pub(crate) fn failure_reason(&self) -> Option<String> {
         let failed = self.failed();
-        (failed > 0).then(|| {
-            let causes: Vec<String> = self.failures.iter().map(|(c, n)| format!("{c} x{n}")).collect();
-            format!("{failed} of {} connections failed to set up: {}", self.attempted, causes.join("; "))
-        })
+        (failed > 0)
+            .then(|| format!("{failed} of {} connections failed to set up: {}", self.attempted, causes(&self.failures)))
     }
+}
+
+/// The channels connection `i` subscribes to.
+pub(crate) type Channels = Rc<dyn Fn(usize) -> Vec<String>>;
+
+/// The same channels for every connection.
+pub(crate) fn same_channels(channels: &[&str]) -> Channels {
+    let channels: Vec<String> = channels.iter().map(|s| s.to_string()).collect();
+    Rc::new(move |_| channels.clone())
 }
 
 /// Opens `common.connections` connections with the pacing and
 /// concurrency asked for, printing a progress line a second; stops early
 /// when the run is stopped.
-pub(crate) async fn open_all(run: &mut Run, common: &Common, channels: &[&str], per_user: usize) -> Opened {
+pub(crate) async fn open_all(run: &mut Run, common: &Common, channels: Channels, per_user: usize) -> Opened {
     run.enter("connect");
     let n = common.connections;
     let server = run.server;
@@ -377,7 +425,6 @@ pub(crate) async fn open_all(run: &mut Run, common: &Common, channels: &[&str], 
     let start = Instant::now();
     let spawner = {
         let (common, aborts) = (common.clone(), aborts.clone());
-        let channels: Vec<String> = channels.iter().map(|s| s.to_string()).collect();
         tokio::task::spawn_local(async move {
             let sem = Arc::new(tokio::sync::Semaphore::new(common.concurrency));
             for i in 0..n {
@@ -387,10 +434,9 @@ pub(crate) async fn open_all(run: &mut Run, common: &Common, channels: &[&str], 
                     tokio::time::sleep_until(at.into()).await;
                 }
                 let permit = sem.clone().acquire_owned().await.expect("semaphore open");
-                let (c, chs, tx) = (common.clone(), channels.clone(), tx.clone());
+                let (c, chs, tx) = (common.clone(), channels(i), tx.clone());
                 let t = tokio::task::spawn_local(async move {
                     let user = user_of(i, per_user);
-                    let chs: Vec<&str> = chs.iter().map(String::as_str).collect();
                     let t0 = due.unwrap_or_else(Instant::now);
                     let r = tokio::time::timeout(Duration::from_secs(30), set_up(&c, server, i, &user, &chs, t0)).await;
                     drop(permit);
@@ -509,9 +555,21 @@ pub(crate) fn print_table(title: &str, h: &Histogram<u64>) {
     out!("    100.000%  {:>10.3} ms", h.max() as f64 / 1000.0);
 }
 
-/// A count of causes as `cause xN; ...`.
+/// Causes listed in a verdict line, at most (the JSON has them all).
+const LISTED_CAUSES: usize = 5;
+
+/// A count of causes as `cause xN; ...`: the most frequent first when
+/// there are more than a few (each market channel refused is a cause of
+/// its own), then how many more.
 pub(crate) fn causes(m: &BTreeMap<String, u64>) -> String {
-    m.iter().map(|(c, n)| format!("{c} x{n}")).collect::<Vec<_>>().join("; ")
+    let mut all: Vec<(&String, &u64)> = m.iter().collect();
+    if all.len() <= LISTED_CAUSES {
+        return all.iter().map(|(c, n)| format!("{c} x{n}")).collect::<Vec<_>>().join("; ");
+    }
+    all.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let shown: Vec<String> = all[..LISTED_CAUSES].iter().map(|(c, n)| format!("{c} x{n}")).collect();
+    let rest = &all[LISTED_CAUSES..];
+    format!("{}; and {} other causes x{}", shown.join("; "), rest.len(), rest.iter().map(|(_, n)| **n).sum::<u64>())
 }
 
 /// `x / y` as a number, or null when `y` is 0 (never a misleading zero or
@@ -532,7 +590,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<u8> {
     let mut run = Run::start(c, "connect")?;
     let me = procstat::Sample::own();
     let server_before = run.sample();
-    let mut o = open_all(&mut run, c, &[a.channel.as_str()], 1).await;
+    let mut o = open_all(&mut run, c, same_channels(&[a.channel.as_str()]), 1).await;
     let server_after = run.sample();
     let open = o.setups.len();
     // Hold (answering pings) so idle memory can be read; a connection the
@@ -684,4 +742,100 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<u8> {
         out!("  client CPU: {:.0} ms", mine.as_secs_f64() * 1e3);
     };
     Ok(run.finish("connect", settings, report, &mut v, &figures, human))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_lines_list_the_most_frequent_causes() {
+        let few = BTreeMap::from([("b".to_string(), 1), ("a".to_string(), 2)]);
+        assert_eq!(causes(&few), "a x2; b x1");
+        let many: BTreeMap<String, u64> = (0..8).map(|i| (format!("refused {i}"), 10 + i)).collect();
+        assert_eq!(
+            causes(&many),
+            "refused 7 x17; refused 6 x16; refused 5 x15; refused 4 x14; refused 3 x13; and 3 other causes x33"
+        );
+    }
+
+    /// A scripted server: the upgrade, `auth_required`, then one reply to
+    /// each client frame from `replies` (each reply one or more frames).
+    fn scripted(replies: Vec<Vec<&'static str>>) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).unwrap();
+                head.push(b[0]);
+            }
+            let text = |s: &mut std::net::TcpStream, t: &str| {
+                assert!(t.len() < 126, "short frames only");
+                s.write_all(&[0x81, t.len() as u8]).unwrap();
+                s.write_all(t.as_bytes()).unwrap();
+            };
+            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").unwrap();
+            text(&mut s, r#"{"type":"auth_required"}"#);
+            let mut got = Vec::new();
+            for frames in replies {
+                // A masked client frame (under 64 KiB).
+                let mut h = [0u8; 2];
+                s.read_exact(&mut h).unwrap();
+                let mut len = (h[1] & 0x7f) as usize;
+                if len == 126 {
+                    let mut l = [0u8; 2];
+                    s.read_exact(&mut l).unwrap();
+                    len = u16::from_be_bytes(l) as usize;
+                }
+                let mut mask = [0u8; 4];
+                s.read_exact(&mut mask).unwrap();
+                let mut payload = vec![0u8; len];
+                s.read_exact(&mut payload).unwrap();
+                payload.iter_mut().enumerate().for_each(|(i, b)| *b ^= mask[i % 4]);
+                got.push(String::from_utf8(payload).unwrap());
+                for f in frames {
+                    text(&mut s, f);
+                }
+            }
+            got
+        });
+        (addr, server)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn set_up_keeps_snapshots_that_arrive_between_subscribe_replies() {
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            c: Common,
+        }
+        let common = T::parse_from(["t", "--sources", "1"]).c;
+        let snap = [r#"{"type":"price_update","data":{"seq":1}}"#, r#"{"type":"price_update","data":{"seq":2}}"#];
+        let (addr, server) = scripted(vec![
+            vec![r#"{"type":"auth_success"}"#],
+            // The count may be written with spaces; the snapshot follows.
+            vec![r#"{"type":"subscribed","data":{"channel":"prices:1:ETH","snapshot": 1}}"#, snap[0]],
+            vec![r#"{"type":"subscribed","data":{"channel":"prices:1:WBTC","snapshot":1}}"#, snap[1]],
+            vec![r#"{"type":"subscribed","data":{"channel":"prices","snapshot":0}}"#],
+        ]);
+        let before = now_ns();
+        let channels = ["prices:1:ETH", "prices:1:WBTC", "prices"];
+        let mut s = set_up(&common, addr, 0, "u", &channels, Instant::now()).await.unwrap();
+        let got = server.join().unwrap();
+        assert!(got[0].contains("authenticate"), "{got:?}");
+        for (sent, ch) in got[1..].iter().zip(channels) {
+            assert!(sent.contains(r#""type":"subscribe""#) && sent.contains(&format!(r#""channel":"{ch}""#)), "{sent}");
+        }
+        assert_eq!(s.snapshots_announced, 2);
+        assert!(s.subscribed_ns >= before);
+        // The snapshots read while waiting for a later reply are kept, in
+        // order; the ones after the last reply are the reader's.
+        assert_eq!(s.early, [snap[0].as_bytes(), snap[1].as_bytes()]);
+        assert!(s.ws.next_text().await.is_err(), "nothing else was sent");
+    }
 }

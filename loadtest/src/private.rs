@@ -94,7 +94,7 @@ pub async fn run(a: PrivateArgs) -> anyhow::Result<u8> {
         v.fail(format!("Kafka unreachable at --brokers {}: {e}; nothing was produced", a.brokers));
     }
     let mut o = if kafka_error.is_none() {
-        Some(open_all(&mut run, c, &["orders", "portfolio", "trades"], per_user).await)
+        Some(open_all(&mut run, c, crate::same_channels(&["orders", "portfolio", "trades"]), per_user).await)
     } else {
         None
     };

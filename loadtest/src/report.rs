@@ -68,6 +68,8 @@ const SUMMED: &[&str] = &[
     "gaps",
     "duplicates",
     "misrouted",
+    "leaked",
+    "snapshots",
     "delivered_in_window",
     "deliveries_per_s",
     "connections_per_s",

@@ -61,6 +61,8 @@ pub const FIGURES: &[(&str, &str)] = &[
     ("duplicates", "deliveries received more than once"),
     ("gaps", "sequence numbers skipped within a connection's stream"),
     ("misrouted", "private updates that reached another user (private)"),
+    ("leaked", "updates of a market a connection is not subscribed to that reached it (markets)"),
+    ("snapshots", "snapshot frames received (markets)"),
     ("failed", "connections that failed to set up"),
     ("closed", "connections the server closed (or lost) before the run ended"),
     ("delivered", "deliveries measured"),

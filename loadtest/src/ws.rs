@@ -340,15 +340,22 @@ impl Key {
     pub fn new(key: &'static [u8]) -> Self {
         Self(memchr::memmem::Finder::new(key))
     }
+
+    /// Where the value after the first `key` in `payload` starts.
+    pub fn value_at(&self, payload: &[u8]) -> Option<usize> {
+        Some(self.0.find(payload)? + self.0.needle().len())
+    }
 }
 
 /// The keys of the stamps the load producers put in every update.
 pub static SEQ: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"seq\":"));
 pub static SENT_NS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"sentNs\":"));
+/// A market's own sequence number (`markets`).
+pub static MSEQ: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"mseq\":"));
 
 /// Reads the unsigned integer after `key` in `payload`.
 pub fn field_u64(payload: &[u8], key: &Key) -> Option<u64> {
-    let at = key.0.find(payload)? + key.0.needle().len();
+    let at = key.value_at(payload)?;
     let mut v: u64 = 0;
     let mut any = false;
     for &c in &payload[at..] {

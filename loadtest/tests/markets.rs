@@ -3,15 +3,12 @@
 //! `moonx-loadtest markets` run as a process against them over loopback.
 //! Small sizes, a few seconds each, every wait bounded.
 //!
-//! Which server: [`TARGET`], overridable with `MARKETS_TEST_SERVER=peer`
-//! or `=moonx-ws`. Today it is the rust-tokio peer
-//! (`$PEERS_DIR/rust-tokio/target/release/rust-tokio-peer`, `PEERS_DIR`
-//! defaulting to `/tmp/peers`: copy `shared/peers/rust-tokio` there and
-//! `cargo build --release` in it); without the peer the tests that need a
-//! server print `SKIPPED` and pass without running, which proves nothing.
-//! Once moonx-ws speaks market channels (PROTOCOL.md sections 5 and 11),
-//! `TARGET` becomes `Target::MoonxWs`: the real binary, built when missing
-//! (`common::server_bin`), never skipped.
+//! Which server: [`TARGET`], the `moonx-ws` binary (built when missing,
+//! `common::server_bin`, never skipped), overridable with
+//! `MARKETS_TEST_SERVER=peer` to check the tool against the rust-tokio
+//! peer (`$PEERS_DIR/rust-tokio/target/release/rust-tokio-peer`,
+//! `PEERS_DIR` defaulting to `/tmp/peers`; without it those runs print
+//! `SKIPPED`).
 
 mod common;
 
@@ -33,7 +30,7 @@ enum Target {
 }
 
 /// The server the tests run against (see the module comment).
-const TARGET: Target = Target::Peer;
+const TARGET: Target = Target::MoonxWs;
 
 fn target() -> Target {
     match std::env::var("MARKETS_TEST_SERVER").as_deref() {

@@ -149,9 +149,10 @@ struct ConnectArgs {
     /// Seconds to hold the connections open after the last one is set up.
     #[arg(long, default_value_t = 2)]
     hold: u64,
-    /// Channel to subscribe to.
-    #[arg(long, default_value = "prices", value_parser = ["prices", "orders", "portfolio", "trades"])]
-    channel: String,
+    /// Channel to subscribe to, one subscribe each (repeatable: `--channel
+    /// prices:1:ETH --channel prices:1:BTC`; any name the server knows).
+    #[arg(long = "channel", default_value = "prices")]
+    channels: Vec<String>,
 }
 
 #[derive(Args)]
@@ -590,7 +591,8 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<u8> {
     let mut run = Run::start(c, "connect")?;
     let me = procstat::Sample::own();
     let server_before = run.sample();
-    let mut o = open_all(&mut run, c, same_channels(&[a.channel.as_str()]), 1).await;
+    let names: Vec<&str> = a.channels.iter().map(String::as_str).collect();
+    let mut o = open_all(&mut run, c, same_channels(&names), 1).await;
     let server_after = run.sample();
     let open = o.setups.len();
     // Hold (answering pings) so idle memory can be read; a connection the

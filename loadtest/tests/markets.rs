@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -289,18 +288,7 @@ fn updates_nobody_subscribed_to_fail_the_run_as_leaked() {
         .spawn()
         .unwrap();
     let stderr = markets.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains(" measure ") {
-                let _ = tx.send(());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    rx.recv_timeout(Duration::from_secs(60)).expect("no measure progress line");
+    let reader = common::until_measuring(stderr);
     let other = lt(&[
         "fanout",
         "--server",

@@ -137,18 +137,7 @@ fn a_server_killed_mid_run_fails_the_run() {
         .unwrap();
     // Kill the server at the first progress line of the measured window.
     let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains(" measure ") {
-                let _ = tx.send(());
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    rx.recv_timeout(Duration::from_secs(60)).expect("no measure progress line");
+    let reader = common::until_measuring(stderr);
     srv.0.kill().unwrap();
     srv.0.wait().unwrap();
     let out = wait_bounded(child, Duration::from_secs(60));

@@ -165,7 +165,9 @@ impl State {
         let Some(rb) = self.readback.as_mut() else { return };
         let Some(t) = self.channels.iter().position(|c| *c == Channel::Prices) else { return };
         let pending: Vec<i32> = rb.pending().collect();
-        if !pending.is_empty() {
+        // Positions only matter where messages stop short of the end (a
+        // control record, a compacted gap): looked at now and then.
+        if !pending.is_empty() && rb.position_check_due() {
             if let Ok(positions) = consumer.position() {
                 for p in pending {
                     if let Some(Offset::Offset(next)) = positions.find_partition(&self.topics[t], p).map(|e| e.offset())
@@ -240,13 +242,9 @@ impl State {
         if channel == Channel::Prices {
             if let Some(rb) = self.readback.as_mut().filter(|rb| rb.wants(m.partition, m.offset)) {
                 // Read back for its market's last value, not delivered; its
-                // envelope carries the Kafka timestamp, so it shows its age.
-                let update = self.validator.route(channel, m.payload).ok().map(|route| {
-                    let id = publisher.next_id(&mut self.ids);
-                    let ts = if m.timestamp_ms > 0 { m.timestamp_ms as u64 } else { self.clock.epoch_ms() };
-                    Update::encode(route, &id, ts, m.payload)
-                });
-                rb.take(m.partition, m.offset, m.timestamp_ms, update);
+                // envelope will carry the Kafka timestamp, so it shows its age.
+                let route = self.validator.route(channel, m.payload).ok();
+                rb.take(m.partition, m.offset, m.timestamp_ms, route, m.payload, self.clock.epoch_ms());
                 return;
             }
         }

@@ -42,6 +42,15 @@ pub(crate) struct Lookback {
     pub max_markets: usize,
 }
 
+/// A market's newest value read back: encoded only when handed over, so
+/// the many values a busy market had before it cost a copy each, no more.
+struct Kept {
+    seq: u64,
+    /// The envelope's timestamp: the Kafka message's.
+    timestamp_ms: u64,
+    value: Vec<u8>,
+}
+
 /// The read-back in progress.
 pub(super) struct Readback {
     lookback: Lookback,
@@ -52,10 +61,11 @@ pub(super) struct Readback {
     /// Every prices partition has been given its range.
     assigned: bool,
     /// The newest value read per market, with the order it came in.
-    values: HashMap<Market, (u64, Update)>,
+    values: HashMap<Market, Kept>,
     seq: u64,
     pub messages: u64,
     started: Instant,
+    next_position_check: Instant,
     finished: bool,
 }
 
@@ -70,6 +80,7 @@ impl Readback {
             seq: 0,
             messages: 0,
             started: Instant::now(),
+            next_position_check: Instant::now(),
             finished: false,
         }
     }
@@ -101,6 +112,7 @@ impl Readback {
         if start < high {
             self.until.insert(partition, high);
         }
+        tracing::info!(topic, partition, from = start, to = high, "kafka: reading prices back for snapshots");
         start
     }
 
@@ -115,15 +127,34 @@ impl Readback {
         !self.finished && self.until.get(&partition).is_some_and(|&until| offset < until)
     }
 
-    /// Keeps a read-back update as its market's newest (inside the
-    /// lookback only); then notes how far the partition got.
-    pub fn take(&mut self, partition: i32, offset: i64, timestamp_ms: i64, update: Option<Update>) {
+    /// Keeps a read-back value (its route from validation, None when it
+    /// was invalid) as its market's newest, inside the lookback only; then
+    /// notes how far the partition got. `now_ms` stamps a value whose
+    /// message has no timestamp.
+    pub fn take(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        timestamp_ms: i64,
+        route: Option<Route>,
+        value: &[u8],
+        now_ms: u64,
+    ) {
         self.messages += 1;
-        if let Some(update) = update {
-            if let Route::Market(m) = &update.route {
-                if timestamp_ms <= 0 || timestamp_ms >= self.cutoff_ms {
-                    self.seq += 1;
-                    self.values.insert(m.clone(), (self.seq, update));
+        if let Some(Route::Market(m)) = route {
+            if timestamp_ms <= 0 || timestamp_ms >= self.cutoff_ms {
+                self.seq += 1;
+                let ts = if timestamp_ms > 0 { timestamp_ms as u64 } else { now_ms };
+                match self.values.get_mut(&m) {
+                    Some(kept) => {
+                        kept.seq = self.seq;
+                        kept.timestamp_ms = ts;
+                        kept.value.clear();
+                        kept.value.extend_from_slice(value);
+                    }
+                    None => {
+                        self.values.insert(m, Kept { seq: self.seq, timestamp_ms: ts, value: value.to_vec() });
+                    }
                 }
             }
         }
@@ -146,6 +177,16 @@ impl Readback {
         }
     }
 
+    /// Whether to look at the consumer's positions now (every 100 ms).
+    pub fn position_check_due(&mut self) -> bool {
+        let now = Instant::now();
+        if now >= self.next_position_check {
+            self.next_position_check = now + Duration::from_millis(100);
+            return true;
+        }
+        false
+    }
+
     /// The partitions still being read (for the consumer's positions).
     pub fn pending(&self) -> impl Iterator<Item = i32> + '_ {
         self.until.keys().copied()
@@ -159,14 +200,17 @@ impl Readback {
             return None;
         }
         self.finished = true;
-        let mut values: Vec<(u64, Update)> = std::mem::take(&mut self.values).into_values().collect();
-        values.sort_unstable_by_key(|(seq, _)| *seq);
+        let mut values: Vec<(Market, Kept)> = std::mem::take(&mut self.values).into_iter().collect();
+        values.sort_unstable_by_key(|(_, kept)| kept.seq);
         let skip = values.len().saturating_sub(self.lookback.max_markets);
         let markets = values.len() - skip;
         // In chunks that leave room in the inboxes: a read-back must not
         // push live updates out.
         let mut chunk = Vec::with_capacity(1024);
-        for (_, mut update) in values.into_iter().skip(skip) {
+        let mut ids = itoa::Buffer::new();
+        for (market, kept) in values.into_iter().skip(skip) {
+            let id = publisher.next_id(&mut ids);
+            let mut update = Update::encode(Route::Market(market), &id, kept.timestamp_ms, &kept.value);
             update.replay = true;
             chunk.push(update);
             if chunk.len() == 1024 {

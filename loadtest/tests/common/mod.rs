@@ -193,3 +193,23 @@ pub fn tmp(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Reads a tool run's stderr on a thread and returns once its first
+/// progress line of the measured window appeared (bounded: 60 s); the
+/// thread's result is every line it read.
+pub fn until_measuring(stderr: std::process::ChildStderr) -> std::thread::JoinHandle<Vec<String>> {
+    use std::io::{BufRead, BufReader};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(" measure ") {
+                let _ = tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60)).expect("no measure progress line");
+    reader
+}

@@ -284,3 +284,32 @@ fn kafka_to_socket_latency_counts_only_updates_that_reached_a_socket() {
     }
     assert_eq!(count(), 2.0, "one sample per update that reached a socket");
 }
+
+/// PROTOCOL.md §2: every update carries its Kafka position,
+/// `"pos": "<partition>:<offset>"`, beside `data`.
+#[test]
+fn every_update_carries_its_kafka_position() {
+    let kafka = Kafka::new(2);
+    let srv = server(&kafka, "1");
+    let mut ws = authed(srv.addr, "pos-user");
+    subscribe(&mut ws, "prices");
+    subscribe(&mut ws, "orders");
+    kafka.produce("order.updates", Some(1), br#"{"userId":"other","n":0}"#);
+    for n in 1..=3 {
+        kafka.produce("order.updates", Some(1), format!(r#"{{"userId":"pos-user","n":{n}}}"#).as_bytes());
+    }
+    kafka.produce("price.updates", Some(0), br#"{"token":"ETH","chainId":1}"#);
+    kafka.flush();
+    let mut orders = Vec::new();
+    let mut price_pos = None;
+    while orders.len() < 3 || price_pos.is_none() {
+        let v = recv(&mut ws);
+        match v["type"].as_str().unwrap() {
+            "order_update" => orders.push(v["pos"].as_str().unwrap().to_owned()),
+            "price_update" => price_pos = Some(v["pos"].as_str().unwrap().to_owned()),
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert_eq!(orders, ["1:1", "1:2", "1:3"], "offset 0 was another user's");
+    assert_eq!(price_pos.as_deref(), Some("0:0"));
+}

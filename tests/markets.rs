@@ -343,6 +343,9 @@ fn a_fresh_instance_reads_last_values_back_from_kafka_before_it_is_ready() {
             .collect();
         got.sort();
         assert_eq!(got, [("3", now - 30_000), ("4", now - 10_000)]);
+        let mut positions: Vec<&str> = snapshots.iter().map(|v| v["pos"].as_str().unwrap()).collect();
+        positions.sort();
+        assert_eq!(positions, ["0:2", "1:0"], "each snapshot keeps its Kafka position");
     }
     // Live from the watermark read at start.
     kafka.produce("price.updates", Some(0), price("ETH", "8453", 5).as_bytes());

@@ -102,7 +102,8 @@ fn examples() -> String {
     ];
     for (i, (channel, data)) in updates.into_iter().enumerate() {
         json.clear();
-        write_update_json(&format!("u{}", i + 1), channel.update_type(), EXAMPLE_TS, data.as_bytes(), &mut json);
+        let pos = Some((i as i32 % 4, 1_000_000 + i as i64));
+        write_update_json(&format!("u{}", i + 1), channel.update_type(), EXAMPLE_TS, pos, data.as_bytes(), &mut json);
         out.push_str(&format!("<pre>{}</pre>\n", escape(&String::from_utf8_lossy(&json))));
     }
     out

@@ -244,7 +244,7 @@ impl State {
                 // Read back for its market's last value, not delivered; its
                 // envelope will carry the Kafka timestamp, so it shows its age.
                 let route = self.validator.route(channel, m.payload).ok();
-                rb.take(m.partition, m.offset, m.timestamp_ms, route, m.payload, self.clock.epoch_ms());
+                rb.take((m.partition, m.offset), m.timestamp_ms, route, m.payload, self.clock.epoch_ms());
                 return;
             }
         }
@@ -255,7 +255,8 @@ impl State {
                 }
                 self.stats.consumed[channel as usize].fetch_add(1, Ordering::Relaxed);
                 let id = publisher.next_id(&mut self.ids);
-                let mut update = Update::encode(route, &id, self.clock.epoch_ms(), m.payload);
+                let pos = Some((m.partition, m.offset));
+                let mut update = Update::encode_at(route, &id, self.clock.epoch_ms(), pos, m.payload);
                 update.kafka_ts_ms = m.timestamp_ms;
                 batch.push(update);
             }

@@ -29,6 +29,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::assign::METADATA_TIMEOUT;
 use crate::protocol::channel::Market;
+use crate::protocol::message::Pos;
 use crate::shard::inbox::{Publisher, Route, Update};
 
 /// What to read back.
@@ -46,6 +47,8 @@ pub(crate) struct Lookback {
 /// the many values a busy market had before it cost a copy each, no more.
 struct Kept {
     seq: u64,
+    /// Its Kafka position (the envelope's `pos`).
+    pos: Pos,
     /// The envelope's timestamp: the Kafka message's.
     timestamp_ms: u64,
     value: Vec<u8>,
@@ -131,15 +134,8 @@ impl Readback {
     /// was invalid) as its market's newest, inside the lookback only; then
     /// notes how far the partition got. `now_ms` stamps a value whose
     /// message has no timestamp.
-    pub fn take(
-        &mut self,
-        partition: i32,
-        offset: i64,
-        timestamp_ms: i64,
-        route: Option<Route>,
-        value: &[u8],
-        now_ms: u64,
-    ) {
+    pub fn take(&mut self, pos: Pos, timestamp_ms: i64, route: Option<Route>, value: &[u8], now_ms: u64) {
+        let (partition, offset) = pos;
         self.messages += 1;
         if let Some(Route::Market(m)) = route {
             if timestamp_ms <= 0 || timestamp_ms >= self.cutoff_ms {
@@ -148,12 +144,13 @@ impl Readback {
                 match self.values.get_mut(&m) {
                     Some(kept) => {
                         kept.seq = self.seq;
+                        kept.pos = pos;
                         kept.timestamp_ms = ts;
                         kept.value.clear();
                         kept.value.extend_from_slice(value);
                     }
                     None => {
-                        self.values.insert(m, Kept { seq: self.seq, timestamp_ms: ts, value: value.to_vec() });
+                        self.values.insert(m, Kept { seq: self.seq, pos, timestamp_ms: ts, value: value.to_vec() });
                     }
                 }
             }
@@ -210,7 +207,8 @@ impl Readback {
         let mut ids = itoa::Buffer::new();
         for (market, kept) in values.into_iter().skip(skip) {
             let id = publisher.next_id(&mut ids);
-            let mut update = Update::encode(Route::Market(market), &id, kept.timestamp_ms, &kept.value);
+            let mut update =
+                Update::encode_at(Route::Market(market), &id, kept.timestamp_ms, Some(kept.pos), &kept.value);
             update.replay = true;
             chunk.push(update);
             if chunk.len() == 1024 {

@@ -396,15 +396,28 @@ fn channel_data<'a>(names: Names<'a>, snapshot: Option<usize>, request_id: Optio
     }
 }
 
+/// A Kafka position: partition and offset (PROTOCOL.md §2, `pos`).
+pub type Pos = (i32, i64);
+
 /// Appends a Kafka update's envelope JSON (not yet framed) to `out`:
-/// `data` is the producer's value, verbatim.
-pub fn write_update_json(id: &str, update_type: &str, now_ms: u64, data: &[u8], out: &mut Vec<u8>) {
+/// `data` is the producer's value, verbatim; `pos` its Kafka position,
+/// written as `"pos":"<partition>:<offset>"` (none for an update that did
+/// not come from Kafka).
+pub fn write_update_json(id: &str, update_type: &str, now_ms: u64, pos: Option<Pos>, data: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"id\":\"");
     out.extend_from_slice(id.as_bytes());
     out.extend_from_slice(b"\",\"type\":\"");
     out.extend_from_slice(update_type.as_bytes());
     out.extend_from_slice(b"\",\"timestamp\":");
     out.extend_from_slice(itoa::Buffer::new().format(now_ms).as_bytes());
+    if let Some((partition, offset)) = pos {
+        let mut n = itoa::Buffer::new();
+        out.extend_from_slice(b",\"pos\":\"");
+        out.extend_from_slice(n.format(partition).as_bytes());
+        out.push(b':');
+        out.extend_from_slice(n.format(offset).as_bytes());
+        out.push(b'"');
+    }
     out.extend_from_slice(b",\"data\":");
     out.extend_from_slice(data);
     out.push(b'}');
@@ -511,7 +524,10 @@ mod tests {
     #[test]
     fn update_json_keeps_data_verbatim() {
         let mut out = Vec::new();
-        write_update_json("u1", "price_update", 7, br#"{"token":"ETH","x":[1]}"#, &mut out);
+        write_update_json("u1", "price_update", 7, None, br#"{"token":"ETH","x":[1]}"#, &mut out);
         assert_eq!(out, br#"{"id":"u1","type":"price_update","timestamp":7,"data":{"token":"ETH","x":[1]}}"#);
+        out.clear();
+        write_update_json("u2", "order_update", 7, Some((3, 1_234_567)), br#"{"userId":"a"}"#, &mut out);
+        assert_eq!(out, br#"{"id":"u2","type":"order_update","timestamp":7,"pos":"3:1234567","data":{"userId":"a"}}"#);
     }
 }

@@ -23,7 +23,7 @@ use crossbeam::queue::ArrayQueue;
 
 use crate::protocol::channel::Market;
 use crate::protocol::frame::{encode_header, MAX_HEADER_LEN, OP_TEXT};
-use crate::protocol::message::{write_update_json, Channel};
+use crate::protocol::message::{write_update_json, Channel, Pos};
 use crate::telemetry::LogLimiter;
 
 /// Who receives an update.
@@ -67,13 +67,19 @@ pub struct Update {
 
 impl Update {
     /// Builds the envelope around `data` (kept verbatim) and frames it once.
-    /// `id` must be unique within the instance.
+    /// `id` must be unique within the instance. No `pos`: for updates that
+    /// did not come from Kafka (tests, benches).
     pub fn encode(route: Route, id: &str, now_ms: u64, data: &[u8]) -> Update {
+        Self::encode_at(route, id, now_ms, None, data)
+    }
+
+    /// [`Update::encode`] with the update's Kafka position in the envelope.
+    pub fn encode_at(route: Route, id: &str, now_ms: u64, pos: Option<Pos>, data: &[u8]) -> Update {
         // One allocation: the JSON is written after room for the longest
         // header, then the header goes right before it.
         let mut frame = Vec::with_capacity(MAX_HEADER_LEN + data.len() + 96);
         frame.resize(MAX_HEADER_LEN, 0);
-        write_update_json(id, route.channel().update_type(), now_ms, data, &mut frame);
+        write_update_json(id, route.channel().update_type(), now_ms, pos, data, &mut frame);
         let mut header = [0u8; MAX_HEADER_LEN];
         let n = encode_header(OP_TEXT, frame.len() - MAX_HEADER_LEN, &mut header);
         let start = MAX_HEADER_LEN - n;

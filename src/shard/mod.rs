@@ -260,9 +260,10 @@ impl Shard {
         let Some(slot) = self.conns.get(key) else {
             return;
         };
-        if slot.subs == 0 && slot.user.is_none() && !slot.out.takes_updates() {
+        if slot.subs == 0 && slot.user.is_none() && !slot.out.takes_updates() && self.markets.count(key) == 0 {
             return;
         }
+        // Every topic list lets go of the key before the slot can be reused.
         let topics = self.markets.remove(key);
         self.stats.market_subscriptions.sub(topics as u64);
         for ch in Channel::ALL {

@@ -547,3 +547,24 @@ fn the_last_value_table_is_bounded_by_least_recent_update() {
     s.fanout(&t0);
     assert_eq!(outbox(&mut s, k).len(), before + t0.frame.len());
 }
+
+/// A connection that went slow and is removed leaves no topic list
+/// holding its key: the next connection given the same key receives
+/// nothing it did not subscribe to.
+#[test]
+fn a_removed_slow_connection_leaves_no_market_subscription_behind() {
+    let mut s = shard(600);
+    let k = s.insert(None, 0);
+    s.subscribe_to(k, name("prices:1"));
+    // Each update its own market: nothing to conflate, so it goes slow.
+    for i in 0..10 {
+        s.fanout(&market_update(1, &format!("T{i}"), &format!("{{\"pad\":\"{}\"}}", "x".repeat(100))));
+    }
+    assert!(is_slow(&s, k));
+    s.remove(k);
+    let again = s.insert(None, 0);
+    assert_eq!(again, k, "the slab hands the key out again");
+    assert_eq!(s.fanout(&market_update(1, "T0", "{}")), 0);
+    assert!(outbox(&mut s, again).is_empty());
+    assert_eq!(s.stats.market_subscriptions.get(), 0);
+}

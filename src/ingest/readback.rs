@@ -151,11 +151,26 @@ impl Readback {
                     }
                     None => {
                         self.values.insert(m, Kept { seq: self.seq, pos, timestamp_ms: ts, value: value.to_vec() });
+                        self.bound();
                     }
                 }
             }
         }
         self.reached(partition, offset + 1);
+    }
+
+    /// Keeps the table within twice `max_markets` while reading: past that,
+    /// only the `max_markets` most recently updated stay (the rest could
+    /// not be handed over anyway).
+    fn bound(&mut self) {
+        let max = self.lookback.max_markets;
+        if self.values.len() <= 2 * max {
+            return;
+        }
+        let mut seqs: Vec<u64> = self.values.values().map(|k| k.seq).collect();
+        let drop = seqs.len() - max;
+        let (_, &mut oldest_kept, _) = seqs.select_nth_unstable(drop);
+        self.values.retain(|_, k| k.seq >= oldest_kept);
     }
 
     /// A live price update arrived while others are still read back: the
@@ -223,5 +238,50 @@ impl Readback {
             "kafka: last prices read back for snapshots"
         );
         Some(markets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn market(token: &str) -> Option<Route> {
+        Some(Route::Market(Market { chain: 1, token: token.into() }))
+    }
+
+    /// The newest value per market, the most recent `max_markets` of them,
+    /// handed over oldest first as replayed updates; the table never holds
+    /// more than twice that while reading.
+    #[test]
+    fn keeps_the_newest_value_of_the_most_recent_markets_within_its_bound() {
+        let lookback = Lookback { window: Duration::from_secs(3600), max_messages: 1_000_000, max_markets: 3 };
+        let mut rb = Readback::new(lookback, 10_000_000);
+        let mut offset = 0;
+        let mut take = |rb: &mut Readback, token: &str, value: &str| {
+            rb.take((0, offset), 9_999_000, market(token), value.as_bytes(), 10_000_000);
+            offset += 1;
+        };
+        for i in 0..100 {
+            take(&mut rb, &format!("M{i}"), "{}");
+            assert!(rb.values.len() <= 6, "bounded while reading: {}", rb.values.len());
+        }
+        take(&mut rb, "M97", r#"{"n":2}"#);
+        take(&mut rb, "M42", r#"{"n":3}"#); // evicted before: back as the newest
+        rb.take((0, offset), 1, market("OLD"), b"{}", 10_000_000); // outside the lookback
+        rb.all_assigned();
+        let publisher = Publisher::new(1, 64);
+        assert_eq!(rb.finish_if_done(&publisher), Some(3));
+        let inbox = publisher.inbox(0);
+        let handed: Vec<String> = std::iter::from_fn(|| inbox.queue.pop())
+            .map(|u| {
+                assert!(u.replay, "replayed, delivered to no one");
+                String::from_utf8_lossy(u.json()).into_owned()
+            })
+            .collect();
+        assert_eq!(handed.len(), 3);
+        assert!(handed[0].contains(r#""pos":"0:99""#) && handed[0].contains(r#""data":{}"#), "{}", handed[0]);
+        assert!(handed[1].contains(r#""pos":"0:100""#) && handed[1].contains(r#"{"n":2}"#), "{}", handed[1]);
+        assert!(handed[2].contains(r#""pos":"0:101""#) && handed[2].contains(r#"{"n":3}"#), "{}", handed[2]);
+        assert_eq!(rb.messages, 103);
     }
 }

@@ -264,6 +264,17 @@ pub fn server_frame_len(buf: &[u8]) -> Option<usize> {
     }
 }
 
+/// Header length of the unmasked server frame at the start of `buf` (at
+/// most `buf.len()`): where its payload starts.
+pub fn server_header_len(buf: &[u8]) -> usize {
+    match buf.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    }
+    .min(buf.len())
+}
+
 /// Appends one complete unmasked server frame to `out`.
 pub fn encode_frame(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
     let mut header = [0u8; MAX_HEADER_LEN];

@@ -22,7 +22,7 @@ use atomic_waker::AtomicWaker;
 use crossbeam::queue::ArrayQueue;
 
 use crate::protocol::channel::Market;
-use crate::protocol::frame::{encode_header, MAX_HEADER_LEN, OP_TEXT};
+use crate::protocol::frame::{encode_header, server_header_len, MAX_HEADER_LEN, OP_TEXT};
 use crate::protocol::message::{write_update_json, Channel, Pos};
 use crate::telemetry::LogLimiter;
 
@@ -92,12 +92,7 @@ impl Update {
 impl Update {
     /// The envelope JSON inside the frame (the payload after the header).
     pub fn json(&self) -> &[u8] {
-        let header = match self.frame.get(1).map(|b| b & 0x7F) {
-            Some(126) => 4,
-            Some(127) => 10,
-            _ => 2,
-        };
-        &self.frame[header.min(self.frame.len())..]
+        &self.frame[server_header_len(&self.frame)..]
     }
 }
 

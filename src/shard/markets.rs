@@ -24,7 +24,7 @@ use std::sync::Arc;
 use slab::Slab;
 
 use super::inbox::Update;
-use crate::protocol::channel::Market;
+use crate::protocol::channel::{ChannelName, Market};
 
 /// Ends the last-value list.
 const NONE: u32 = u32::MAX;
@@ -89,10 +89,23 @@ impl Markets {
         }
     }
 
-    /// Whether the connection holds the topic.
-    pub fn holds(&self, key: usize, topic: &TopicKey) -> bool {
-        let Some(t) = self.find(topic) else { return false };
+    /// The topic a market or chain channel names, if it exists.
+    fn find_name(&self, name: &ChannelName) -> Option<u32> {
+        match name {
+            ChannelName::Market(m) => self.markets.get(m).copied(),
+            ChannelName::Chain(c) => self.chains.get(c).copied(),
+            ChannelName::Fixed(_) => None,
+        }
+    }
+
+    /// Whether the connection holds topic `t`.
+    fn holds_topic(&self, key: usize, t: u32) -> bool {
         self.held.get(&(key as u32)).is_some_and(|list| list.iter().any(|&(held, _)| held == t))
+    }
+
+    /// Whether the connection holds the market or chain channel.
+    pub fn holds(&self, key: usize, name: &ChannelName) -> bool {
+        self.find_name(name).is_some_and(|t| self.holds_topic(key, t))
     }
 
     /// How many market and chain channels the connection holds.
@@ -102,7 +115,7 @@ impl Markets {
 
     /// Adds the connection to the topic; false if it held it already.
     pub fn subscribe(&mut self, key: usize, topic: TopicKey) -> bool {
-        if self.holds(key, &topic) {
+        if self.find(&topic).is_some_and(|t| self.holds_topic(key, t)) {
             return false;
         }
         let t = self.topic(topic);
@@ -113,8 +126,8 @@ impl Markets {
     }
 
     /// Takes the connection off the topic; false if it did not hold it.
-    pub fn unsubscribe(&mut self, key: usize, topic: &TopicKey) -> bool {
-        let Some(t) = self.find(topic) else { return false };
+    pub fn unsubscribe(&mut self, key: usize, name: &ChannelName) -> bool {
+        let Some(t) = self.find_name(name) else { return false };
         let Some(list) = self.held.get_mut(&(key as u32)) else { return false };
         let Some(i) = list.iter().position(|&(held, _)| held == t) else { return false };
         let (_, pos) = list.swap_remove(i);

@@ -206,7 +206,7 @@ impl Shard {
     /// Whether the connection holds a market or chain channel (the fixed
     /// channels are the session's bits).
     pub fn holds(&self, key: usize, name: &ChannelName) -> bool {
-        topic_key(name).is_some_and(|t| self.markets.holds(key, &t))
+        self.markets.holds(key, name)
     }
 
     /// How many market and chain channels the connection holds.
@@ -228,7 +228,7 @@ impl Shard {
         match name {
             ChannelName::Fixed(channel) => self.unsubscribe(key, *channel),
             other => {
-                if topic_key(other).is_some_and(|t| self.markets.unsubscribe(key, &t)) {
+                if self.markets.unsubscribe(key, other) {
                     self.stats.market_subscriptions.sub(1);
                 }
             }
@@ -549,15 +549,6 @@ impl Shard {
     /// Whether any parked connection was woken.
     pub fn has_unparks(&self) -> bool {
         !self.unpark.is_empty()
-    }
-}
-
-/// The market table's key of a market or chain channel.
-fn topic_key(name: &ChannelName) -> Option<TopicKey> {
-    match name {
-        ChannelName::Fixed(_) => None,
-        ChannelName::Chain(c) => Some(TopicKey::Chain(*c)),
-        ChannelName::Market(m) => Some(TopicKey::Market(m.clone())),
     }
 }
 

@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 
 use crate::protocol::channel::{market_of_envelope, Market};
-use crate::protocol::frame::server_frame_len;
+use crate::protocol::frame::{server_frame_len, server_header_len};
 use crate::protocol::CloseCode;
 
 use super::price_log::PriceLog;
@@ -220,7 +220,7 @@ impl Outbox {
                 return 0; // not whole frames (cannot happen): leave it
             };
             let frame = &buf[pos..pos + len];
-            frames.push((pos, len, market_of_envelope(&frame[frame_header_len(frame)..])));
+            frames.push((pos, len, market_of_envelope(&frame[server_header_len(frame)..])));
             pos += len;
         }
         let mut newest: HashMap<&Market, usize> = HashMap::new();
@@ -380,16 +380,6 @@ impl Outbox {
     pub(super) fn sent(&self) -> u32 {
         self.sent
     }
-}
-
-/// The header length of the server frame `frame` starts with.
-fn frame_header_len(frame: &[u8]) -> usize {
-    match frame.get(1).map(|b| b & 0x7F) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    }
-    .min(frame.len())
 }
 
 /// The end of the whole frames at the front of `buf` that cover its first

@@ -178,8 +178,10 @@ impl State {
             }
         }
         self.stats.readback_messages.store(rb.messages, Ordering::Relaxed);
+        self.stats.readback_dropped.store(rb.dropped, Ordering::Relaxed);
         if let Some(markets) = rb.finish_if_done(publisher) {
             self.stats.readback_markets.store(markets as u64, Ordering::Relaxed);
+            self.stats.readback_dropped.store(rb.dropped, Ordering::Relaxed);
             self.stats.readback_done.store(true, Ordering::Release);
             self.readback = None;
         }

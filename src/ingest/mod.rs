@@ -88,6 +88,8 @@ pub struct IngestStats {
     /// Messages read back on start, and the markets they left a value for.
     pub readback_messages: AtomicU64,
     pub readback_markets: AtomicU64,
+    /// Markets read back but left out for the `WS_MAX_MARKETS` bound.
+    pub readback_dropped: AtomicU64,
     /// How the clients reach the brokers (`SASL_SSL/SCRAM-SHA-512`, ...).
     pub security: Mutex<String>,
     /// Why the brokers refuse this client right now (a failed SASL login,
@@ -426,6 +428,12 @@ impl IngestStats {
             "moonx_ws_kafka_readback_markets",
             "Markets given a last value by the read-back on start.",
             self.readback_markets.load(Ordering::Relaxed),
+        );
+        e.single(
+            Kind::Counter,
+            "moonx_ws_kafka_readback_markets_dropped_total",
+            "Markets read back on start but left out for the WS_MAX_MARKETS bound (the least recently updated).",
+            self.readback_dropped.load(Ordering::Relaxed),
         );
         e.single(
             Kind::Gauge,

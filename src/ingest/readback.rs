@@ -67,6 +67,9 @@ pub(super) struct Readback {
     values: HashMap<Market, Kept>,
     seq: u64,
     pub messages: u64,
+    /// Markets whose read-back value was dropped for the `max_markets`
+    /// bound (the least recently updated).
+    pub dropped: u64,
     started: Instant,
     next_position_check: Instant,
     finished: bool,
@@ -82,6 +85,7 @@ impl Readback {
             values: HashMap::new(),
             seq: 0,
             messages: 0,
+            dropped: 0,
             started: Instant::now(),
             next_position_check: Instant::now(),
             finished: false,
@@ -171,6 +175,7 @@ impl Readback {
         let drop = seqs.len() - max;
         let (_, &mut oldest_kept, _) = seqs.select_nth_unstable(drop);
         self.values.retain(|_, k| k.seq >= oldest_kept);
+        self.dropped += drop as u64;
     }
 
     /// A live price update arrived while others are still read back: the
@@ -216,6 +221,7 @@ impl Readback {
         values.sort_unstable_by_key(|(_, kept)| kept.seq);
         let skip = values.len().saturating_sub(self.lookback.max_markets);
         let markets = values.len() - skip;
+        self.dropped += skip as u64;
         // In chunks that leave room in the inboxes: a read-back must not
         // push live updates out.
         let mut chunk = Vec::with_capacity(1024);
@@ -234,6 +240,7 @@ impl Readback {
         tracing::info!(
             markets,
             messages = self.messages,
+            dropped = self.dropped,
             elapsed_ms = self.started.elapsed().as_millis() as u64,
             "kafka: last prices read back for snapshots"
         );
@@ -283,5 +290,6 @@ mod tests {
         assert!(handed[1].contains(r#""pos":"0:100""#) && handed[1].contains(r#"{"n":2}"#), "{}", handed[1]);
         assert!(handed[2].contains(r#""pos":"0:101""#) && handed[2].contains(r#"{"n":3}"#), "{}", handed[2]);
         assert_eq!(rb.messages, 103);
+        assert_eq!(rb.dropped, 98, "101 markets kept a value, 3 handed over");
     }
 }

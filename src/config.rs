@@ -211,6 +211,18 @@ pub struct Config {
     /// least recently updated market loses its value (counted).
     #[arg(long, env = "WS_MAX_MARKETS", default_value = "100000")]
     pub ws_max_markets: NonZeroUsize,
+    /// Most updates one resume (`subscribe` with `since`) replays; past
+    /// this it answers `recovered: false`.
+    #[arg(long, env = "WS_RECOVERY_MAX_MESSAGES", default_value = "10000")]
+    pub ws_recovery_max_messages: NonZeroUsize,
+    /// Time a resume's replay may take, in ms; past this it answers
+    /// `recovered: false`.
+    #[arg(long, env = "WS_RECOVERY_TIMEOUT_MS", default_value = "5000", value_parser = parse_ms)]
+    pub ws_recovery_timeout_ms: Duration,
+    /// Kafka partitions read for replays at a time (each scan serves every
+    /// resume waiting on its partition).
+    #[arg(long, env = "WS_RECOVERY_CONCURRENCY", default_value = "4")]
+    pub ws_recovery_concurrency: NonZeroUsize,
     /// Most snapshot frames one `prices:<chainId>` or `prices` subscription
     /// with `"snapshot": true` is sent (newest markets first).
     #[arg(long, env = "WS_SNAPSHOT_MAX_MARKETS", default_value = "1000")]

@@ -25,6 +25,9 @@ pub struct Global {
     pub publisher: Publisher,
     pub stats: Vec<Arc<ShardStats>>,
     pub ingest: Arc<IngestStats>,
+    /// Resumes (PROTOCOL.md §12): requests to the replay thread, results
+    /// back to each shard.
+    pub recovery: Arc<crate::recovery::Hub>,
     /// Redis: cluster-wide limits and registry (None without REDIS_URL).
     pub cluster: Option<Arc<Cluster>>,
     pub clock: Clock,

@@ -15,11 +15,15 @@
 //!  clients:  accept (SO_REUSEPORT listener per shard)
 //!              -> handshake (httparse, refusals of §1, limits)
 //!              -> session: auth_required -> authenticate -> subscribe
+//!
+//!  resumes:  subscribe with since -> shard holds the channel's live updates
+//!              -> replay thread (own consumer, shared scan per partition)
+//!              -> shard's recovery task: subscribed, replay, held updates
 //! ```
 //!
 //! Module map: [`protocol`] is sans-IO (frames, HTTP upgrade, messages,
 //! session state machine); [`config`] the typed settings; [`clock`] time; [`auth`] token
-//! verification; [`cluster`] Redis: cluster-wide limits and registry; [`ingest`] Kafka -> validated, pre-encoded updates; [`limits`] connection and message limits; [`shard`] the
+//! verification; [`cluster`] Redis: cluster-wide limits and registry; [`ingest`] Kafka -> validated, pre-encoded updates; [`recovery`] replays of private channels from Kafka positions; [`limits`] connection and message limits; [`shard`] the
 //! per-core registry, inbox and fan-out; [`conn`] the per-connection driver;
 //! [`stream`] the byte stream under a connection (plain TCP or TLS);
 //! [`http`] the HTTP endpoints; [`telemetry`] counters, histograms, logs;
@@ -38,6 +42,7 @@ pub mod http;
 pub mod ingest;
 pub mod limits;
 pub mod protocol;
+pub mod recovery;
 mod runtime;
 pub mod server;
 pub mod shard;

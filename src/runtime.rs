@@ -3,7 +3,7 @@
 //!
 //! Owns `run_shard`, the main task of one pinned executor: it binds the
 //! shard's listener, then runs the shard's tasks side by side (the accept
-//! loop and the parker from `conn/`, the fan-out and the tick from
+//! loop, the parker and the recovery task from `conn/`, the fan-out and the tick from
 //! `shard/`), and on shutdown stops accepting, closes every connection with
 //! 1001 in batches, and waits up to `SHUTDOWN_GRACE_MS` for the close
 //! handshakes. It sits above `conn/` and `shard/` and composes them; neither
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use glommio::spawn_local;
 
-use crate::conn::{accept, run_parker, ShardCtx};
+use crate::conn::{accept, run_parker, run_recoveries, ShardCtx};
 use crate::global::Global;
 use crate::shard::{pacing, run_fanout, run_tick, tick_for, Pacing};
 
@@ -52,6 +52,7 @@ pub async fn run_shard(
     let every = tick_for(&[cfg.ws_ping_interval, cfg.ws_pong_timeout, cfg.auth_timeout_ms]);
     let tick = spawn_local(run_tick(ctx.shard.clone(), global.clock.clone(), every));
     let parker = spawn_local(run_parker(ctx.clone()));
+    let recoveries = spawn_local(run_recoveries(ctx.clone()));
 
     std::future::poll_fn(|cx| {
         global.stop_wakers[id].register(cx.waker());
@@ -93,6 +94,7 @@ pub async fn run_shard(
     drop(fanout);
     drop(tick);
     drop(parker);
+    drop(recoveries);
 }
 
 /// Connections closed together at least, on shutdown.

@@ -22,6 +22,7 @@ use crate::config::Config;
 pub use crate::global::Global;
 use crate::ingest::{self, Ingest, IngestStats};
 use crate::limits::Limits;
+use crate::recovery::Hub;
 use crate::shard::inbox::Publisher;
 use crate::stream::Tls;
 use crate::telemetry::ShardStats;
@@ -125,6 +126,7 @@ pub fn start_with(config: Config, clock: Clock) -> anyhow::Result<ServerHandle> 
         stats,
         cluster,
         ingest: Arc::new(IngestStats::default()),
+        recovery: Arc::new(Hub::new(shards, config.ws_recovery_timeout_ms)),
         clock,
         tls,
         docs_html: crate::http::docs::render(dev_token.as_ref().map(|d| d.token.as_str())),
@@ -181,6 +183,7 @@ pub fn start_with(config: Config, clock: Clock) -> anyhow::Result<ServerHandle> 
         &global.instance_id,
         global.ingest.clone(),
         global.clock.clone(),
+        global.recovery.clone(),
     )?);
     Ok(handle)
 }

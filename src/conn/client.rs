@@ -11,18 +11,19 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_channel::oneshot;
 
-use super::ShardCtx;
+use super::{recover, ShardCtx};
 use crate::auth::{AuthFailure, Identity, Verification};
 use crate::cluster::RegistryEvent;
 use crate::limits::{RateCounter, RateDecision, UserRate};
 use crate::protocol::channel::ChannelName;
 use crate::protocol::message::{parse_client, ChannelArgs, ClientKind, ErrorCode, Outgoing, ParseError, UserView};
-use crate::protocol::session::{Decision, Refusal, Session, StoredSession, Verified};
+use crate::protocol::session::{recovery_of, Decision, Refusal, Session, StoredSession, Verified};
 use crate::protocol::CloseCode;
 use crate::shard::inbox::Update;
 use crate::telemetry::Received;
@@ -219,6 +220,23 @@ impl Client {
     /// `subscribed` and the snapshots that follow it.
     fn subscribe(&mut self, who: &Who<'_>, args: &ChannelArgs<'_>, request_id: Option<&str>) {
         let ctx = who.ctx;
+        let resume = match recovery_of(args) {
+            Ok(resume) => resume,
+            Err(refusal) => return refuse(who, args, refusal, request_id),
+        };
+        if let Some((channel, (partition, _))) = resume {
+            let known = ctx.global.ingest.partitions_of[channel as usize].load(Ordering::Relaxed);
+            let refusal = if known > 0 && partition as u32 >= known {
+                Some("since names a partition the channel's topic does not have")
+            } else if ctx.shard.borrow().resume_ticket(who.key, channel).is_some() {
+                Some("a resume of this channel is already in progress")
+            } else {
+                None
+            };
+            if let Some(message) = refusal {
+                return refuse(who, args, Refusal { code: ErrorCode::InvalidMessage, message, index: 0 }, request_id);
+            }
+        }
         let plan = {
             let shard = ctx.shard.borrow();
             self.session.plan_subscribe(args, |name| shard.holds(who.key, name), shard.topics_held(who.key))
@@ -227,6 +245,14 @@ impl Client {
             Ok(plan) => plan,
             Err(refusal) => return refuse(who, args, refusal, request_id),
         };
+        if let (Some((channel, since)), Some(user)) = (resume, self.session.identity().map(|i| i.user_id.clone())) {
+            // Answered when the replay is done (`recover.rs`).
+            if plan.first().is_some_and(|(_, new)| *new) {
+                who.registry(RegistryEvent::Subscriptions { id: who.id, subs: self.session.subscriptions() });
+            }
+            recover::begin(ctx, who.key, user, channel, since, request_id);
+            return;
+        }
         let max = ctx.global.config.ws_snapshot_max_markets.get();
         let mut snapshots: Vec<Arc<Update>> = Vec::new();
         let mut fixed_changed = false;
@@ -252,6 +278,7 @@ impl Client {
         who.reply(&Outgoing::Subscribed {
             names: args.reply_names(),
             snapshot: any_price.then_some(snapshots.len()),
+            recovery: None,
             request_id,
         });
         let mut shard = ctx.shard.borrow_mut();
@@ -268,6 +295,12 @@ impl Client {
             Ok(names) => names,
             Err(refusal) => return refuse(who, args, refusal, request_id),
         };
+        for name in &names {
+            if let ChannelName::Fixed(channel) = name {
+                // A resume in flight is answered first (recovered:false).
+                recover::cancel(who.ctx, who.key, *channel);
+            }
+        }
         {
             let mut shard = who.ctx.shard.borrow_mut();
             for name in &names {

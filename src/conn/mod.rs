@@ -2,16 +2,19 @@
 //! sockets off the shard's listener), `upgrade.rs` (the HTTP phase: the
 //! endpoints, refusals and the upgrade), `driver.rs` (the WebSocket phase's
 //! I/O around the sans-IO link), `client.rs` (messages and authentication)
-//! and `park.rs` (idle connections held without a task), and [`ShardCtx`],
+//! `park.rs` (idle connections held without a task), `recover.rs`
+//! (resumes of private channels, PROTOCOL.md §12), and [`ShardCtx`],
 //! what every connection task on a shard shares.
 
 pub(crate) mod accept;
 mod client;
 mod driver;
 mod park;
+mod recover;
 mod upgrade;
 
 pub(crate) use park::run as run_parker;
+pub(crate) use recover::run as run_recoveries;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -46,6 +49,8 @@ pub struct ShardCtx {
     /// Monotonic ms by which every close handshake of a shutdown must end.
     shutdown_deadline_ms: Cell<u64>,
     parker: park::Parker,
+    /// Resumes in flight on this shard (`recover.rs`).
+    resumes: RefCell<recover::Resumes>,
 }
 
 /// How long our close frame waits for the peer's.
@@ -94,6 +99,7 @@ impl ShardCtx {
             conn_log: LogBudget::new(CONN_LOG_PER_SEC, CONN_LOG_BURST),
             shutdown_deadline_ms: Cell::new(0),
             parker: park::Parker::new(id, cfg.ws_park_idle_ms.as_millis() as u64, share),
+            resumes: RefCell::default(),
             global,
         }
     }

@@ -9,7 +9,9 @@
 
 use std::borrow::Cow;
 
-use crate::protocol::message::{encode_outgoing, write_update_json, Channel, ErrorCode, Names, Outgoing, UserView};
+use crate::protocol::message::{
+    encode_outgoing, write_update_json, Channel, ErrorCode, Names, Outgoing, Recovery, UserView,
+};
 
 const TEMPLATE: &str = include_str!("docs.html");
 /// The protocol reference users read in the repository.
@@ -43,9 +45,20 @@ fn examples() -> String {
         Outgoing::AuthRequired { timeout_ms: 10_000, connection_id: "ws-1-8f3a2c/42" },
         Outgoing::AuthSuccess { user, connection_id: "ws-1-8f3a2c/42", request_id: rid },
         Outgoing::AuthFailed { error: "Token expired", request_id: None },
-        Outgoing::Subscribed { names: Names::One("prices"), snapshot: Some(0), request_id: rid },
-        Outgoing::Subscribed { names: Names::One("prices:8453:ETH"), snapshot: Some(1), request_id: rid },
-        Outgoing::Subscribed { names: Names::Many(&markets), snapshot: Some(2), request_id: rid },
+        Outgoing::Subscribed { names: Names::One("prices"), snapshot: Some(0), recovery: None, request_id: rid },
+        Outgoing::Subscribed {
+            names: Names::One("prices:8453:ETH"),
+            snapshot: Some(1),
+            recovery: None,
+            request_id: rid,
+        },
+        Outgoing::Subscribed { names: Names::Many(&markets), snapshot: Some(2), recovery: None, request_id: rid },
+        Outgoing::Subscribed {
+            names: Names::One("orders"),
+            snapshot: None,
+            recovery: Some(Recovery { recovered: true, missed: 2 }),
+            request_id: rid,
+        },
         Outgoing::Unsubscribed { names: Names::One("orders"), request_id: rid },
         Outgoing::Pong { now_ms: EXAMPLE_TS, request_id: rid },
         Outgoing::Error {
@@ -68,8 +81,9 @@ fn examples() -> String {
         r#"{"id":"msg_1","type":"authenticate","timestamp":1701234567890,"data":{"token":"<JWT>"}}"#,
         r#"{"id":"msg_2","type":"subscribe","timestamp":1701234567890,"data":{"channel":"prices"}}"#,
         r#"{"id":"msg_3","type":"subscribe","data":{"channels":["prices:8453:ETH","prices:8453"],"snapshot":true}}"#,
-        r#"{"id":"msg_4","type":"unsubscribe","data":{"channel":"prices"}}"#,
-        r#"{"id":"msg_5","type":"ping"}"#,
+        r#"{"id":"msg_4","type":"subscribe","data":{"channel":"orders","since":"3:1042"}}"#,
+        r#"{"id":"msg_5","type":"unsubscribe","data":{"channel":"prices"}}"#,
+        r#"{"id":"msg_6","type":"ping"}"#,
     ] {
         // Checked by the real parser: an example the server would refuse is a bug.
         debug_assert!(crate::protocol::message::parse_client(text.as_bytes()).is_ok());

@@ -78,6 +78,15 @@ fn metrics(g: &Global) -> String {
     let mut e = Exposition::new();
     describe_shards(&g.stats, &dropped, &mut e);
     g.ingest.describe(&mut e);
+    let sum = |f: fn(&crate::telemetry::ShardStats) -> u64| g.stats.iter().map(|s| f(s)).sum::<u64>();
+    g.recovery.describe(
+        &mut e,
+        [
+            sum(|s| s.recoveries_overflowed.get()),
+            sum(|s| s.recoveries_abandoned.get()),
+            sum(|s| s.recoveries_in_flight.get()),
+        ],
+    );
     if let Some(cluster) = &g.cluster {
         cluster.describe(&mut e);
     }

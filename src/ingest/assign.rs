@@ -55,6 +55,12 @@ impl Assignment {
         }
     }
 
+    /// How many partitions topic `t` has, as far as assigned (its highest
+    /// partition number + 1; 0 before any).
+    pub fn partitions_of(&self, t: usize) -> u32 {
+        self.partitions.range((t, i32::MIN)..=(t, i32::MAX)).next_back().map_or(0, |&(_, p)| p as u32 + 1)
+    }
+
     /// Assigns partitions not assigned yet; true when every topic exists
     /// and all its partitions are assigned. The topic at `readback.0`
     /// (prices) starts where its read-back says, when it existed at start.

@@ -74,6 +74,9 @@ pub(super) fn run(
         if Instant::now() >= next_refresh {
             let readback = prices.zip(state.readback.as_mut());
             let complete = assignment.refresh(&consumer, &stop, readback);
+            for (t, (_, channel)) in settings.topics.iter().enumerate() {
+                stats.partitions_of[*channel as usize].store(assignment.partitions_of(t), Ordering::Relaxed);
+            }
             if complete {
                 stats.assigned.store(true, Ordering::Release);
             }

@@ -36,6 +36,7 @@ use rdkafka::ClientContext;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::protocol::message::Channel;
+use crate::recovery::{self, Hub};
 use crate::shard::inbox::Publisher;
 use crate::telemetry::{Exposition, Kind, LogLimiter};
 use validate::Invalid;
@@ -76,6 +77,9 @@ pub struct IngestStats {
     pub invalid: [[AtomicU64; 4]; 4],
     /// Per (topic, partition).
     pub partitions: Mutex<BTreeMap<(String, i32), PartitionStat>>,
+    /// Partitions of each channel's topic, as the consumer last saw them
+    /// (0: not known yet); a resume naming another partition is refused.
+    pub partitions_of: [AtomicU32; 4],
     /// Partitions held up by an undecodable batch right now.
     pub stuck: AtomicU32,
     /// At least one broker connection is up.
@@ -145,6 +149,8 @@ impl IngestStats {
 pub struct Ingest {
     stop: Arc<AtomicBool>,
     consumer: Option<JoinHandle<()>>,
+    /// The replay thread of resumes (`recovery::worker`).
+    recovery: Option<JoinHandle<()>>,
     broker: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
@@ -158,6 +164,9 @@ impl Ingest {
     fn halt(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.consumer.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.recovery.take() {
             let _ = t.join();
         }
         if let Some((stop, t)) = self.broker.take() {
@@ -190,9 +199,11 @@ pub fn start(
     instance_id: &str,
     stats: Arc<IngestStats>,
     clock: Clock,
+    recovery: Arc<Hub>,
 ) -> Result<Ingest, IngestError> {
-    let mut ingest = Ingest { stop: Arc::new(AtomicBool::new(false)), consumer: None, broker: None };
+    let mut ingest = Ingest { stop: Arc::new(AtomicBool::new(false)), consumer: None, recovery: None, broker: None };
     let topics = topics(cfg);
+    let private: Vec<(String, Channel)> = topics.iter().filter(|(_, c)| c.is_private()).cloned().collect();
     // One set of properties for every client (the consumer, the demo feed).
     let client = client::ClientSettings::from_config(cfg)?;
     let (bootstrap, fetch_wait_ms) = match &cfg.kafka_brokers {
@@ -263,9 +274,41 @@ pub fn start(
         topics,
         batch_size: cfg.kafka_consumer_batch_size.get(),
         refresh: cfg.kafka_topic_refresh_ms,
-        clock,
+        clock: clock.clone(),
         refusals,
     };
+    if let Some(incoming) = recovery.take_incoming() {
+        let mut config = client.client_config(&bootstrap);
+        if client.get("client.id").is_none() {
+            config.set("client.id", format!("moonx-ws-{instance_id}-recovery"));
+        }
+        if client.get("log_level").is_none() {
+            config.set("log_level", "4");
+        }
+        // Assigned partitions only: the group is never joined, nothing is
+        // committed. A position gone from the log is an error (the resume
+        // then answers recovered:false), never a silent jump.
+        let replays: BaseConsumer = config
+            .set("group.id", format!("{group}-recovery"))
+            .set("auto.offset.reset", "error")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+            .create()
+            .map_err(|e| IngestError::Consumer(client.redact(&e.to_string())))?;
+        let settings = recovery::worker::Settings {
+            topics: private,
+            concurrency: cfg.ws_recovery_concurrency.get(),
+            max_messages: cfg.ws_recovery_max_messages.get(),
+            clock: clock.clone(),
+        };
+        let (publisher, stop) = (publisher.clone(), ingest.stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("kafka-recovery".into())
+            .spawn(move || recovery::worker::run(replays, recovery, incoming, publisher, settings, stop))
+            .map_err(|e| IngestError::Embedded(e.to_string()))?;
+        ingest.recovery = Some(thread);
+    }
     let stop = ingest.stop.clone();
     let thread = std::thread::Builder::new()
         .name("kafka-ingest".into())

@@ -97,12 +97,43 @@ pub struct ChannelArgs<'a> {
     pub many: bool,
     /// `data.snapshot`, when given.
     pub snapshot: Option<bool>,
+    /// `data.since`, when given (only with a single `channel`).
+    pub since: Option<Since>,
+}
+
+/// A subscribe's `since` (PROTOCOL.md §12): a position, or something that
+/// is not one (refused on a private channel, ignored on a public one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    Pos(Pos),
+    Malformed,
+}
+
+impl Since {
+    /// Reads `"<partition>:<offset>"`, both non-negative decimal integers.
+    pub fn parse(raw: &RawValue) -> Since {
+        let Ok(text) = serde_json::from_str::<&str>(raw.get()) else {
+            return Since::Malformed;
+        };
+        parse_pos(text).map_or(Since::Malformed, Since::Pos)
+    }
+}
+
+/// `"<partition>:<offset>"` with non-negative decimal integers (no sign,
+/// no spaces), as `pos` writes it.
+pub fn parse_pos(text: &str) -> Option<Pos> {
+    let (p, o) = text.split_once(':')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(p) || !digits(o) {
+        return None;
+    }
+    Some((p.parse().ok()?, o.parse().ok()?))
 }
 
 impl<'a> ChannelArgs<'a> {
     /// One channel, as `{"channel": name}`.
     pub fn one(name: &'a str) -> Self {
-        ChannelArgs { names: vec![Cow::Borrowed(name)], many: false, snapshot: None }
+        ChannelArgs { names: vec![Cow::Borrowed(name)], many: false, snapshot: None, since: None }
     }
 
     /// The names, as a reply shows them.
@@ -162,6 +193,8 @@ struct ChannelData<'a> {
     channels: Option<Vec<Cow<'a, str>>>,
     #[serde(default)]
     snapshot: Option<bool>,
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
 }
 
 /// Parses one client text message (already UTF-8 checked by the codec).
@@ -193,10 +226,14 @@ pub fn parse_client(text: &[u8]) -> Result<ClientMessage<'_>, ParseError<'_>> {
             let Ok(d) = serde_json::from_str::<ChannelData>(data.get()) else {
                 return Err(invalid(id, SHAPE));
             };
+            let since = d.since.map(Since::parse);
             let arg = match (d.channel, d.channels) {
-                (Some(name), None) => ChannelArgs { names: vec![name], many: false, snapshot: d.snapshot },
+                (Some(name), None) => ChannelArgs { names: vec![name], many: false, snapshot: d.snapshot, since },
+                (None, Some(_)) if since.is_some() => {
+                    return Err(invalid(id, "data.since is accepted only with a single data.channel"))
+                }
                 (None, Some(names)) if (1..=MAX_CHANNELS_PER_MESSAGE).contains(&names.len()) => {
-                    ChannelArgs { names, many: true, snapshot: d.snapshot }
+                    ChannelArgs { names, many: true, snapshot: d.snapshot, since: None }
                 }
                 _ => return Err(invalid(id, SHAPE)),
             };
@@ -235,6 +272,14 @@ impl ErrorCode {
     }
 }
 
+/// How a subscribe with `since` ended (PROTOCOL.md §12): `recovered`
+/// false means the client must reload its state by other means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    pub recovered: bool,
+    pub missed: u64,
+}
+
 /// A user as shown in `auth_success`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct UserView<'a> {
@@ -262,10 +307,13 @@ pub enum Outgoing<'a> {
         error: &'a str,
         request_id: Option<&'a str>,
     },
-    /// `snapshot`: how many snapshot frames follow (for price channels).
+    /// `snapshot`: how many snapshot frames follow (for price channels);
+    /// `recovery`: for a subscribe with `since`, whether the replay was
+    /// complete and how many updates it sent (`recovered`, `missed`).
     Subscribed {
         names: Names<'a>,
         snapshot: Option<usize>,
+        recovery: Option<Recovery>,
         request_id: Option<&'a str>,
     },
     Unsubscribed {
@@ -324,6 +372,10 @@ enum Data<'a> {
         channel: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         snapshot: Option<usize>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        missed: Option<u64>,
         #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
         request_id: Option<&'a str>,
     },
@@ -371,8 +423,10 @@ pub fn encode_outgoing(msg: &Outgoing, id: &str, now_ms: u64, json: &mut Vec<u8>
             Data::User { user, connection_id, request_id: *request_id }
         }
         Outgoing::AuthFailed { error, request_id } => Data::Failed { error, request_id: *request_id },
-        Outgoing::Subscribed { names, snapshot, request_id } => channel_data(*names, *snapshot, *request_id),
-        Outgoing::Unsubscribed { names, request_id } => channel_data(*names, None, *request_id),
+        Outgoing::Subscribed { names, snapshot, recovery, request_id } => {
+            channel_data(*names, *snapshot, *recovery, *request_id)
+        }
+        Outgoing::Unsubscribed { names, request_id } => channel_data(*names, None, None, *request_id),
         Outgoing::Pong { now_ms, request_id } => Data::Pong { timestamp: *now_ms, request_id: *request_id },
         Outgoing::Error { code, message, request_id, retry_after_ms, channel } => Data::Error {
             code: code.as_str(),
@@ -389,9 +443,20 @@ pub fn encode_outgoing(msg: &Outgoing, id: &str, now_ms: u64, json: &mut Vec<u8>
     encode_frame(OP_TEXT, json, out);
 }
 
-fn channel_data<'a>(names: Names<'a>, snapshot: Option<usize>, request_id: Option<&'a str>) -> Data<'a> {
+fn channel_data<'a>(
+    names: Names<'a>,
+    snapshot: Option<usize>,
+    recovery: Option<Recovery>,
+    request_id: Option<&'a str>,
+) -> Data<'a> {
     match names {
-        Names::One(channel) => Data::Channel { channel, snapshot, request_id },
+        Names::One(channel) => Data::Channel {
+            channel,
+            snapshot,
+            recovered: recovery.map(|r| r.recovered),
+            missed: recovery.map(|r| r.missed),
+            request_id,
+        },
         Names::Many(channels) => Data::Channels { channels, snapshot, request_id },
     }
 }
@@ -450,7 +515,8 @@ mod tests {
             Ok(ClientKind::Subscribe(ChannelArgs {
                 names: vec!["prices:1:ETH".into(), "orders".into()],
                 many: true,
-                snapshot: Some(true)
+                snapshot: Some(true),
+                since: None,
             }))
         );
         assert_eq!(kind(r#"{"type":"ping"}"#), Ok(ClientKind::Ping));

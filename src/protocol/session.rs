@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use super::channel::ChannelName;
-use super::message::{ChannelArgs, ClientKind, ErrorCode};
+use super::message::{Channel, ChannelArgs, ClientKind, ErrorCode, Pos, Since};
 use super::CloseCode;
 
 /// Who a verified token belongs to.
@@ -72,6 +72,30 @@ fn parse_names(args: &ChannelArgs<'_>) -> Result<Vec<ChannelName>, Refusal> {
             })
         })
         .collect()
+}
+
+/// The replay a subscribe asks for (PROTOCOL.md §12): its private channel
+/// and the position after which to replay. `since` on a public channel
+/// is ignored, whatever its form; on a private one it must be a position.
+/// An unknown channel is not judged here (the subscribe refuses it).
+pub fn recovery_of(args: &ChannelArgs<'_>) -> Result<Option<(Channel, Pos)>, Refusal> {
+    let (Some(since), false) = (args.since, args.many) else {
+        return Ok(None);
+    };
+    let Some(ChannelName::Fixed(channel)) = ChannelName::parse(&args.names[0]) else {
+        return Ok(None);
+    };
+    if !channel.is_private() {
+        return Ok(None);
+    }
+    match since {
+        Since::Pos(pos) => Ok(Some((channel, pos))),
+        Since::Malformed => Err(Refusal {
+            code: ErrorCode::InvalidMessage,
+            message: "since must be \"<partition>:<offset>\", the pos of an update (non-negative integers)",
+            index: 0,
+        }),
+    }
 }
 
 /// The result of applying a verification.
@@ -317,7 +341,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::message::Channel;
+    use crate::protocol::message::parse_client;
 
     const TIMERS: SessionTimers = SessionTimers { auth_timeout_ms: 10_000, leeway_ms: 30_000, max_subscriptions: 2 };
 
@@ -373,6 +397,33 @@ mod tests {
     }
 
     #[test]
+    fn since_asks_for_a_replay_only_on_a_private_channel() {
+        let recovery = |text: &str| match parse_client(text.as_bytes()).map(|m| m.kind) {
+            Ok(ClientKind::Subscribe(args)) => recovery_of(&args).map_err(|r| r.code),
+            other => panic!("not a subscribe: {other:?}"),
+        };
+        let sub = |channel: &str, since: &str| {
+            format!(r#"{{"type":"subscribe","data":{{"channel":"{channel}","since":{since}}}}}"#)
+        };
+        assert_eq!(recovery(&sub("orders", r#""3:1042""#)), Ok(Some((Channel::Orders, (3, 1042)))));
+        assert_eq!(recovery(&sub("trades", r#""0:0""#)), Ok(Some((Channel::Trades, (0, 0)))));
+        for bad in
+            [r#""3""#, r#""-1:5""#, r#""3:-5""#, r#""a:1""#, r#"" 3:1""#, r#""3:1:2""#, "31", r#""99999999999:1""#]
+        {
+            assert_eq!(recovery(&sub("portfolio", bad)), Err(ErrorCode::InvalidMessage), "{bad}");
+            // Public channels ignore it, whatever its form.
+            assert_eq!(recovery(&sub("prices", bad)), Ok(None), "{bad}");
+            assert_eq!(recovery(&sub("prices:1:ETH", bad)), Ok(None), "{bad}");
+        }
+        // Unknown channels are refused by the subscribe, not here.
+        assert_eq!(recovery(&sub("nope", r#""x""#)), Ok(None));
+        assert_eq!(recovery(r#"{"type":"subscribe","data":{"channel":"orders"}}"#), Ok(None));
+        // Only with a single channel.
+        let many = parse_client(br#"{"type":"subscribe","data":{"channels":["orders"],"since":"1:2"}}"#);
+        assert_eq!(many.map(|m| m.kind).map_err(|e| e.code()), Err(ErrorCode::InvalidMessage));
+    }
+
+    #[test]
     fn subscription_cap_and_unknown_channels() {
         let mut s = Session::new(0, TIMERS);
         s.on_verified(Ok(ident("u1", None)));
@@ -380,6 +431,7 @@ mod tests {
             names: names.iter().map(|&n| n.into()).collect(),
             many: true,
             snapshot: None,
+            since: None,
         };
         // All or nothing: the third name passes the limit of 2, so the
         // first two are not added either.

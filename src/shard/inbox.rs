@@ -63,6 +63,8 @@ pub struct Update {
     /// Read back on start for snapshots: recorded as its market's last
     /// value, delivered to no one.
     pub replay: bool,
+    /// Its Kafka position (also in the frame), when it came from Kafka.
+    pub pos: Option<Pos>,
 }
 
 impl Update {
@@ -85,7 +87,14 @@ impl Update {
         let start = MAX_HEADER_LEN - n;
         frame[start..MAX_HEADER_LEN].copy_from_slice(&header[..n]);
         frame.drain(..start);
-        Update { route, frame: frame.into_boxed_slice(), published_at: Instant::now(), kafka_ts_ms: 0, replay: false }
+        Update {
+            route,
+            frame: frame.into_boxed_slice(),
+            published_at: Instant::now(),
+            kafka_ts_ms: 0,
+            replay: false,
+            pos,
+        }
     }
 }
 

@@ -26,6 +26,7 @@
 //! reader cannot slow others.
 
 mod fanout;
+mod held;
 pub mod inbox;
 mod markets;
 mod outbox;
@@ -48,6 +49,7 @@ use crate::protocol::channel::ChannelName;
 use crate::protocol::message::Channel;
 use crate::protocol::CloseCode;
 use crate::telemetry::{Sent, ShardStats};
+use held::{Hold, Holds};
 use inbox::{Route, Update};
 use markets::{Markets, TopicKey};
 use outbox::Buffers;
@@ -73,6 +75,8 @@ pub struct Shard {
     registry: Registry,
     /// Market and chain channels, and each market's last update.
     markets: Markets,
+    /// Private channels being resumed, and their held live updates.
+    holds: Holds,
     /// Connections an update with overlapping routes reached (scratch).
     reached: Vec<usize>,
     log: PriceLog,
@@ -95,6 +99,7 @@ impl Shard {
             conns: Slab::new(),
             registry: Registry::default(),
             markets: Markets::new(DEFAULT_MAX_MARKETS),
+            holds: Holds::default(),
             reached: Vec::new(),
             log: PriceLog::default(),
             bufs: Buffers::new(max_buffered),
@@ -241,6 +246,73 @@ impl Shard {
         }
     }
 
+    /// Subscribes the connection to private `channel` for a resume
+    /// (PROTOCOL.md §12): live updates of the channel are held aside from
+    /// now until [`Shard::end_resume`]. Returns the resume's ticket; None
+    /// when one of that channel is already in flight on the connection,
+    /// or it takes no updates any more.
+    pub fn begin_resume(&mut self, key: usize, channel: Channel) -> Option<u64> {
+        if !self.conns[key].out.takes_updates() {
+            return None;
+        }
+        let ticket = self.holds.begin(key, channel)?;
+        self.subscribe(key, channel);
+        self.conns[key].marks.set(Marks::HOLDING, true);
+        self.stats.recoveries_in_flight.set(self.holds.len() as u64);
+        Some(ticket)
+    }
+
+    /// The ticket of the connection's resume of `channel`, if in flight.
+    pub fn resume_ticket(&self, key: usize, channel: Channel) -> Option<u64> {
+        self.holds.ticket(key, channel)
+    }
+
+    /// Ends the resume with `ticket` and returns the live updates held
+    /// meanwhile, oldest first; None when it is no longer in flight (the
+    /// connection left, or it overflowed). The caller queues the reply,
+    /// the replay, then what it keeps of these ([`Shard::deliver`]).
+    /// `floor`: the partition and end of a complete replay; live updates
+    /// of that partition below it, should the shard's feed not have reached
+    /// it yet, are skipped.
+    pub fn end_resume(
+        &mut self,
+        key: usize,
+        channel: Channel,
+        ticket: u64,
+        floor: Option<(i32, i64)>,
+    ) -> Option<Vec<Arc<Update>>> {
+        let held = self.holds.end(key, channel, ticket, floor)?;
+        if !self.holds.holds_any(key) {
+            self.conns[key].marks.set(Marks::HOLDING, false);
+        }
+        self.stats.recoveries_in_flight.set(self.holds.len() as u64);
+        Some(held.updates)
+    }
+
+    /// Queues updates for one connection, in order (a resume's replay and
+    /// what was held); past the limit, a slow consumer. Returns how many
+    /// were queued.
+    pub fn deliver<'a>(&mut self, key: usize, updates: impl IntoIterator<Item = &'a Arc<Update>>) -> usize {
+        let mut queued = 0;
+        let slot = &mut self.conns[key];
+        for update in updates {
+            if !slot.out.takes_updates() {
+                break;
+            }
+            if slot.out.push(&update.frame, &self.log, &mut self.bufs).is_err() {
+                break;
+            }
+            self.stats.sent[Sent::Update(update.route.channel()).index()].inc();
+            queued += 1;
+        }
+        slot.mark_dirty(key, &mut self.sweep.dirty);
+        slot.wake(key, &mut self.unpark);
+        if slot.out.lifecycle() == outbox::Lifecycle::Slow {
+            self.stop_updates(key);
+        }
+        queued
+    }
+
     /// The snapshot of a price channel (PROTOCOL.md §11): a market's last
     /// update unless `wanted` is `Some(false)`; for `prices:<chainId>` and
     /// `prices` only when `wanted` is `Some(true)`, the last update of each
@@ -262,6 +334,11 @@ impl Shard {
         };
         if slot.subs == 0 && slot.user.is_none() && !slot.out.takes_updates() && self.markets.count(key) == 0 {
             return;
+        }
+        if self.conns[key].marks.take(Marks::HOLDING) {
+            // Its resumes end unanswered: it will send nothing more.
+            let n = self.holds.drop_all(key);
+            self.stats.recoveries_abandoned.add(n as u64);
         }
         // Every topic list lets go of the key before the slot can be reused.
         let topics = self.markets.remove(key);
@@ -394,6 +471,23 @@ impl Shard {
                     next = slot.next_user as usize;
                     if slot.subs & channel.bit() == 0 || !slot.out.takes_updates() {
                         continue;
+                    }
+                    if slot.marks.get(Marks::HOLDING) {
+                        match self.holds.hold(key, *channel, update, self.bufs.limit) {
+                            Hold::NotHeld => {
+                                if !self.holds.holds_any(key) {
+                                    slot.marks.set(Marks::HOLDING, false);
+                                }
+                            }
+                            Hold::Held | Hold::Covered => continue,
+                            Hold::Overflow => {
+                                self.stats.recoveries_overflowed.inc();
+                                slot.out.overflowed();
+                                slot.wake(key, &mut self.unpark);
+                                slow.push(key);
+                                continue;
+                            }
+                        }
                     }
                     match slot.out.push(&update.frame, &self.log, &mut self.bufs) {
                         Ok(()) => {

@@ -348,6 +348,14 @@ impl Outbox {
         self.in_driver = unwritten as u32;
     }
 
+    /// A slow consumer for what it was owed beside the outbox (a resume's
+    /// held updates passed the limit): as if a push had failed.
+    pub fn overflowed(&mut self) {
+        if self.takes_updates() {
+            self.go_slow();
+        }
+    }
+
     /// Over the limit: the backlog goes, except the frame a direct write
     /// stopped inside (its driver completes it: no frame is cut), and the
     /// log stops owing it anything.

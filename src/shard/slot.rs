@@ -108,6 +108,9 @@ impl Marks {
     /// Reached by the update being fanned out (it matched two of the
     /// connection's channels; cleared before the next update).
     pub const REACHED: u8 = 16;
+    /// A private channel of the connection is being resumed: its live
+    /// updates are held aside (see `held.rs`).
+    pub const HOLDING: u8 = 32;
 
     pub fn get(self, bit: u8) -> bool {
         self.0 & bit != 0

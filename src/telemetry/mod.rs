@@ -194,6 +194,12 @@ pub struct ShardStats {
     pub markets_known: Counter,
     /// Snapshot frames queued after `subscribed`.
     pub snapshots_sent: Counter,
+    /// Resumes whose held live updates passed `WS_MAX_BUFFERED_BYTES`.
+    pub recoveries_overflowed: Counter,
+    /// Resumes whose connection closed or stopped taking updates first.
+    pub recoveries_abandoned: Counter,
+    /// Resumes in flight (gauge).
+    pub recoveries_in_flight: Counter,
     /// Price updates conflated away from slow readers' queues.
     pub conflated: Counter,
     /// Publish -> queued for every subscriber on the shard (the price log
@@ -241,6 +247,9 @@ impl Default for ShardStats {
             markets_evicted: Counter::default(),
             markets_known: Counter::default(),
             snapshots_sent: Counter::default(),
+            recoveries_overflowed: Counter::default(),
+            recoveries_abandoned: Counter::default(),
+            recoveries_in_flight: Counter::default(),
             conflated: Counter::default(),
             // 1 µs .. 60 s at 3 significant figures; these bounds are valid.
             fanout_latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")),

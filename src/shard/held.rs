@@ -1,0 +1,126 @@
+//! Live updates held aside while a connection's channel is being resumed
+//! (PROTOCOL.md §12).
+//!
+//! Owns: one entry per (connection, private channel) whose replay is in
+//! flight: the live updates that arrived since the subscribe, in order,
+//! bounded by `WS_MAX_BUFFERED_BYTES` (past it the connection is a slow
+//! consumer, 4009, and resumes again), and the ticket that tells the
+//! replay's result from a stale one. Then, once answered, a *floor*: the
+//! replay read its partition up to an end the shard's own live feed may
+//! not have reached yet, so live updates of that partition below it are
+//! skipped (they were replayed) until one at or past it comes. A
+//! connection with an entry or a floor carries `Marks::HOLDING`, so the
+//! fan-out looks here only for those.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::inbox::Update;
+use crate::protocol::message::Channel;
+
+/// One resume in flight.
+#[derive(Debug)]
+pub struct Held {
+    pub ticket: u64,
+    /// Live updates since the subscribe, oldest first.
+    pub updates: Vec<Arc<Update>>,
+    bytes: usize,
+}
+
+/// What [`Holds::hold`] did with an update.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Hold {
+    /// No resume of that channel on the connection: deliver as usual.
+    NotHeld,
+    Held,
+    /// Below the floor: the replay delivered it already.
+    Covered,
+    /// Past the limit: the entry is gone; the connection is a slow consumer.
+    Overflow,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Holds {
+    entries: HashMap<(usize, Channel), Held>,
+    /// After a complete replay: (partition, end) below which live updates
+    /// were replayed.
+    floors: HashMap<(usize, Channel), (i32, i64)>,
+    next_ticket: u64,
+}
+
+impl Holds {
+    /// Starts holding `channel`'s live updates for `key`; None when a
+    /// resume of that channel is already in flight there.
+    pub fn begin(&mut self, key: usize, channel: Channel) -> Option<u64> {
+        if self.entries.contains_key(&(key, channel)) {
+            return None;
+        }
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        self.entries.insert((key, channel), Held { ticket, updates: Vec::new(), bytes: 0 });
+        Some(ticket)
+    }
+
+    /// Holds `update` if `key` is resuming `channel`, or tells it was
+    /// replayed already.
+    pub fn hold(&mut self, key: usize, channel: Channel, update: &Arc<Update>, max_bytes: usize) -> Hold {
+        let Some(held) = self.entries.get_mut(&(key, channel)) else {
+            if let (Some(&(part, end)), Some((p, offset))) = (self.floors.get(&(key, channel)), update.pos) {
+                if p == part {
+                    if offset < end {
+                        return Hold::Covered;
+                    }
+                    self.floors.remove(&(key, channel));
+                }
+            }
+            return Hold::NotHeld;
+        };
+        held.bytes += update.frame.len();
+        if held.bytes > max_bytes {
+            self.entries.remove(&(key, channel));
+            return Hold::Overflow;
+        }
+        held.updates.push(update.clone());
+        Hold::Held
+    }
+
+    /// Ends the resume with this ticket, leaving `floor` (partition, end)
+    /// when the replay was complete; None when it is not the current one
+    /// (the connection left, or the entry was ended otherwise).
+    pub fn end(&mut self, key: usize, channel: Channel, ticket: u64, floor: Option<(i32, i64)>) -> Option<Held> {
+        match self.entries.get(&(key, channel)) {
+            Some(h) if h.ticket == ticket => {
+                match floor {
+                    Some(f) => self.floors.insert((key, channel), f),
+                    None => self.floors.remove(&(key, channel)),
+                };
+                self.entries.remove(&(key, channel))
+            }
+            _ => None,
+        }
+    }
+
+    /// The ticket of `key`'s resume of `channel`, if one is in flight.
+    pub fn ticket(&self, key: usize, channel: Channel) -> Option<u64> {
+        self.entries.get(&(key, channel)).map(|h| h.ticket)
+    }
+
+    /// Whether `key` still holds anything (an entry or a floor).
+    pub fn holds_any(&self, key: usize) -> bool {
+        Channel::ALL.iter().any(|&c| self.entries.contains_key(&(key, c)) || self.floors.contains_key(&(key, c)))
+    }
+
+    /// Drops every entry and floor of `key` (it is leaving); returns how
+    /// many resumes were in flight.
+    pub fn drop_all(&mut self, key: usize) -> usize {
+        for c in Channel::ALL {
+            self.floors.remove(&(key, c));
+        }
+        Channel::ALL.iter().filter(|&&c| self.entries.remove(&(key, c)).is_some()).count()
+    }
+
+    /// Resumes in flight on the shard.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+}

@@ -60,5 +60,52 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(protocol, benches);
+/// What one connection's set-up costs in user space beside the system
+/// calls: the 101's accept key, the token, the client's two messages and
+/// the server's three replies (`moonx-loadtest connect` does exactly these).
+fn setup(c: &mut Criterion) {
+    use moonx_ws::auth::{Auth, Verification};
+    use moonx_ws::protocol::handshake::write_switching_protocols;
+    use moonx_ws::protocol::message::{encode_outgoing, Names, Outgoing, UserView};
+    let env = |k: &str| (k == "JWT_SECRET").then(|| "loadtest-secret".to_string());
+    let cfg = moonx_ws::config::Config::from_sources_with(["moonx-ws"], env, ["JWT_SECRET".to_string()]).unwrap();
+    let (auth, _) = Auth::from_config(&cfg).unwrap();
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let claims = serde_json::json!({"sub": "lt-u1234", "exp": exp});
+    let key = jsonwebtoken::EncodingKey::from_secret(b"loadtest-secret");
+    let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
+    let mut g = c.benchmark_group("setup");
+    g.bench_function("verify HS256 token", |b| {
+        b.iter(|| matches!(auth.verify(black_box(&token)), Verification::Done(Ok(_))))
+    });
+    let authenticate = format!(r#"{{"id":"a1","type":"authenticate","data":{{"token":"{token}"}}}}"#);
+    g.bench_function("parse authenticate", |b| b.iter(|| parse_client(black_box(authenticate.as_bytes())).is_ok()));
+    let (mut json, mut out) = (Vec::with_capacity(512), Vec::with_capacity(512));
+    let replies = [
+        Outgoing::AuthRequired { timeout_ms: 10_000, connection_id: "host-1234-8f3a2c11/4242" },
+        Outgoing::AuthSuccess {
+            user: UserView { id: "lt-u1234", email: None },
+            connection_id: "host-1234-8f3a2c11/4242",
+            request_id: Some("a1"),
+        },
+        Outgoing::Subscribed { names: Names::One("prices"), snapshot: Some(0), recovery: None, request_id: Some("s1") },
+    ];
+    g.bench_function("encode the three replies", |b| {
+        b.iter(|| {
+            out.clear();
+            for r in &replies {
+                encode_outgoing(black_box(r), "s0-12345", 1701234567890, &mut json, &mut out);
+            }
+        })
+    });
+    g.bench_function("101 with accept key", |b| {
+        b.iter(|| {
+            out.clear();
+            write_switching_protocols(black_box("dGhlIHNhbXBsZSBub25jZQ=="), &mut out);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(protocol, benches, setup);
 criterion_main!(protocol);

@@ -9,6 +9,10 @@
 //! keeps about 5 MB per partition and drops the oldest beyond: 64
 //! partitions hold a million of these ~170-byte values (the run checks
 //! that every message was read back).
+//!
+//! `KAFKA_CONSUMER_*`, `KAFKA_FETCH_WAIT_MAX_MS` and `KAFKA_CONFIG_*` from
+//! the environment reach the server (to see what a setting changes);
+//! `PROGRESS=1` prints the messages read back every half second.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -63,10 +67,12 @@ fn main() -> anyhow::Result<()> {
         ("JWT_SECRET", "readback-secret".into()),
         ("LOG_LEVEL", std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into())),
     ];
-    // Fetch sizes from the environment, to see what they change.
-    for name in ["KAFKA_CONSUMER_FETCH_MAX_BYTES", "KAFKA_CONSUMER_MAX_PARTITION_FETCH_BYTES"] {
-        if let Ok(v) = std::env::var(name) {
-            env.push((name, v));
+    // Fetch settings from the environment, to see what they change.
+    for (name, v) in std::env::vars() {
+        let fetch =
+            ["KAFKA_CONSUMER_FETCH_MAX_BYTES", "KAFKA_CONSUMER_MAX_PARTITION_FETCH_BYTES", "KAFKA_FETCH_WAIT_MAX_MS"];
+        if fetch.contains(&name.as_str()) || name.starts_with("KAFKA_CONFIG_") {
+            env.push((name.leak(), v));
         }
     }
     let config = Config::from_sources_with(
@@ -79,8 +85,15 @@ fn main() -> anyhow::Result<()> {
     let server = moonx_ws::server::start(config)?;
     let addr = server.local_addr();
     let deadline = started + Duration::from_secs(120);
+    let mut next_report = Instant::now();
     while get(addr, "/health/ready").0 != 200 {
         anyhow::ensure!(Instant::now() < deadline, "not ready within 120 s");
+        if std::env::var_os("PROGRESS").is_some() && Instant::now() >= next_report {
+            next_report += Duration::from_millis(500);
+            let metrics = get(addr, "/metrics").1;
+            let read = metrics.lines().find(|l| l.starts_with("moonx_ws_kafka_readback_messages_total ")).unwrap_or("");
+            eprintln!("{:.1} s: {read}", started.elapsed().as_secs_f64());
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
     let ready = started.elapsed();

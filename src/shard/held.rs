@@ -124,3 +124,53 @@ impl Holds {
         self.entries.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::inbox::Route;
+
+    fn update(partition: i32, offset: i64) -> Arc<Update> {
+        let route = Route::User { channel: Channel::Orders, user: "u".into() };
+        Arc::new(Update::encode_at(route, "u1", 0, Some((partition, offset)), b"{}"))
+    }
+
+    #[test]
+    fn holds_in_order_until_the_current_ticket_ends_it() {
+        let mut h = Holds::default();
+        let t = h.begin(3, Channel::Orders).unwrap();
+        assert_eq!(h.begin(3, Channel::Orders), None, "one resume per channel at a time");
+        assert_eq!(h.hold(3, Channel::Trades, &update(0, 1), 1 << 20), Hold::NotHeld);
+        assert_eq!(h.hold(4, Channel::Orders, &update(0, 1), 1 << 20), Hold::NotHeld);
+        for offset in [7, 8] {
+            assert_eq!(h.hold(3, Channel::Orders, &update(1, offset), 1 << 20), Hold::Held);
+        }
+        assert!(h.end(3, Channel::Orders, t + 1, None).is_none(), "a stale ticket ends nothing");
+        let held = h.end(3, Channel::Orders, t, Some((1, 8))).unwrap();
+        assert_eq!(held.updates.iter().map(|u| u.pos).collect::<Vec<_>>(), [Some((1, 7)), Some((1, 8))]);
+        assert!(h.end(3, Channel::Orders, t, None).is_none(), "ended once");
+        // The floor: below it on its partition was replayed.
+        assert_eq!(h.hold(3, Channel::Orders, &update(1, 7), 1 << 20), Hold::Covered);
+        assert_eq!(h.hold(3, Channel::Orders, &update(0, 2), 1 << 20), Hold::NotHeld, "another partition");
+        assert!(h.holds_any(3));
+        assert_eq!(h.hold(3, Channel::Orders, &update(1, 8), 1 << 20), Hold::NotHeld, "at the floor: live");
+        assert!(!h.holds_any(3), "the floor is gone once passed");
+        assert_eq!(h.hold(3, Channel::Orders, &update(1, 5), 1 << 20), Hold::NotHeld);
+    }
+
+    #[test]
+    fn past_the_byte_limit_the_resume_is_dropped_and_so_is_a_leaving_connection() {
+        let mut h = Holds::default();
+        h.begin(1, Channel::Orders).unwrap();
+        let u = update(0, 1);
+        let limit = u.frame.len() * 2;
+        assert_eq!(h.hold(1, Channel::Orders, &u, limit), Hold::Held);
+        assert_eq!(h.hold(1, Channel::Orders, &u, limit), Hold::Held);
+        assert_eq!(h.hold(1, Channel::Orders, &u, limit), Hold::Overflow);
+        assert_eq!(h.len(), 0, "its entry went with it");
+        h.begin(2, Channel::Orders).unwrap();
+        h.begin(2, Channel::Trades).unwrap();
+        assert_eq!(h.drop_all(2), 2);
+        assert!(!h.holds_any(2));
+    }
+}

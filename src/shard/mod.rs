@@ -339,6 +339,7 @@ impl Shard {
             // Its resumes end unanswered: it will send nothing more.
             let n = self.holds.drop_all(key);
             self.stats.recoveries_abandoned.add(n as u64);
+            self.stats.recoveries_in_flight.set(self.holds.len() as u64);
         }
         // Every topic list lets go of the key before the slot can be reused.
         let topics = self.markets.remove(key);
@@ -482,6 +483,7 @@ impl Shard {
                             Hold::Held | Hold::Covered => continue,
                             Hold::Overflow => {
                                 self.stats.recoveries_overflowed.inc();
+                                self.stats.recoveries_in_flight.set(self.holds.len() as u64);
                                 slot.out.overflowed();
                                 slot.wake(key, &mut self.unpark);
                                 slow.push(key);

@@ -294,8 +294,12 @@ pub fn start(
         if client.get("client.id").is_none() {
             config.set("client.id", format!("moonx-ws-{instance_id}-recovery"));
         }
-        if client.get("log_level").is_none() {
-            config.set("log_level", "4");
+        for (name, value) in
+            [("log_level", "4".to_string()), ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string())]
+        {
+            if client.get(name).is_none() {
+                config.set(name, value);
+            }
         }
         // Assigned partitions only: the group is never joined, nothing is
         // committed. A position gone from the log is an error (the resume

@@ -87,6 +87,9 @@ pub struct Scan {
     low: i64,
     /// A request joined after `end` was read: read it again before ending.
     pub requery: bool,
+    /// The end was read again once: no more joiners (a scan must not chase
+    /// the partition's head while a storm keeps joining it).
+    closed: bool,
     /// By user: every replay in the scan of that user's updates.
     members: HashMap<Arc<str>, Vec<Member>>,
     count: usize,
@@ -104,8 +107,16 @@ impl Scan {
         max_messages: usize,
         out: &mut Vec<(Request, Outcome)>,
     ) -> Option<Scan> {
-        let mut scan =
-            Scan { next: i64::MAX, end: high, low, requery: false, members: HashMap::new(), count: 0, max_messages };
+        let mut scan = Scan {
+            next: i64::MAX,
+            end: high,
+            low,
+            requery: false,
+            closed: false,
+            members: HashMap::new(),
+            count: 0,
+            max_messages,
+        };
         for req in reqs {
             let f = first(&req);
             if f < low {
@@ -128,11 +139,12 @@ impl Scan {
     }
 
     /// Takes `req` into the running scan when it has not passed the
-    /// request's first offset (nor is that beyond the end it knows); else
-    /// gives it back.
+    /// request's first offset (nor is that beyond the end it knows) and
+    /// its end was not read again yet; else gives it back (for the next
+    /// scan).
     pub fn join(&mut self, req: Request) -> Result<(), Request> {
         let f = first(&req);
-        if f < self.next || f < self.low || f > self.end {
+        if self.closed || f < self.next || f < self.low || f > self.end {
             return Err(req);
         }
         self.requery = true;
@@ -189,10 +201,12 @@ impl Scan {
         self.next >= self.end && !self.requery
     }
 
-    /// The partition's end read again for the requests that joined.
+    /// The partition's end read again for the requests that joined; the
+    /// scan takes no more.
     pub fn extend(&mut self, high: i64) {
         self.end = self.end.max(high);
         self.requery = false;
+        self.closed = true;
     }
 
     /// No request left to serve.
@@ -345,6 +359,7 @@ mod tests {
             scan.message(offset, Some("d"), || update(offset), &mut out);
         }
         assert!(scan.complete());
+        assert!(scan.join(req("e", 21, 5)).is_err(), "extended once: the next joiner waits for the next scan");
         scan.finish(&mut out);
         let out = by_key(out);
         assert_eq!(offsets(&out[1].1), (14..22).collect::<Vec<_>>());

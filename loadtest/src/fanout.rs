@@ -806,18 +806,18 @@ async fn churn(
 }
 
 /// The producer's schedule and counters.
-struct Pace<'a> {
-    rate: u64,
-    total: u64,
-    stop: &'a AtomicBool,
-    produced: &'a AtomicU64,
-    late: &'a AtomicU64,
+pub(crate) struct Pace<'a> {
+    pub(crate) rate: u64,
+    pub(crate) total: u64,
+    pub(crate) stop: &'a AtomicBool,
+    pub(crate) produced: &'a AtomicU64,
+    pub(crate) late: &'a AtomicU64,
 }
 
 /// The open-loop producer: update `i` is due at `start + i / rate`; its
 /// intended time is stamped in it whether or not the producer kept up.
 /// `stamp` writes its routing fields (token, chainId, ...) first.
-fn produce(
+pub(crate) fn produce(
     producer: &rdkafka::producer::BaseProducer,
     topic: &str,
     size: usize,

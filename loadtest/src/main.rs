@@ -6,9 +6,13 @@
 //! its intended send time and a sequence number; every subscriber records
 //! publish->receive latency in an HDR histogram, corrected for coordinated
 //! omission the way wrk2 does, and checks gaps and duplicates), `private`,
-//! `churn`, `broker` (a standalone Kafka-protocol broker for the server and
-//! the peers to share) and `report` (percentile tables, plots and merges of
-//! results). Every run is bounded in count and time.
+//! `markets`, `churn`, `resume` (private connections drop together while
+//! their updates flow, then all reconnect at once and resume with `since`:
+//! time to recover, Kafka reads per replayed message, nothing lost or
+//! repeated, and what the storm costs live prices), `broker` (a standalone
+//! Kafka-protocol broker for the server and the peers to share) and
+//! `report` (percentile tables, plots and merges of results). Every run is
+//! bounded in count and time.
 
 /// `println!` that ends the process quietly once stdout is gone (a reader
 /// such as `| head` closed the pipe) instead of panicking.
@@ -31,6 +35,7 @@ mod plan;
 mod private;
 mod procstat;
 mod report;
+mod resume;
 mod run;
 mod verdict;
 mod ws;
@@ -79,6 +84,8 @@ enum Scenario {
     Markets(markets::MarketsArgs),
     /// A fan-out while connections are opened and dropped at a steady rate.
     Churn(fanout::ChurnArgs),
+    /// Private connections drop together, then all reconnect at once and resume with `since`.
+    Resume(resume::ResumeArgs),
     /// Run a standalone embedded Kafka-protocol broker and print its address.
     Broker(BrokerArgs),
     /// Percentile table, plot and merge of JSON results and HDR logs.
@@ -185,6 +192,7 @@ fn main() -> ExitCode {
         Scenario::Private(a) => run_local(private::run(a)),
         Scenario::Markets(a) => run_local(markets::run(a)),
         Scenario::Churn(a) => run_local(fanout::run_churn(a)),
+        Scenario::Resume(a) => run_local(resume::run(a)),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -275,6 +283,15 @@ pub(crate) struct Setup {
     pub(crate) snapshots_announced: u64,
 }
 
+/// A `subscribed` reply to a resume (a subscribe with `since`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Resumed {
+    /// Whether the server replays every update after `since`.
+    pub(crate) recovered: bool,
+    /// The replayed updates that follow the reply.
+    pub(crate) missed: u64,
+}
+
 /// Update frames kept while waiting for subscribe replies, at most.
 const MAX_EARLY: usize = 10_000;
 
@@ -297,6 +314,32 @@ pub(crate) async fn set_up<S: AsRef<str>>(
     channels: &[S],
     t0: Instant,
 ) -> anyhow::Result<Setup> {
+    let (mut ws, connect_us, auth_us) = authenticated(common, server, i, user, t0).await?;
+    let t2 = Instant::now();
+    let subscribed_ns = now_ns();
+    let subscribes: Vec<Value> = channels.iter().map(|c| json!({ "channel": c.as_ref() })).collect();
+    let Subscribed { early, snapshots_announced, .. } = subscribe(&mut ws, &subscribes).await?;
+    Ok(Setup {
+        ws,
+        connect_us,
+        auth_us,
+        subscribe_us: t2.elapsed().as_micros() as u64,
+        subscribed_ns,
+        early,
+        snapshots_announced,
+    })
+}
+
+/// Connects connection `i` (from its source address) and authenticates
+/// it as `user`: the socket, then how long the connect took from `t0`
+/// (until `auth_required`) and the authentication, in µs.
+pub(crate) async fn authenticated(
+    common: &Common,
+    server: SocketAddr,
+    i: usize,
+    user: &str,
+    t0: Instant,
+) -> anyhow::Result<(Ws, u64, u64)> {
     let mut ws = match Ws::connect(server, source(common, server, i), "").await {
         Ok(ws) => ws,
         Err(e) if format!("{e:#}").contains("refused") && !format!("{e:#}").contains("upgrade") => {
@@ -320,39 +363,51 @@ pub(crate) async fn set_up<S: AsRef<str>>(
             error_text(&reply)
         );
     }
-    let auth_us = t1.elapsed().as_micros() as u64;
-    let t2 = Instant::now();
-    let subscribed_ns = now_ns();
-    let (mut early, mut snapshots_announced) = (Vec::new(), 0);
-    for channel in channels {
-        let channel = channel.as_ref();
-        ws.send_text(&json!({"id":"s","type":"subscribe","data":{"channel": channel}}).to_string()).await?;
+    Ok((ws, connect_us, t1.elapsed().as_micros() as u64))
+}
+
+/// What the `subscribed` replies to a connection's subscribes said.
+pub(crate) struct Subscribed {
+    /// Update frames that arrived between the replies, in order, for the
+    /// reader.
+    pub(crate) early: Vec<Vec<u8>>,
+    /// The snapshot frames announced (`"snapshot": n`; 0 from a server
+    /// that does not say).
+    pub(crate) snapshots_announced: u64,
+    /// What the reply to a subscribe with `since` said (the last such
+    /// reply; None when there was none).
+    pub(crate) resumed: Option<Resumed>,
+}
+
+/// Sends one `subscribe` per `data` object (a resume's carries `since`),
+/// each answered before the next.
+pub(crate) async fn subscribe(ws: &mut Ws, subscribes: &[Value]) -> anyhow::Result<Subscribed> {
+    let mut s = Subscribed { early: Vec::new(), snapshots_announced: 0, resumed: None };
+    for data in subscribes {
+        let channel = data["channel"].as_str().unwrap_or("?");
+        ws.send_text(&json!({"id":"s","type":"subscribe","data": data}).to_string()).await?;
         loop {
             let reply = ws.next_text().await.context("waiting for the subscribe reply")?;
             if memchr::memmem::find(&reply, b"\"subscribed\"").is_some() {
-                // Parsed in full (once per channel, at set-up): the count may
+                // Parsed in full (once per channel, at set-up): the counts may
                 // be written any way JSON allows.
                 let v: Value = serde_json::from_slice(&reply).unwrap_or(Value::Null);
-                snapshots_announced += v["data"]["snapshot"].as_u64().unwrap_or(0);
+                let d = &v["data"];
+                s.snapshots_announced += d["snapshot"].as_u64().unwrap_or(0);
+                if let Some(recovered) = d["recovered"].as_bool() {
+                    s.resumed = Some(Resumed { recovered, missed: d["missed"].as_u64().unwrap_or(0) });
+                }
                 break;
             }
             // A snapshot after the previous channel's reply: the reader's.
-            if memchr::memmem::find(&reply, b"_update\"").is_some() && early.len() < MAX_EARLY {
-                early.push(reply);
+            if memchr::memmem::find(&reply, b"_update\"").is_some() && s.early.len() < MAX_EARLY {
+                s.early.push(reply);
                 continue;
             }
             bail!("subscribe to {channel} refused ({})", error_text(&reply));
         }
     }
-    Ok(Setup {
-        ws,
-        connect_us,
-        auth_us,
-        subscribe_us: t2.elapsed().as_micros() as u64,
-        subscribed_ns,
-        early,
-        snapshots_announced,
-    })
+    Ok(s)
 }
 
 /// The user of connection `i`: `lt-{i}`, or `lt-u{i / per_user}` when

@@ -61,7 +61,7 @@ struct Tally {
 
 /// How many of the first `produced` updates go to `user` (update `k`
 /// goes to user `k % users`).
-fn updates_for(user: usize, users: usize, produced: u64) -> u64 {
+pub(crate) fn updates_for(user: usize, users: usize, produced: u64) -> u64 {
     produced / users as u64 + u64::from((user as u64) < produced % users as u64)
 }
 

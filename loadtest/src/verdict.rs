@@ -69,6 +69,10 @@ pub const FIGURES: &[(&str, &str)] = &[
     ("connections", "connections set up"),
     ("throughput", "deliveries/s in the measured window (connect: connections/s)"),
     ("server_cpu_us", "server CPU µs per delivery (connect: per connection)"),
+    ("not_recovered", "resumes not recovered: answered without recovered:true, or without a position (resume)"),
+    ("recover_ms", "ms from the reconnect until every client had all its missed updates (resume)"),
+    ("read_ratio", "Kafka messages the server read for replays per message in the replayed range (resume)"),
+    ("p99_ratio", "p99 of prices during the storm over the baseline's (resume)"),
 ];
 
 /// One `--threshold` expression.
@@ -124,8 +128,8 @@ fn parse_metric(name: &str) -> Option<Metric> {
         "p9999" => return Some(Metric::Quantile(0.9999)),
         _ => {}
     }
-    if let Some(p) = name.strip_prefix('p') {
-        let p: f64 = p.parse().ok()?;
+    // A figure may start with `p` too (`p99_ratio`): only a number after it is a percentile.
+    if let Some(p) = name.strip_prefix('p').and_then(|p| p.parse::<f64>().ok()) {
         // Rounded so `p99.9` is exactly 0.999.
         return (p > 0.0 && p <= 100.0).then_some(Metric::Quantile((p * 1e6).round() / 1e8));
     }
@@ -329,6 +333,8 @@ mod tests {
         assert_eq!((t.metric, t.op, t.value), (Metric::Figure("lost".into()), Op::Eq, 0.0));
         let t: Threshold = "throughput>=1000".parse().unwrap();
         assert_eq!(t.op, Op::Ge);
+        let t: Threshold = "p99_ratio<=1.5".parse().unwrap();
+        assert_eq!((t.metric, t.value), (Metric::Figure("p99_ratio".into()), 1.5), "a figure, not a percentile");
         for bad in ["p99", "p99<", "p99<fast", "p0<1ms", "p101<1ms", "latency<1ms", "lost==none", "p99=>1ms"] {
             assert!(bad.parse::<Threshold>().is_err(), "{bad} accepted");
         }

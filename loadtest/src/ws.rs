@@ -352,6 +352,8 @@ pub static SEQ: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(
 pub static SENT_NS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"sentNs\":"));
 /// A market's own sequence number (`markets`).
 pub static MSEQ: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"mseq\":"));
+/// An update's Kafka position in the server's envelope (`"pos":"3:1042"`).
+pub static POS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"pos\":\""));
 
 /// Reads the unsigned integer after `key` in `payload`.
 pub fn field_u64(payload: &[u8], key: &Key) -> Option<u64> {

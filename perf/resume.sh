@@ -9,6 +9,11 @@
 # storm against the baseline before it (target: at most 1.5x). One fresh
 # server per run; with RUNS=3 the medians are the figures.
 #
+# The private producer lingers 100 ms (batches of ~50): the mock broker
+# sends one record batch per partition per fetch, where a real broker
+# sends up to max.partition.fetch.bytes, so one-message batches would
+# measure the mock's round trips, not the server (LINGER_MS changes it).
+#
 # Usage: perf/resume.sh   (RUNS, default 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +27,7 @@ trap 'pkill -P $$ 2>/dev/null || true' EXIT
 start_broker "$out"
 for run in $(seq "$RUNS"); do
   start_moonx $PORT "$out/moonx-ws-$run.log"
-  taskset -c 1 timeout 300 "$LT" resume -c 5000 --observers 1000 --sources 64 --brokers "$BROKERS" \
+  taskset -c 1 timeout 300 "$LT" resume -c 5000 --observers 1000 --sources 64 --linger-ms "${LINGER_MS:-100}" --brokers "$BROKERS" \
     --server 127.0.0.1:$PORT --jwt-secret loadtest-secret --server-pid "$SERVER_PID" \
     --threshold 'read_ratio<=1' --threshold 'p99_ratio<=1.5' --quiet --json >> "$out/resume.jsonl" 2>> "$out/resume.err" || true
   kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true

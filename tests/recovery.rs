@@ -221,3 +221,23 @@ fn a_resume_with_nothing_missed_on_an_empty_topic_is_complete_and_unsubscribe_en
     assert_eq!(recv(&mut ws)["type"], "unsubscribed");
     assert_eq!(metric(srv.addr, "moonx_ws_subscriptions{channel=\"portfolio\"}"), 0.0);
 }
+
+#[test]
+fn a_partition_is_scanned_again_for_a_later_resume() {
+    let kafka = Kafka::new(2);
+    let srv = server(&kafka, &[]);
+    for n in 1..=4 {
+        kafka.produce("order.updates", Some(1), &order("ivy", n));
+        kafka.produce("order.updates", Some(1), &order("jay", n));
+    }
+    kafka.flush();
+    for (round, user) in ["ivy", "jay", "ivy"].into_iter().enumerate() {
+        let (mut ws, reply) = resume(srv.addr, user, "1:0");
+        assert_eq!(reply["data"]["recovered"], true, "round {round}: {reply}");
+        let expected: Vec<u64> = if user == "ivy" { vec![2, 3, 4] } else { vec![1, 2, 3, 4] };
+        assert_eq!(reply["data"]["missed"], expected.len(), "round {round}: {reply}");
+        let got = orders_until(&mut ws, 4);
+        assert_eq!(got.iter().map(|(n, _)| *n).collect::<Vec<_>>(), expected, "round {round}");
+    }
+    assert_eq!(metric(srv.addr, "moonx_ws_recovery_scans_total"), 3.0, "one scan each, one after the other");
+}

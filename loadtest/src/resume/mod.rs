@@ -65,6 +65,14 @@ pub struct ResumeArgs {
     /// `order.updates` keyed by user.
     #[arg(long, short = 'r', default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub(crate) rate: u64,
+    /// The private producer's `linger.ms`. librdkafka's mock broker (the
+    /// `broker` scenario) answers a fetch with one record batch per
+    /// partition where a real broker sends up to `max.partition.fetch.bytes`:
+    /// against it a replay reads one batch per round trip, so batches of
+    /// one message make replays crawl in a way no real broker does. A
+    /// linger of 100 ms gives batches of dozens at 2000/s.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) linger_ms: u32,
     /// Price updates per second (open loop), to `price.updates`.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub(crate) price_rate: u64,
@@ -129,9 +137,9 @@ impl Producers {
             prices_late: Arc::default(),
             threads: Vec::new(),
         };
-        let (brokers, users, rate) = (a.brokers.clone(), a.common.connections, a.rate);
+        let (brokers, users, rate, linger) = (a.brokers.clone(), a.common.connections, a.rate, a.linger_ms);
         let (stop, produced) = (p.stop.clone(), p.private.clone());
-        let private = std::thread::spawn(move || produce_private(&brokers, users, rate, &stop, &produced));
+        let private = std::thread::spawn(move || produce_private(&brokers, users, rate, linger, &stop, &produced));
         let (brokers, rate) = (a.brokers.clone(), a.price_rate);
         let (stop, produced, late) = (p.stop.clone(), p.prices.clone(), p.prices_late.clone());
         let prices = std::thread::spawn(move || {
@@ -160,9 +168,9 @@ impl Producers {
 /// The private open loop: update `k` goes to user `k % users` (`lt-<user>`,
 /// its key, so a user's updates stay in one partition, in order) with the
 /// number `k / users` and its scheduled send time, until `stop`.
-fn produce_private(brokers: &str, users: usize, rate: u64, stop: &AtomicBool, produced: &AtomicU64) {
+fn produce_private(brokers: &str, users: usize, rate: u64, linger_ms: u32, stop: &AtomicBool, produced: &AtomicU64) {
     use rdkafka::producer::BaseRecord;
-    let producer = crate::kafka::producer(brokers, 1, false);
+    let producer = crate::kafka::producer(brokers, linger_ms, false);
     let start_ns = now_ns();
     let start = Instant::now();
     let interval_ns = 1_000_000_000 / rate.max(1);

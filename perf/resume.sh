@@ -27,7 +27,7 @@ trap 'pkill -P $$ 2>/dev/null || true' EXIT
 start_broker "$out"
 for run in $(seq "$RUNS"); do
   start_moonx $PORT "$out/moonx-ws-$run.log"
-  taskset -c 1 timeout 300 "$LT" resume -c 5000 --observers 1000 --sources 64 --linger-ms "${LINGER_MS:-100}" --brokers "$BROKERS" \
+  taskset -c 1 timeout 300 "$LT" resume -c 5000 --observers 1000 --sources 64 --linger-ms "${LINGER_MS:-100}" --price-rate "${PRICE_RATE:-100}" --brokers "$BROKERS" \
     --server 127.0.0.1:$PORT --jwt-secret loadtest-secret --server-pid "$SERVER_PID" \
     --threshold 'read_ratio<=1' --threshold 'p99_ratio<=1.5' --quiet --json >> "$out/resume.jsonl" 2>> "$out/resume.err" || true
   kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true

@@ -62,7 +62,7 @@ pub(super) fn begin(
     let deadline = started + ctx.global.recovery.timeout;
     let pending = Pending { key, channel, since, request_id: request_id.map(Into::into), started, deadline };
     ctx.resumes.borrow_mut().pending.insert(ticket, pending);
-    let req = Request { shard: ctx.id, key, ticket, channel, user, since, deadline };
+    let req = Request { shard: ctx.id, ticket, channel, user, since, deadline };
     if !ctx.global.recovery.request(req) {
         finish(ctx, ticket, Outcome::Busy);
     }
@@ -117,14 +117,15 @@ fn finish(ctx: &ShardCtx, ticket: u64, outcome: Outcome) {
     shard.deliver(p.key, held.iter().filter(|u| !covered(u.pos)));
 }
 
-/// Answers the resumes past their deadline; returns the next deadline.
-fn expire(ctx: &ShardCtx, now: Instant) -> Option<Instant> {
+/// Answers the resumes past their deadline; returns whether any is still
+/// in flight.
+fn expire(ctx: &ShardCtx, now: Instant) -> bool {
     let due: Vec<u64> =
         ctx.resumes.borrow().pending.iter().filter(|(_, p)| p.deadline <= now).map(|(t, _)| *t).collect();
     for ticket in due {
         finish(ctx, ticket, Outcome::Timeout);
     }
-    ctx.resumes.borrow().pending.values().map(|p| p.deadline).min()
+    !ctx.resumes.borrow().pending.is_empty()
 }
 
 /// The shard's recovery task: runs until dropped.
@@ -135,8 +136,8 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>) {
         while let Some(done) = returns.pop() {
             finish(&ctx, done.ticket, done.outcome);
         }
-        let next = expire(&ctx, Instant::now());
-        let mut timer = next.map(|_| glommio::timer::Timer::new(EXPIRY_CHECK));
+        let in_flight = expire(&ctx, Instant::now());
+        let mut timer = in_flight.then(|| glommio::timer::Timer::new(EXPIRY_CHECK));
         std::future::poll_fn(|cx| {
             returns.waker.register(cx.waker());
             if !returns.is_empty() {

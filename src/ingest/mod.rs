@@ -186,6 +186,25 @@ impl Drop for Ingest {
 /// full (librdkafka's `fetch.queue.backoff.ms`, 1000 by default).
 const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
 
+/// The consumers' settings a `KAFKA_CONFIG_*` property may replace.
+/// librdkafka waits `fetch.queue.backoff.ms` (1 s by default) before
+/// fetching a partition again whenever its local queue passed a threshold:
+/// a read-back of the prices topic on start passes one after every fetch
+/// and crawled at a second per round (about 6 s for 1M messages instead of
+/// under 2), and so would a replay.
+fn set_defaults(config: &mut rdkafka::ClientConfig, client: &client::ClientSettings, client_id: &str) {
+    let defaults = [
+        ("client.id", client_id.to_owned()),
+        ("log_level", "4".to_owned()),
+        ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string()),
+    ];
+    for (name, value) in defaults {
+        if client.get(name).is_none() {
+            config.set(name, value);
+        }
+    }
+}
+
 /// The topic name -> channel map of the configuration.
 fn topics(cfg: &Config) -> [(String, Channel); 4] {
     [
@@ -235,20 +254,7 @@ pub fn start(
     let group = format!("{}-{}", cfg.kafka_consumer_group_id, instance_id);
     let refusals = Arc::new(Refusals::new(stats.clone(), client.clone()));
     let mut config = client.client_config(&bootstrap);
-    // Defaults a `KAFKA_CONFIG_*` property may replace. librdkafka waits
-    // `fetch.queue.backoff.ms` (1 s by default) before fetching a partition
-    // again whenever its local queue passed a threshold: a read-back of the
-    // prices topic on start passes one after every fetch and crawled at a
-    // second per round (about 6 s for 1M messages instead of under 2).
-    for (name, value) in [
-        ("client.id", format!("moonx-ws-{instance_id}")),
-        ("log_level", "4".into()),
-        ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string()),
-    ] {
-        if client.get(name).is_none() {
-            config.set(name, value);
-        }
-    }
+    set_defaults(&mut config, &client, &format!("moonx-ws-{instance_id}"));
     let consumer: BaseConsumer<Ctx> = config
         .set("group.id", &group)
         // Out of range is reported, not resolved silently: `consume.rs`
@@ -291,16 +297,7 @@ pub fn start(
     };
     if let Some(incoming) = recovery.take_incoming() {
         let mut config = client.client_config(&bootstrap);
-        if client.get("client.id").is_none() {
-            config.set("client.id", format!("moonx-ws-{instance_id}-recovery"));
-        }
-        for (name, value) in
-            [("log_level", "4".to_string()), ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string())]
-        {
-            if client.get(name).is_none() {
-                config.set(name, value);
-            }
-        }
+        set_defaults(&mut config, &client, &format!("moonx-ws-{instance_id}-recovery"));
         // Assigned partitions only: the group is never joined, nothing is
         // committed. A position gone from the log is an error (the resume
         // then answers recovered:false), never a silent jump.

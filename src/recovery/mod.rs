@@ -47,9 +47,8 @@ const RETURNS_PER_SHARD: usize = 4096;
 #[derive(Debug)]
 pub struct Request {
     pub shard: usize,
-    /// The connection's slot and the shard's ticket for this recovery (a
-    /// result whose ticket is not the slot's current one is stale).
-    pub key: usize,
+    /// The shard's ticket for this recovery (a result whose ticket is not
+    /// in flight any more is stale).
     pub ticket: u64,
     pub channel: Channel,
     pub user: Arc<str>,
@@ -115,7 +114,6 @@ impl Outcome {
 /// A result on its way back to the connection's shard.
 #[derive(Debug)]
 pub struct Done {
-    pub key: usize,
     pub ticket: u64,
     pub outcome: Outcome,
 }

@@ -227,8 +227,7 @@ impl Scan {
         }
     }
 
-    /// Settles the requests past their deadline, and every request with
-    /// `outcome` when `all` (the partition could not be read).
+    /// Settles the requests past their deadline.
     pub fn expire(&mut self, now: Instant, out: &mut Vec<(Request, Outcome)>) {
         for members in self.members.values_mut() {
             let mut i = 0;
@@ -258,11 +257,10 @@ mod tests {
     use crate::protocol::message::Channel;
     use crate::shard::inbox::Route;
 
-    fn req(user: &str, since: i64, key: usize) -> Request {
+    fn req(user: &str, since: i64, ticket: u64) -> Request {
         Request {
             shard: 0,
-            key,
-            ticket: key as u64,
+            ticket,
             channel: Channel::Orders,
             user: user.into(),
             since: (0, since),
@@ -282,9 +280,9 @@ mod tests {
         }
     }
 
-    fn by_key(mut out: Vec<(Request, Outcome)>) -> Vec<(usize, Outcome)> {
-        out.sort_by_key(|(r, _)| r.key);
-        out.into_iter().map(|(r, o)| (r.key, o)).collect()
+    fn by_key(mut out: Vec<(Request, Outcome)>) -> Vec<(u64, Outcome)> {
+        out.sort_by_key(|(r, _)| r.ticket);
+        out.into_iter().map(|(r, o)| (r.ticket, o)).collect()
     }
 
     #[test]

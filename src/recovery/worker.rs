@@ -86,7 +86,7 @@ pub fn run(
         w.read();
         w.finish_complete();
         for (req, outcome) in w.out.drain(..) {
-            let done = Done { key: req.key, ticket: req.ticket, outcome };
+            let done = Done { ticket: req.ticket, outcome };
             if !w.hub.give_back(req.shard, done, &stop) {
                 break;
             }
@@ -248,9 +248,9 @@ impl Worker {
     fn finish_complete(&mut self) {
         let parts: Vec<Part> = self.scans.keys().copied().collect();
         for part in parts {
+            let topic = self.topic(part.0).map(str::to_owned);
             let scan = self.scans.get_mut(&part).expect("listed");
             if scan.next >= scan.end && scan.requery {
-                let topic = self.settings.topics.iter().find(|(_, c)| *c == part.0).map(|(t, _)| t.clone());
                 let Some(topic) = topic else { continue };
                 match self.consumer.fetch_watermarks(&topic, part.1, WATERMARKS_TIMEOUT) {
                     Ok((_, high)) => scan.extend(high),

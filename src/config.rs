@@ -223,6 +223,11 @@ pub struct Config {
     /// resume waiting on its partition).
     #[arg(long, env = "WS_RECOVERY_CONCURRENCY", default_value = "4")]
     pub ws_recovery_concurrency: NonZeroUsize,
+    /// Memory kept of what replay scans read, in bytes, over all
+    /// partitions: a later resume in that range is served from it and
+    /// Kafka is not read twice (oldest first beyond; 0: keep nothing).
+    #[arg(long, env = "WS_RECOVERY_WINDOW_BYTES", default_value = "67108864")]
+    pub ws_recovery_window_bytes: usize,
     /// Most snapshot frames one `prices:<chainId>` or `prices` subscription
     /// with `"snapshot": true` is sent (newest markets first).
     #[arg(long, env = "WS_SNAPSHOT_MAX_MARKETS", default_value = "1000")]

@@ -223,9 +223,48 @@ fn a_resume_with_nothing_missed_on_an_empty_topic_is_complete_and_unsubscribe_en
 }
 
 #[test]
-fn a_partition_is_scanned_again_for_a_later_resume() {
+fn what_a_scan_read_serves_later_resumes_and_no_message_is_read_twice() {
     let kafka = Kafka::new(2);
     let srv = server(&kafka, &[]);
+    // Partition 1: ivy's n at offsets 0, 2, 4, 6; jay's at 1, 3, 5, 7.
+    for n in 1..=4 {
+        kafka.produce("order.updates", Some(1), &order("ivy", n));
+        kafka.produce("order.updates", Some(1), &order("jay", n));
+    }
+    kafka.flush();
+    let rounds: [(&str, &str, &[u64], f64, f64); 3] = [
+        // A scan reads 3..8.
+        ("ivy", "1:2", &[3, 4], 5.0, 1.0),
+        // All of it in what that scan read: no scan, no read.
+        ("jay", "1:2", &[2, 3, 4], 5.0, 1.0),
+        // Reads 1 and 2, then what it has for 3..8.
+        ("ivy", "1:0", &[2, 3, 4], 7.0, 2.0),
+    ];
+    let check = |user: &str, since: &str, expected: &[u64], read: f64, scans: f64| {
+        let (mut ws, reply) = resume(srv.addr, user, since);
+        assert_eq!(reply["data"]["recovered"], true, "{user} since {since}: {reply}");
+        assert_eq!(reply["data"]["missed"], expected.len(), "{user} since {since}: {reply}");
+        let got = orders_until(&mut ws, *expected.last().unwrap());
+        assert_eq!(got.iter().map(|(n, _)| *n).collect::<Vec<_>>(), expected, "{user} since {since}");
+        assert_eq!(metric(srv.addr, "moonx_ws_recovery_read_total"), read, "{user} since {since}: messages read");
+        assert_eq!(metric(srv.addr, "moonx_ws_recovery_scans_total"), scans, "{user} since {since}: scans");
+    };
+    for (user, since, expected, read, scans) in rounds {
+        check(user, since, expected, read, scans);
+    }
+    assert!(metric(srv.addr, "moonx_ws_recovery_window_bytes") > 0.0, "what was read is kept");
+    assert_eq!(metric(srv.addr, "moonx_ws_recovery_reread_total"), 0.0);
+    // The partition grows: only 8 and 9 are read for jay's whole history.
+    kafka.produce("order.updates", Some(1), &order("ivy", 5));
+    kafka.produce("order.updates", Some(1), &order("jay", 5));
+    kafka.flush();
+    check("jay", "1:0", &[1, 2, 3, 4, 5], 9.0, 3.0);
+}
+
+#[test]
+fn with_no_memory_for_windows_each_resume_reads_its_own_range() {
+    let kafka = Kafka::new(2);
+    let srv = server(&kafka, &[("WS_RECOVERY_WINDOW_BYTES", "0")]);
     for n in 1..=4 {
         kafka.produce("order.updates", Some(1), &order("ivy", n));
         kafka.produce("order.updates", Some(1), &order("jay", n));
@@ -240,4 +279,6 @@ fn a_partition_is_scanned_again_for_a_later_resume() {
         assert_eq!(got.iter().map(|(n, _)| *n).collect::<Vec<_>>(), expected, "round {round}");
     }
     assert_eq!(metric(srv.addr, "moonx_ws_recovery_scans_total"), 3.0, "one scan each, one after the other");
+    assert_eq!(metric(srv.addr, "moonx_ws_recovery_window_bytes"), 0.0);
+    assert_eq!(metric(srv.addr, "moonx_ws_recovery_reread_total"), 14.0, "1..8 read again twice, and counted");
 }

@@ -71,7 +71,8 @@ pub const FIGURES: &[(&str, &str)] = &[
     ("server_cpu_us", "server CPU µs per delivery (connect: per connection)"),
     ("not_recovered", "resumes not recovered: answered without recovered:true, or without a position (resume)"),
     ("recover_ms", "ms from the reconnect until every client had all its missed updates (resume)"),
-    ("read_ratio", "Kafka messages the server read for replays per message in the replayed range (resume)"),
+    ("read_ratio", "Kafka messages the server read for replays per message in the replayed range, which ends at the last update replayed (resume; the server reads on to where its feed stood when the last resume began)"),
+    ("reread", "Kafka messages the server read for replays that it had read for replays before (resume)"),
     ("p99_ratio", "p99 of prices during the storm over the baseline's (resume)"),
 ];
 

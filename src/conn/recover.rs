@@ -55,14 +55,14 @@ pub(super) fn begin(
     since: Pos,
     request_id: Option<&str>,
 ) -> bool {
-    let Some(ticket) = ctx.shard.borrow_mut().begin_resume(key, channel) else {
+    let Some((ticket, until)) = ctx.shard.borrow_mut().begin_resume(key, channel, since) else {
         return false;
     };
     let started = Instant::now();
     let deadline = started + ctx.global.recovery.timeout;
     let pending = Pending { key, channel, since, request_id: request_id.map(Into::into), started, deadline };
     ctx.resumes.borrow_mut().pending.insert(ticket, pending);
-    let req = Request { shard: ctx.id, ticket, channel, user, since, deadline };
+    let req = Request { shard: ctx.id, ticket, channel, user, since, until, deadline };
     if !ctx.global.recovery.request(req) {
         finish(ctx, ticket, Outcome::Busy);
     }
@@ -94,7 +94,7 @@ fn finish(ctx: &ShardCtx, ticket: u64, outcome: Outcome) {
     // they come. A position beyond the partition's end is from another
     // life of the topic: no floor.
     let floor = match (&outcome, end) {
-        (_, Some(end)) => Some((p.since.0, end)),
+        (_, Some(end)) => Some((p.since.0, end.max(p.since.1.saturating_add(1)))),
         (Outcome::BeyondEnd, None) => None,
         (_, None) => Some((p.since.0, p.since.1.saturating_add(1))),
     };

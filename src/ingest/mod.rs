@@ -313,6 +313,7 @@ pub fn start(
             topics: private,
             concurrency: cfg.ws_recovery_concurrency.get(),
             max_messages: cfg.ws_recovery_max_messages.get(),
+            window_bytes: cfg.ws_recovery_window_bytes,
             clock: clock.clone(),
         };
         let (publisher, stop) = (publisher.clone(), ingest.stop.clone());

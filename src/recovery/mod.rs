@@ -3,19 +3,20 @@
 //! Owns: the path between the shards and the replay thread ([`Hub`]: one
 //! bounded request queue in, one bounded return queue per shard out, with
 //! a waker), what a replay ends with ([`Outcome`]), the recovery metrics,
-//! the shared scans (`scan.rs`, sans-IO) and the thread that reads Kafka
-//! for them (`worker.rs`).
+//! the shared scans and the windows of what they read (`scan.rs`,
+//! sans-IO) and the thread that reads Kafka for them (`worker.rs`).
 //!
 //! How one resume goes: the connection's shard subscribes the channel but
 //! *holds* its live updates aside (`shard/held.rs`) and sends a
-//! [`Request`]; the replay thread reads the user's partition from the
-//! position up to its end at that moment, keeping the user's updates; the
-//! shard's recovery task (`conn/recover.rs`) queues `subscribed` with
-//! `recovered` and `missed`, the replayed frames, then the held live
-//! frames past the last replayed offset. Every live update after the
-//! subscribe is held, and the replay reaches at least every offset the
-//! shard had seen before it (the end is read after the request was sent),
-//! so the seam has no gap and, by offset, no duplicate.
+//! [`Request`] with `until`, where its feed stood in that partition; the
+//! replay thread reads the user's partition from the position up to
+//! `until` (or, when the shard took none of it yet, to the partition's end
+//! read after the request), keeping the user's updates; the shard's
+//! recovery task (`conn/recover.rs`) queues `subscribed` with `recovered`
+//! and `missed`, the replayed frames, then the held live frames past the
+//! replay's end. Every live update after the subscribe is held, and the
+//! replay reaches every offset the shard had taken before it, so the seam
+//! has no gap and, by offset, no duplicate.
 //!
 //! Nothing here runs on a shard's hot path: a shard only pushes a request
 //! and, on its recovery task, takes results.
@@ -54,6 +55,10 @@ pub struct Request {
     pub user: Arc<str>,
     /// Replay what comes after this position.
     pub since: Pos,
+    /// ...up to this offset (exclusive): where the shard's feed stood in
+    /// that partition when it began holding the channel's live updates.
+    /// None: the shard took none yet; up to the partition's end then.
+    pub until: Option<i64>,
     pub deadline: Instant,
 }
 
@@ -141,8 +146,12 @@ pub struct RecoveryStats {
     pub replayed: AtomicU64,
     /// Kafka messages the replay thread read (shared scans count once).
     pub read: AtomicU64,
+    /// Of `read`, messages this instance had read for replays before.
+    pub reread: AtomicU64,
     /// Scans started (a scan serves every request on its partition).
     pub scans: AtomicU64,
+    /// Memory held by the windows of what scans read (a gauge).
+    pub window_bytes: AtomicU64,
     /// Resume to `subscribed`, in µs.
     pub duration_us: Mutex<Histogram<u64>>,
 }
@@ -153,7 +162,9 @@ impl Default for RecoveryStats {
             outcomes: Default::default(),
             replayed: AtomicU64::new(0),
             read: AtomicU64::new(0),
+            reread: AtomicU64::new(0),
             scans: AtomicU64::new(0),
+            window_bytes: AtomicU64::new(0),
             duration_us: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 2).expect("histogram bounds")),
         }
     }
@@ -262,9 +273,21 @@ impl Hub {
         );
         e.single(
             Kind::Counter,
+            "moonx_ws_recovery_reread_total",
+            "Of the messages read for replays, those this instance had read for replays before (what was read is kept in WS_RECOVERY_WINDOW_BYTES; 0 means each message was read at most once).",
+            s.reread.load(Ordering::Relaxed),
+        );
+        e.single(
+            Kind::Counter,
             "moonx_ws_recovery_scans_total",
             "Partition scans started for replays.",
             s.scans.load(Ordering::Relaxed),
+        );
+        e.single(
+            Kind::Gauge,
+            "moonx_ws_recovery_window_bytes",
+            "Memory held by what replay scans read, kept so later resumes are served without reading Kafka again (at most WS_RECOVERY_WINDOW_BYTES).",
+            s.window_bytes.load(Ordering::Relaxed),
         );
         e.histogram_us(
             "moonx_ws_recovery_duration_seconds",

@@ -16,7 +16,7 @@ use crossbeam::channel::Receiver;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use super::scan::{Scan, Waiting};
+use super::scan::{ReadOffsets, Scan, Waiting, Window};
 use super::{Done, Hub, Outcome, Request};
 use crate::clock::Clock;
 use crate::ingest::validate::Validator;
@@ -30,12 +30,20 @@ const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(2);
 const INTAKE: usize = 4096;
 /// Most messages read per round (then requests and deadlines again).
 const READ_BATCH: usize = 4096;
+/// A window no resume used for this long is dropped (a storm's stragglers
+/// come within seconds).
+const WINDOW_IDLE: Duration = Duration::from_secs(30);
+/// How long a seek past a window may take.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct Settings {
     /// The private channels' topics.
     pub topics: Vec<(String, Channel)>,
     pub concurrency: usize,
     pub max_messages: usize,
+    /// `WS_RECOVERY_WINDOW_BYTES`: what the partitions' windows may hold,
+    /// together.
+    pub window_bytes: usize,
     pub clock: Clock,
 }
 
@@ -49,6 +57,10 @@ struct Worker {
     validator: Validator,
     waiting: HashMap<Part, Waiting>,
     scans: HashMap<Part, Scan>,
+    /// What earlier scans read, by partition (a running scan holds its own).
+    windows: HashMap<Part, Window>,
+    /// Every offset read for replays, by partition (to count re-reads).
+    read_offsets: HashMap<Part, ReadOffsets>,
     out: Vec<(Request, Outcome)>,
     log: LogLimiter,
     /// How long requests may gather before their scan starts.
@@ -73,6 +85,8 @@ pub fn run(
         validator: Validator::default(),
         waiting: HashMap::new(),
         scans: HashMap::new(),
+        windows: HashMap::new(),
+        read_offsets: HashMap::new(),
         out: Vec::new(),
         log: LogLimiter::new(Duration::from_secs(10)),
         max_wait,
@@ -85,6 +99,7 @@ pub fn run(
         w.start_due(now);
         w.read();
         w.finish_complete();
+        w.bound_windows(now);
         for (req, outcome) in w.out.drain(..) {
             let done = Done { ticket: req.ticket, outcome };
             if !w.hub.give_back(req.shard, done, &stop) {
@@ -114,7 +129,7 @@ impl Worker {
         for req in first.into_iter().chain(incoming.try_iter().take(INTAKE)) {
             let part = (req.channel, req.since.0);
             let req = match self.scans.get_mut(&part) {
-                Some(scan) => match scan.join(req) {
+                Some(scan) => match scan.join(req, now, &mut self.out) {
                     Ok(()) => continue,
                     Err(req) => req,
                 },
@@ -137,8 +152,7 @@ impl Worker {
             }
         }
         for part in emptied {
-            self.scans.remove(&part);
-            self.unassign(part);
+            self.end_scan(part);
         }
     }
 
@@ -169,17 +183,25 @@ impl Worker {
                     continue;
                 }
             };
-            let Some(scan) = Scan::start(reqs, low, high, self.settings.max_messages, &mut self.out) else {
-                continue;
+            let prior = self.windows.remove(&part);
+            let scan = match Scan::start(reqs, (low, high), prior, self.settings.max_messages, now, &mut self.out) {
+                Ok(scan) => scan,
+                Err(prior) => {
+                    // Each was settled without a read (what earlier scans
+                    // read may have served it whole).
+                    self.windows.extend(prior.map(|w| (part, w)));
+                    continue;
+                }
             };
             let mut tpl = TopicPartitionList::new();
-            if tpl.add_partition_offset(&topic, part.1, Offset::Offset(scan.next)).is_err()
+            if tpl.add_partition_offset(&topic, part.1, Offset::Offset(scan.next())).is_err()
                 || self.consumer.incremental_assign(&tpl).is_err()
             {
                 if let Some(suppressed) = self.log.allow() {
                     tracing::warn!(topic, partition = part.1, suppressed, "recovery: kafka assignment failed");
                 }
-                scan.abandon(|| Outcome::Unavailable, &mut self.out);
+                let window = scan.abandon(|| Outcome::Unavailable, &mut self.out);
+                self.windows.insert(part, window);
                 continue;
             }
             self.hub.stats.scans.fetch_add(1, Ordering::Relaxed);
@@ -211,24 +233,78 @@ impl Worker {
             let Some(channel) = self.channel_of(m.topic()) else { continue };
             let (partition, offset) = (m.partition(), m.offset());
             let Some(scan) = self.scans.get_mut(&(channel, partition)) else { continue };
-            if offset < scan.next {
+            if offset < scan.next() {
                 continue;
             }
+
             self.hub.stats.read.fetch_add(1, Ordering::Relaxed);
+            if self.read_offsets.entry((channel, partition)).or_default().read(offset) {
+                self.hub.stats.reread.fetch_add(1, Ordering::Relaxed);
+            }
             let value = m.payload().unwrap_or_default();
-            let route = self.validator.route(channel, value).ok();
-            let user: Option<Box<str>> = match &route {
-                Some(Route::User { user, .. }) => Some(user.clone()),
+            // Every private update is framed, wanted now or not: the
+            // window keeps it for the resumes still to come.
+            let update = match self.validator.route(channel, value) {
+                Ok(route @ Route::User { .. }) => {
+                    let id = self.publisher.next_id(&mut itoa::Buffer::new());
+                    let now_ms = self.settings.clock.epoch_ms();
+                    Some(Arc::new(Update::encode_at(route, &id, now_ms, Some((partition, offset)), value)))
+                }
                 _ => None,
             };
-            let (publisher, clock) = (&self.publisher, &self.settings.clock);
-            let make = || {
-                let id = publisher.next_id(&mut itoa::Buffer::new());
-                let route = route.expect("a user's update has a route");
-                Arc::new(Update::encode_at(route, &id, clock.epoch_ms(), Some((partition, offset)), value))
-            };
-            scan.message(offset, user.as_deref(), make, &mut self.out);
+            scan.message(offset, update, &mut self.out);
+            let complete = scan.complete();
+            self.seek_past_window((channel, partition));
+            if complete {
+                // Now, not after the batch: what the consumer fetched
+                // past the end is not read, and the window ends where the
+                // consumer stands (the next scan may start there).
+                self.end_scan((channel, partition));
+            }
         }
+    }
+
+    /// Settles a scan's requests, keeps what it read, frees its partition.
+    fn end_scan(&mut self, part: Part) {
+        let Some(mut scan) = self.scans.remove(&part) else { return };
+        scan.settle_passed(&mut self.out);
+        debug_assert!(scan.is_empty(), "ended complete or empty");
+        self.windows.insert(part, scan.into_window());
+        self.unassign(part);
+    }
+
+    /// Moves the reader past a window the scan of `part` reached.
+    fn seek_past_window(&mut self, part: Part) {
+        let Some(to) = self.scans.get_mut(&part).and_then(|s| s.seek.take()) else { return };
+        let Some(topic) = self.topic(part.0) else { return };
+        if let Err(e) = self.consumer.seek(topic, part.1, Offset::Offset(to), SEEK_TIMEOUT) {
+            // The reads go on through the window instead; the scan skips them.
+            if let Some(suppressed) = self.log.allow() {
+                tracing::warn!(topic, partition = part.1, error = %e, suppressed, "recovery: kafka seek failed");
+            }
+        }
+    }
+
+    /// Drops the windows idle for [`WINDOW_IDLE`], then holds all of them
+    /// to `WS_RECOVERY_WINDOW_BYTES`: the least recently used idle ones go
+    /// first, then the running scans' oldest reads.
+    fn bound_windows(&mut self, now: Instant) {
+        self.windows.retain(|_, w| now.saturating_duration_since(w.used) < WINDOW_IDLE);
+        let budget = self.settings.window_bytes;
+        let running: usize = self.scans.values().map(Scan::window_bytes).sum();
+        let mut total = running + self.windows.values().map(Window::bytes).sum::<usize>();
+        while total > budget {
+            let Some(part) = self.windows.iter().min_by_key(|(_, w)| w.used).map(|(p, _)| *p) else { break };
+            total -= self.windows.remove(&part).map_or(0, |w| w.bytes());
+        }
+        if total > budget {
+            let share = budget / self.scans.len().max(1);
+            for scan in self.scans.values_mut() {
+                scan.trim_window(share);
+            }
+            total = self.scans.values().map(Scan::window_bytes).sum();
+        }
+        self.hub.stats.window_bytes.store(total as u64, Ordering::Relaxed);
     }
 
     /// Where the consumer stands on each scan's partition: offsets below
@@ -237,30 +313,32 @@ impl Worker {
         let Ok(tpl) = self.consumer.position() else { return };
         for e in tpl.elements() {
             let (Some(channel), Offset::Offset(next)) = (self.channel_of(e.topic()), e.offset()) else { continue };
-            if let Some(scan) = self.scans.get_mut(&(channel, e.partition())) {
-                scan.reached(next);
+            let part = (channel, e.partition());
+            if let Some(scan) = self.scans.get_mut(&part) {
+                scan.reached(next, &mut self.out);
+                self.seek_past_window(part);
             }
         }
     }
 
-    /// Ends the scans read to their end (the end read again first when a
-    /// request joined after it was read).
+    /// Settles the requests read to their end, and ends the scans with
+    /// none left or read to their end (read again first when a request
+    /// without `until` joined after it was read).
     fn finish_complete(&mut self) {
         let parts: Vec<Part> = self.scans.keys().copied().collect();
         for part in parts {
             let topic = self.topic(part.0).map(str::to_owned);
             let scan = self.scans.get_mut(&part).expect("listed");
-            if scan.next >= scan.end && scan.requery {
+            if scan.next() >= scan.end && scan.requery {
                 let Some(topic) = topic else { continue };
                 match self.consumer.fetch_watermarks(&topic, part.1, WATERMARKS_TIMEOUT) {
                     Ok((_, high)) => scan.extend(high),
                     Err(_) => continue, // again next round, until the deadlines
                 }
             }
-            if scan.complete() {
-                let scan = self.scans.remove(&part).expect("listed");
-                scan.finish(&mut self.out);
-                self.unassign(part);
+            scan.settle_passed(&mut self.out);
+            if scan.complete() || scan.is_empty() {
+                self.end_scan(part);
             }
         }
     }

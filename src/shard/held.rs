@@ -10,13 +10,19 @@
 //! not have reached yet, so live updates of that partition below it are
 //! skipped (they were replayed) until one at or past it comes. A
 //! connection with an entry or a floor carries `Marks::HOLDING`, so the
-//! fan-out looks here only for those.
+//! fan-out looks here only for those. And how far the shard's feed has
+//! reached in each private partition ([`Holds::fed`]): a replay need read
+//! only below that, since everything after is held.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::inbox::Update;
-use crate::protocol::message::Channel;
+use crate::protocol::message::{Channel, Pos};
+
+/// Partitions per private topic whose feed position is tracked (beyond,
+/// replays read to the partition's end instead).
+const TRACKED_PARTITIONS: usize = 4096;
 
 /// One resume in flight.
 #[derive(Debug)]
@@ -46,6 +52,9 @@ pub(super) struct Holds {
     /// were replayed.
     floors: HashMap<(usize, Channel), (i32, i64)>,
     next_ticket: u64,
+    /// By channel, then partition: the offset past the newest live update
+    /// the shard took (-1: none yet).
+    fed: [Vec<i64>; Channel::ALL.len()],
 }
 
 impl Holds {
@@ -122,6 +131,28 @@ impl Holds {
     /// Resumes in flight on the shard.
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// The shard took the live update of `channel` at `pos`.
+    #[inline]
+    pub fn fed(&mut self, channel: Channel, (partition, offset): Pos) {
+        let Ok(p) = usize::try_from(partition) else { return };
+        let fed = &mut self.fed[channel as usize];
+        if p >= fed.len() {
+            if p >= TRACKED_PARTITIONS {
+                return;
+            }
+            fed.resize(p + 1, -1);
+        }
+        fed[p] = fed[p].max(offset.saturating_add(1));
+    }
+
+    /// The offset past the newest live update of `channel` in `partition`
+    /// the shard took: every later one is held by a resume begun now, so
+    /// its replay may end here. None when none came yet.
+    pub fn fed_to(&self, channel: Channel, partition: i32) -> Option<i64> {
+        let p = usize::try_from(partition).ok()?;
+        self.fed[channel as usize].get(p).copied().filter(|&o| o >= 0)
     }
 }
 

@@ -248,10 +248,17 @@ impl Shard {
 
     /// Subscribes the connection to private `channel` for a resume
     /// (PROTOCOL.md §12): live updates of the channel are held aside from
-    /// now until [`Shard::end_resume`]. Returns the resume's ticket; None
-    /// when one of that channel is already in flight on the connection,
-    /// or it takes no updates any more.
-    pub fn begin_resume(&mut self, key: usize, channel: Channel) -> Option<u64> {
+    /// now until [`Shard::end_resume`]. Returns the resume's ticket and
+    /// where the shard's feed stands in the partition `since` names (the
+    /// replay may end there: every later update is held; None: the shard
+    /// took none of it yet); None when one of that channel is already in
+    /// flight on the connection, or it takes no updates any more.
+    pub fn begin_resume(
+        &mut self,
+        key: usize,
+        channel: Channel,
+        since: crate::protocol::message::Pos,
+    ) -> Option<(u64, Option<i64>)> {
         if !self.conns[key].out.takes_updates() {
             return None;
         }
@@ -259,7 +266,7 @@ impl Shard {
         self.subscribe(key, channel);
         self.conns[key].marks.set(Marks::HOLDING, true);
         self.stats.recoveries_in_flight.set(self.holds.len() as u64);
-        Some(ticket)
+        Some((ticket, self.holds.fed_to(channel, since.0)))
     }
 
     /// The ticket of the connection's resume of `channel`, if in flight.
@@ -464,6 +471,9 @@ impl Shard {
                 }
             }
             Route::User { channel, user } => {
+                if let Some(pos) = update.pos {
+                    self.holds.fed(*channel, pos);
+                }
                 let mut first = None;
                 let mut next = self.registry.first_of(&self.conns, user).unwrap_or(NOT_LISTED as usize);
                 while next != NOT_LISTED as usize {

@@ -16,6 +16,8 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Counters {
     /// `moonx_ws_recovery_read_total`: Kafka messages read for replays.
     pub(crate) read: u64,
+    /// `moonx_ws_recovery_reread_total`: of those, read for replays before.
+    pub(crate) reread: u64,
     /// `moonx_ws_recovery_replayed_total`: updates sent by replays.
     pub(crate) replayed: u64,
     /// `moonx_ws_recovery_scans_total`: partition scans started.
@@ -35,6 +37,7 @@ impl Counters {
             let n = n as u64;
             match name {
                 "moonx_ws_recovery_read_total" => read = Some(n),
+                "moonx_ws_recovery_reread_total" => c.reread = n,
                 "moonx_ws_recovery_replayed_total" => c.replayed = n,
                 "moonx_ws_recovery_scans_total" => c.scans = n,
                 _ => {
@@ -53,6 +56,7 @@ impl Counters {
         let grew = |k: &String, n: &u64| (k.clone(), n.saturating_sub(*before.outcomes.get(k).unwrap_or(&0)));
         Counters {
             read: self.read.saturating_sub(before.read),
+            reread: self.reread.saturating_sub(before.reread),
             replayed: self.replayed.saturating_sub(before.replayed),
             scans: self.scans.saturating_sub(before.scans),
             outcomes: self.outcomes.iter().map(|(k, n)| grew(k, n)).filter(|(_, n)| *n > 0).collect(),
@@ -89,6 +93,7 @@ mod tests {
     const PAGE: &str = "# HELP moonx_ws_recovery_read_total Kafka messages read for replays.\n\
         # TYPE moonx_ws_recovery_read_total counter\n\
         moonx_ws_recovery_read_total 1200\n\
+        moonx_ws_recovery_reread_total 30\n\
         moonx_ws_recovery_replayed_total 800\n\
         moonx_ws_recovery_scans_total 4\n\
         moonx_ws_recoveries_total{outcome=\"recovered\"} 50\n\
@@ -98,12 +103,17 @@ mod tests {
     #[test]
     fn parses_the_recovery_counters_and_their_growth() {
         let after = Counters::parse(PAGE).unwrap();
-        assert_eq!((after.read, after.replayed, after.scans), (1200, 800, 4));
+        assert_eq!((after.read, after.reread, after.replayed, after.scans), (1200, 30, 800, 4));
         assert_eq!(after.outcomes["recovered"], 50);
-        let before =
-            Counters { read: 200, replayed: 100, scans: 1, outcomes: BTreeMap::from([("recovered".into(), 10)]) };
+        let before = Counters {
+            read: 200,
+            reread: 10,
+            replayed: 100,
+            scans: 1,
+            outcomes: BTreeMap::from([("recovered".into(), 10)]),
+        };
         let d = after.since(&before);
-        assert_eq!((d.read, d.replayed, d.scans), (1000, 700, 3));
+        assert_eq!((d.read, d.reread, d.replayed, d.scans), (1000, 20, 700, 3));
         assert_eq!(d.outcomes, BTreeMap::from([("recovered".to_string(), 40)]));
         assert_eq!(Counters::parse("up 1\n"), None, "a server without the counters");
     }

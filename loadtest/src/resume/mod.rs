@@ -613,6 +613,9 @@ fn values(shared: &Shared, end: &End, s: &Sums) -> BTreeMap<&'static str, f64> {
     if let Some(r) = s.read_ratio.as_f64() {
         values.insert("read_ratio", r);
     }
+    if let Ok(c) = &s.counters {
+        values.insert("reread", c.reread as f64);
+    }
     if let Some(r) = s.p99_ratio.as_f64() {
         values.insert("p99_ratio", r);
     }
@@ -684,7 +687,8 @@ fn report(a: &ResumeArgs, shared: &Shared, end: &End, s: &Sums, server: Value) -
         (
             "replay",
             json!({
-                "read_for_replays": counters.map(|c| c.read), "replayed_range": s.replayed_range,
+                "read_for_replays": counters.map(|c| c.read), "read_again": counters.map(|c| c.reread),
+                "replayed_range": s.replayed_range,
                 "read_ratio": s.read_ratio, "range_partitions": storm.range.partitions(),
                 "server_replayed": counters.map(|c| c.replayed), "scans": counters.map(|c| c.scans),
                 "outcomes": counters.map(|c| c.outcomes.clone()), "metrics_error": s.counters.as_ref().err(),
@@ -785,8 +789,9 @@ fn human(a: &ResumeArgs, shared: &Shared, end: &End, s: &Sums, run_probe: Option
     out!("    reconnect -> every missed update in hand: {}", brief(&storm.recover.total));
     let read = match &s.counters {
         Ok(c) => format!(
-            "the server read {} Kafka messages for them in {} scans: {} per message in the range",
+            "the server read {} Kafka messages for them ({} of them again) in {} scans: {} per message in the range",
             c.read,
+            c.reread,
             c.scans,
             s.read_ratio.as_f64().map_or("-".into(), |r| format!("{r:.2}x"))
         ),

@@ -163,6 +163,10 @@ fn user_data(index: u32, generation: u32) -> u64 {
     (generation as u64) << 32 | index as u64
 }
 
+/// Parked connections the parker resumes at most per pass (of each kind)
+/// before it lets other tasks run if they wait.
+const RESUME_BUDGET: usize = 64;
+
 /// The shard's parker task: resumes parked connections whose socket became
 /// ready or that something woke.
 pub(crate) async fn run(ctx: Rc<ShardCtx>) {
@@ -176,7 +180,10 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>) {
         if let Some(ring) = parker.ring.borrow_mut().as_mut() {
             ring.drain(&mut completions);
         }
-        for (data, _) in completions.drain(..) {
+        // A budget per pass: thousands of parked clients that hang up
+        // together must not hold the core (and the fan-out) in one poll.
+        let n = completions.len().min(RESUME_BUDGET);
+        for (data, _) in completions.drain(..n) {
             if data == PollRing::REMOVED {
                 continue;
             }
@@ -188,8 +195,13 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>) {
             parker.resume(&ctx, key, false);
         }
         ctx.shard.borrow_mut().take_unparks(&mut woken);
-        for key in woken.drain(..) {
+        let n = woken.len().min(RESUME_BUDGET);
+        for key in woken.drain(..n) {
             parker.resume(&ctx, key, true);
+        }
+        if !completions.is_empty() || !woken.is_empty() {
+            glommio::yield_if_needed().await;
+            continue;
         }
         let ready = async {
             if let Err(e) = signal.read_at(0, 8).await {

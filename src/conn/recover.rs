@@ -39,6 +39,10 @@ pub(super) struct Resumes {
     pending: HashMap<u64, Pending>,
 }
 
+/// Results the recovery task answers at most per pass before it lets
+/// other tasks run if they wait.
+const FINISH_BUDGET: usize = 64;
+
 /// How often the recovery task looks for expired resumes while any is in
 /// flight (it also wakes on every result).
 const EXPIRY_CHECK: Duration = Duration::from_millis(50);
@@ -133,8 +137,16 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>) {
     let hub = ctx.global.recovery.clone();
     let returns = hub.returns(ctx.id);
     loop {
-        while let Some(done) = returns.pop() {
+        // A budget per pass: a scan answers thousands of resumes at once,
+        // and queueing their replays must not hold the core (and the
+        // fan-out) in one poll.
+        for _ in 0..FINISH_BUDGET {
+            let Some(done) = returns.pop() else { break };
             finish(&ctx, done.ticket, done.outcome);
+        }
+        if !returns.is_empty() {
+            glommio::yield_if_needed().await;
+            continue;
         }
         let in_flight = expire(&ctx, Instant::now());
         let mut timer = in_flight.then(|| glommio::timer::Timer::new(EXPIRY_CHECK));

@@ -21,10 +21,14 @@ const FANOUT_BUDGET: usize = 256;
 pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing) {
     let mut last_sweep = Instant::now();
     let mut saturated = false;
-    // Running average of how long sweeps take (start to last write).
+    // Running average of how long sweeps take: this task's own time from
+    // the start to the last write.
     let mut sweep_avg = Duration::ZERO;
+    // This task's time in the sweep under way, over the passes before this.
+    let mut sweep_busy = Duration::ZERO;
     loop {
         let mut taken = 0;
+        let pass = Instant::now();
         let sweeping = {
             let mut shard = shard.borrow_mut();
             let stats = shard.stats.clone();
@@ -44,15 +48,22 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing
             if !shard.sweeping() && shard.has_dirty() && (interval.is_zero() || last_sweep.elapsed() >= interval) {
                 shard.begin_sweep();
                 last_sweep = Instant::now();
+                sweep_busy = Duration::ZERO;
             }
             let done = shard.sweeping() && shard.flush_step(FLUSH_CHUNK);
             if done {
-                let took = last_sweep.elapsed();
+                // Not the wall time: the tasks that ran between its steps
+                // (a connect storm's) would make it look saturated, and the
+                // pacing would hold every frame back for them.
+                let took = sweep_busy + pass.elapsed();
                 saturated = pacing.saturated(took, shard.has_dirty());
                 sweep_avg = pacing::average(sweep_avg, took);
             }
             shard.sweeping()
         };
+        if sweeping {
+            sweep_busy += pass.elapsed();
+        }
         if sweeping || taken == FANOUT_BUDGET {
             glommio::yield_if_needed().await;
             continue;

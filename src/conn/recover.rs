@@ -31,6 +31,8 @@ pub(super) struct Pending {
     request_id: Option<Box<str>>,
     started: Instant,
     deadline: Instant,
+    /// The shard inbox's drop count when the resume began.
+    drops: u64,
 }
 
 /// The shard's resumes in flight.
@@ -59,12 +61,13 @@ pub(super) fn begin(
     since: Pos,
     request_id: Option<&str>,
 ) -> bool {
-    let Some((ticket, until)) = ctx.shard.borrow_mut().begin_resume(key, channel, since) else {
+    let drops = ctx.global.publisher.inbox(ctx.id).dropped();
+    let Some((ticket, until)) = ctx.shard.borrow_mut().begin_resume(key, channel, since, drops) else {
         return false;
     };
     let started = Instant::now();
     let deadline = started + ctx.global.recovery.timeout;
-    let pending = Pending { key, channel, since, request_id: request_id.map(Into::into), started, deadline };
+    let pending = Pending { key, channel, since, request_id: request_id.map(Into::into), started, deadline, drops };
     ctx.resumes.borrow_mut().pending.insert(ticket, pending);
     let req = Request { shard: ctx.id, ticket, channel, user, since, until, deadline };
     if !ctx.global.recovery.request(req) {
@@ -86,6 +89,13 @@ pub(super) fn cancel(ctx: &ShardCtx, key: usize, channel: Channel) {
 fn finish(ctx: &ShardCtx, ticket: u64, outcome: Outcome) {
     let Some(p) = ctx.resumes.borrow_mut().pending.remove(&ticket) else {
         return; // answered already (timed out, cancelled)
+    };
+    // A live update the shard's full inbox dropped meanwhile was neither
+    // held nor, maybe, replayed: the client is told, not skipped over.
+    let dropped = ctx.global.publisher.inbox(ctx.id).dropped() != p.drops;
+    let outcome = match outcome {
+        Outcome::Replayed { .. } if dropped => Outcome::Dropped,
+        other => other,
     };
     let (replay, end) = match &outcome {
         Outcome::Replayed { updates, end } => (&updates[..], Some(*end)),

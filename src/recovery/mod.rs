@@ -82,6 +82,9 @@ pub enum Outcome {
     Busy,
     /// The client unsubscribed before the replay ended.
     Cancelled,
+    /// The shard's inbox was full and dropped live updates while the
+    /// replay ran (set by the shard, never by the replay thread).
+    Dropped,
 }
 
 impl Outcome {
@@ -89,7 +92,7 @@ impl Outcome {
     /// counts itself (`ShardStats`): `overflow` (the live updates held
     /// meanwhile passed `WS_MAX_BUFFERED_BYTES`: closed 4009) and `gone`
     /// (the connection closed first).
-    pub const LABELS: [&'static str; 10] = [
+    pub const LABELS: [&'static str; 11] = [
         "recovered",
         "trimmed",
         "beyond_end",
@@ -98,6 +101,7 @@ impl Outcome {
         "unavailable",
         "busy",
         "cancelled",
+        "dropped",
         "overflow",
         "gone",
     ];
@@ -112,6 +116,7 @@ impl Outcome {
             Outcome::Unavailable => 5,
             Outcome::Busy => 6,
             Outcome::Cancelled => 7,
+            Outcome::Dropped => 8,
         }
     }
 }

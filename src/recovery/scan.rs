@@ -4,8 +4,9 @@
 //! partition's [`Window`]: every private update of the offsets scans
 //! already read, kept (bounded) so that no resume makes the partition be
 //! read twice. A scan reads a partition once, from the lowest first offset
-//! its requests want to the partition's end as it was when the last of them
-//! joined, and hands each request its user's updates past its position.
+//! its requests want to the furthest end one of them wants (where its
+//! shard's feed stood, `Request::until`, else the partition's end read for
+//! it), and hands each request its user's updates in its range.
 //! A request whose position the window covers is served from it and reads
 //! only past it; a scan that starts below the window skips over it
 //! ([`Scan::seek`]) when it gets there. Requests that arrive while a scan
@@ -130,6 +131,31 @@ impl Window {
         self.start <= first && first <= self.end
     }
 
+    /// Where what it holds ends (exclusive).
+    pub fn end(&self) -> i64 {
+        self.end
+    }
+
+    /// Answers `req` from what it holds, when it holds all of it (the
+    /// request has `until`, and the window covers `[first, until)`);
+    /// else gives it back.
+    pub fn serve(&mut self, req: Request, max_messages: usize, now: Instant) -> Result<(Request, Outcome), Request> {
+        let f = first(&req);
+        match req.until {
+            Some(until) if self.covers(f) && until <= self.end => {
+                self.used = now;
+                let updates: Vec<_> = self.of_user(&req.user, f, until).cloned().collect();
+                let outcome = if updates.len() > max_messages {
+                    Outcome::TooMany
+                } else {
+                    Outcome::Replayed { updates, end: until }
+                };
+                Ok((req, outcome))
+            }
+            _ => Err(req),
+        }
+    }
+
     /// Records the message at `offset`, the next one read past the end
     /// (`update`: None when it is not a private update).
     fn push(&mut self, offset: i64, update: Option<&Arc<Update>>) {
@@ -238,12 +264,22 @@ struct Member {
 /// A joiner's end while the partition's end is read again for it.
 const PENDING: i64 = i64::MAX;
 
+/// A scan that starts past its partition's window by at most this many
+/// offsets reads the gap too, so the window stays one range.
+const GAP_READ: i64 = 4096;
+
 /// A scan in progress over `[next, end)`.
 pub struct Scan {
     /// Where the scan ends (exclusive): the furthest its requests want.
     pub end: i64,
     /// The first retained offset when the scan started.
     low: i64,
+    /// The partition's end when the scan started.
+    high: i64,
+    /// Joiners are taken until then (later ones wait for the next scan, so
+    /// a storm that goes on cannot keep one scan, and who waits behind
+    /// it, going).
+    pub joinable_until: Option<Instant>,
     /// A request without `until` joined: read the partition's end again
     /// before ending.
     pub requery: bool,
@@ -313,14 +349,17 @@ impl Scan {
         }
         let (window, ahead) = match prior {
             Some(w) if next < w.start => (Window::new(next, now), Some(w)),
-            // Past it (maybe with a gap no request wants, read all the
+            // Past it by a little (a gap no request wants, read all the
             // same): it grows, and later resumes in the gap find it whole.
-            Some(w) => (w, None),
-            None => (Window::new(next, now), None),
+            Some(w) if next - w.end <= GAP_READ => (w, None),
+            // Far past it: not worth reading the gap for.
+            _ => (Window::new(next, now), None),
         };
         let mut scan = Scan {
             end,
             low,
+            high,
+            joinable_until: None,
             requery: false,
             closed: false,
             members: HashMap::new(),
@@ -352,12 +391,16 @@ impl Scan {
     /// offset is within the end known and the end was not read again yet.
     pub fn join(&mut self, req: Request, now: Instant, out: &mut Vec<(Request, Outcome)>) -> Result<(), Request> {
         let f = first(&req);
-        if f < self.low || f < self.window.start {
-            return Err(req);
-        }
         let until = match req.until {
+            // Nothing to replay: the shard's feed is not past the position.
+            Some(u) if f >= u && f >= self.low && f <= self.high => {
+                out.push((req, Outcome::Replayed { updates: Vec::new(), end: u }));
+                return Ok(());
+            }
+            _ if f < self.low || f < self.window.start => return Err(req),
+            _ if self.joinable_until.is_some_and(|t| now >= t) => return Err(req),
             Some(u) if f < u => u,
-            Some(_) => return Err(req), // nothing to replay, or beyond the end: the next scan tells
+            Some(_) => return Err(req), // beyond the end known: the next scan tells
             None if self.closed || f > self.end => return Err(req),
             None => PENDING,
         };
@@ -767,8 +810,9 @@ mod tests {
         assert_eq!(read(&mut scan, 16, &users, &mut out), (10..16).collect::<Vec<_>>());
         scan.settle_passed(&mut out);
         assert_eq!(out.len(), 1, "a is answered while b's replay goes on");
-        // c's shard is behind c's position: nothing to replay, the next scan says.
-        assert!(scan.join(until(req("c", 17, 3), 17), Instant::now(), &mut out).is_err());
+        // c's shard is behind c's position: nothing to replay, answered now.
+        scan.join(until(req("c", 17, 3), 17), Instant::now(), &mut out).expect("answered");
+        assert_eq!(out.len(), 2);
         // d joins with an end past the scan's: the scan goes on for it, no end read again.
         // a on another connection, from 12, its shard up to 23: the scan
         // goes on for it without reading the partition's end again.
@@ -782,8 +826,9 @@ mod tests {
         assert_eq!(offsets(&out[0].1), [10, 12, 14]);
         assert!(matches!(out[1].1, Outcome::Replayed { end: 20, .. }));
         assert_eq!(offsets(&out[1].1), [11, 13, 15, 17, 19]);
-        assert!(matches!(out[2].1, Outcome::Replayed { end: 24, .. }));
-        assert_eq!(offsets(&out[2].1), [12, 14, 16, 18, 20, 22], "from the window, then read");
+        assert!(matches!(&out[2].1, Outcome::Replayed { updates, end: 17 } if updates.is_empty()));
+        assert!(matches!(out[3].1, Outcome::Replayed { end: 24, .. }));
+        assert_eq!(offsets(&out[3].1), [12, 14, 16, 18, 20, 22], "from the window, then read");
     }
 
     #[test]
@@ -833,6 +878,48 @@ mod tests {
         }
         assert!(r.ranges.len() <= RANGES, "bounded");
         assert!(r.read(12), "still known after merging");
+    }
+
+    #[test]
+    fn a_window_answers_what_it_holds_whole_without_a_scan() {
+        let mut out = Vec::new();
+        let mut scan = start(vec![req("a", 4, 1)], 0, 10, None, &mut out);
+        read(&mut scan, 10, &["a", "b"], &mut out);
+        let mut window = finish(scan, &mut out);
+        let now = Instant::now();
+        let (_, o) = window.serve(until(req("b", 6, 2), 10), 100, now).expect("held whole");
+        assert_eq!(offsets(&o), [7, 9]);
+        assert!(matches!(o, Outcome::Replayed { end: 10, .. }));
+        assert!(window.serve(until(req("b", 6, 3), 11), 100, now).is_err(), "wants past it");
+        assert!(window.serve(req("b", 6, 4), 100, now).is_err(), "no until: the partition's end decides");
+        assert!(window.serve(until(req("b", 2, 5), 8), 100, now).is_err(), "wants below it");
+        let (_, o) = window.serve(until(req("b", 4, 6), 10), 1, now).expect("held whole");
+        assert!(matches!(o, Outcome::TooMany), "three of b's past the cap of one");
+    }
+
+    #[test]
+    fn a_joiner_with_nothing_to_replay_is_answered_at_once_and_joining_ends() {
+        let mut out = Vec::new();
+        let now = Instant::now();
+        let mut scan = start(vec![req("a", 0, 1)], 0, 20, None, &mut out);
+        read(&mut scan, 5, &["a"], &mut out);
+        // The client is at 12, its shard's feed at 10: up to date.
+        scan.join(until(req("b", 11, 2), 10), now, &mut out).expect("answered");
+        assert!(matches!(&out[0].1, Outcome::Replayed { updates, end: 10 } if updates.is_empty()));
+        assert!(scan.join(until(req("c", 30, 3), 10), now, &mut out).is_err(), "beyond the end: the next scan tells");
+        scan.joinable_until = Some(now);
+        assert!(scan.join(until(req("d", 3, 4), 15), now, &mut out).is_err(), "too late to join");
+    }
+
+    #[test]
+    fn a_scan_far_past_the_window_starts_a_new_one() {
+        let mut out = Vec::new();
+        let mut scan = start(vec![req("a", 4, 1)], 0, 10, None, &mut out);
+        read(&mut scan, 10, &["a"], &mut out);
+        let window = finish(scan, &mut out);
+        let far = 10 + GAP_READ + 1;
+        let scan = start(vec![req("a", far, 2)], 0, far + 10, Some(window), &mut out);
+        assert_eq!(scan.next(), far + 1, "the gap is not read");
     }
 
     #[test]

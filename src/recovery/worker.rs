@@ -128,12 +128,20 @@ impl Worker {
         let now = Instant::now();
         for req in first.into_iter().chain(incoming.try_iter().take(INTAKE)) {
             let part = (req.channel, req.since.0);
-            let req = match self.scans.get_mut(&part) {
-                Some(scan) => match scan.join(req, now, &mut self.out) {
+            let req = match (self.scans.get_mut(&part), self.windows.get_mut(&part)) {
+                (Some(scan), _) => match scan.join(req, now, &mut self.out) {
                     Ok(()) => continue,
                     Err(req) => req,
                 },
-                None => req,
+                // All of it in what earlier scans read: answered now.
+                (None, Some(window)) => match window.serve(req, self.settings.max_messages, now) {
+                    Ok(done) => {
+                        self.out.push(done);
+                        continue;
+                    }
+                    Err(req) => req,
+                },
+                (None, None) => req,
             };
             self.waiting.entry(part).or_default().push(req, now);
         }
@@ -183,8 +191,9 @@ impl Worker {
                     continue;
                 }
             };
-            let prior = self.windows.remove(&part);
-            let scan = match Scan::start(reqs, (low, high), prior, self.settings.max_messages, now, &mut self.out) {
+            // A window past the partition's end is of a recreated topic.
+            let prior = self.windows.remove(&part).filter(|w| w.end() <= high);
+            let mut scan = match Scan::start(reqs, (low, high), prior, self.settings.max_messages, now, &mut self.out) {
                 Ok(scan) => scan,
                 Err(prior) => {
                     // Each was settled without a read (what earlier scans
@@ -204,6 +213,7 @@ impl Worker {
                 self.windows.insert(part, window);
                 continue;
             }
+            scan.joinable_until = Some(now + self.max_wait);
             self.hub.stats.scans.fetch_add(1, Ordering::Relaxed);
             self.scans.insert(part, scan);
         }

@@ -33,6 +33,7 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing
             let mut shard = shard.borrow_mut();
             let stats = shard.stats.clone();
             let mut hist = stats.fanout_latency_us.lock();
+            shard.note_inbox_drops(inbox.dropped());
             while taken < FANOUT_BUDGET {
                 let Some(update) = inbox.queue.pop() else {
                     break;

@@ -53,8 +53,10 @@ pub(super) struct Holds {
     floors: HashMap<(usize, Channel), (i32, i64)>,
     next_ticket: u64,
     /// By channel, then partition: the offset past the newest live update
-    /// the shard took (-1: none yet).
+    /// the shard took (-1: none yet, or not since its inbox dropped one).
     fed: [Vec<i64>; Channel::ALL.len()],
+    /// The inbox's drop count `fed` is good for.
+    fed_drops: u64,
 }
 
 impl Holds {
@@ -144,13 +146,32 @@ impl Holds {
             }
             fed.resize(p + 1, -1);
         }
-        fed[p] = fed[p].max(offset.saturating_add(1));
+        // The newest, not the highest: offsets that go back (a recreated
+        // topic) must not leave a position the partition never reaches.
+        fed[p] = offset.saturating_add(1);
+    }
+
+    /// The shard's inbox has dropped `drops` updates so far: after a new
+    /// drop, what the shard took says nothing of the updates it never got,
+    /// so every position is forgotten until the next update comes.
+    pub fn inbox_drops(&mut self, drops: u64) {
+        if drops != self.fed_drops {
+            for fed in &mut self.fed {
+                fed.fill(-1);
+            }
+            self.fed_drops = drops;
+        }
     }
 
     /// The offset past the newest live update of `channel` in `partition`
     /// the shard took: every later one is held by a resume begun now, so
-    /// its replay may end here. None when none came yet.
-    pub fn fed_to(&self, channel: Channel, partition: i32) -> Option<i64> {
+    /// its replay may end here. None when none came yet, or the inbox
+    /// dropped one since (`drops`: its count now) so that some update past
+    /// this may never come.
+    pub fn fed_to(&self, channel: Channel, partition: i32, drops: u64) -> Option<i64> {
+        if drops != self.fed_drops {
+            return None;
+        }
         let p = usize::try_from(partition).ok()?;
         self.fed[channel as usize].get(p).copied().filter(|&o| o >= 0)
     }
@@ -164,6 +185,26 @@ mod tests {
     fn update(partition: i32, offset: i64) -> Arc<Update> {
         let route = Route::User { channel: Channel::Orders, user: "u".into() };
         Arc::new(Update::encode_at(route, "u1", 0, Some((partition, offset)), b"{}"))
+    }
+
+    #[test]
+    fn the_feed_position_is_the_newest_taken_and_forgotten_after_an_inbox_drop() {
+        let mut h = Holds::default();
+        assert_eq!(h.fed_to(Channel::Orders, 2, 0), None, "nothing taken yet");
+        h.fed(Channel::Orders, (2, 40));
+        h.fed(Channel::Orders, (2, 41));
+        assert_eq!(h.fed_to(Channel::Orders, 2, 0), Some(42));
+        assert_eq!(h.fed_to(Channel::Trades, 2, 0), None, "per channel");
+        assert_eq!(h.fed_to(Channel::Orders, 1, 0), None, "per partition");
+        h.fed(Channel::Orders, (2, 7));
+        assert_eq!(h.fed_to(Channel::Orders, 2, 0), Some(8), "offsets that go back: a recreated topic");
+        assert_eq!(h.fed_to(Channel::Orders, 2, 1), None, "the inbox dropped one the fan-out has not seen yet");
+        h.inbox_drops(1);
+        assert_eq!(h.fed_to(Channel::Orders, 2, 1), None, "forgotten: an update past it may never come");
+        h.fed(Channel::Orders, (2, 9));
+        assert_eq!(h.fed_to(Channel::Orders, 2, 1), Some(10));
+        h.fed(Channel::Orders, (i32::MAX, 1));
+        assert_eq!(h.fed_to(Channel::Orders, i32::MAX, 1), None, "beyond the partitions tracked");
     }
 
     #[test]

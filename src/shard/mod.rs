@@ -251,13 +251,15 @@ impl Shard {
     /// now until [`Shard::end_resume`]. Returns the resume's ticket and
     /// where the shard's feed stands in the partition `since` names (the
     /// replay may end there: every later update is held; None: the shard
-    /// took none of it yet); None when one of that channel is already in
-    /// flight on the connection, or it takes no updates any more.
+    /// took none of it yet, or `inbox_drops`, the inbox's drop count now,
+    /// says it lost one since); None when one of that channel is already
+    /// in flight on the connection, or it takes no updates any more.
     pub fn begin_resume(
         &mut self,
         key: usize,
         channel: Channel,
         since: crate::protocol::message::Pos,
+        inbox_drops: u64,
     ) -> Option<(u64, Option<i64>)> {
         if !self.conns[key].out.takes_updates() {
             return None;
@@ -266,7 +268,13 @@ impl Shard {
         self.subscribe(key, channel);
         self.conns[key].marks.set(Marks::HOLDING, true);
         self.stats.recoveries_in_flight.set(self.holds.len() as u64);
-        Some((ticket, self.holds.fed_to(channel, since.0)))
+        Some((ticket, self.holds.fed_to(channel, since.0, inbox_drops)))
+    }
+
+    /// The shard's inbox has dropped `drops` updates so far (the fan-out
+    /// tells before each batch it takes).
+    pub fn note_inbox_drops(&mut self, drops: u64) {
+        self.holds.inbox_drops(drops);
     }
 
     /// The ticket of the connection's resume of `channel`, if in flight.

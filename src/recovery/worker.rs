@@ -246,7 +246,6 @@ impl Worker {
             if offset < scan.next() {
                 continue;
             }
-
             self.hub.stats.read.fetch_add(1, Ordering::Relaxed);
             if self.read_offsets.entry((channel, partition)).or_default().read(offset) {
                 self.hub.stats.reread.fetch_add(1, Ordering::Relaxed);

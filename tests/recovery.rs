@@ -282,3 +282,38 @@ fn with_no_memory_for_windows_each_resume_reads_its_own_range() {
     assert_eq!(metric(srv.addr, "moonx_ws_recovery_window_bytes"), 0.0);
     assert_eq!(metric(srv.addr, "moonx_ws_recovery_reread_total"), 14.0, "1..8 read again twice, and counted");
 }
+
+#[test]
+fn unsubscribing_while_the_replay_runs_answers_the_resume_then_unsubscribes() {
+    let kafka = Kafka::new(2);
+    let srv = server(&kafka, &[]);
+    for n in 1..=3 {
+        kafka.produce("order.updates", Some(1), &order("kim", n));
+    }
+    kafka.flush();
+    let mut ws = authed(srv.addr, "kim");
+    // Both frames at once: a replay cannot answer before the unsubscribe
+    // (its requests gather 200 ms before a scan starts).
+    send(&mut ws, json!({"id": "r", "type": "subscribe", "data": {"channel": "orders", "since": "1:0"}}));
+    send(&mut ws, json!({"id": "u", "type": "unsubscribe", "data": {"channel": "orders"}}));
+    let reply = recv(&mut ws);
+    assert_eq!(
+        (reply["type"].clone(), reply["data"]["recovered"].clone()),
+        (json!("subscribed"), json!(false)),
+        "{reply}"
+    );
+    assert_eq!(reply["data"]["missed"], 0);
+    assert_eq!(recv(&mut ws)["type"], "unsubscribed");
+    assert_eq!(metric(srv.addr, "moonx_ws_recoveries_total{outcome=\"cancelled\"}"), 1.0);
+    assert_eq!(metric(srv.addr, "moonx_ws_subscriptions{channel=\"orders\"}"), 0.0);
+    // The replay still runs and its result comes back to no one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(srv.addr, "moonx_ws_recovery_read_total") < 2.0 {
+        assert!(std::time::Instant::now() < deadline, "the scan never read");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    send(&mut ws, json!({"id": "p", "type": "ping"}));
+    let next = recv(&mut ws);
+    assert_eq!(next["type"], "pong", "nothing of the cancelled replay: {next}");
+    assert_eq!(metric(srv.addr, "moonx_ws_recoveries_total{outcome=\"recovered\"}"), 0.0);
+}

@@ -41,8 +41,8 @@ runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def ms(us): return None if us is None else us / 1e3
 def fmt(x, f="{:.1f}"): return "-" if x is None else f.format(x)
 rows = []
-print("| run | recovered | every client recovered (ms) | recover p50 / p99 (ms) | read for replays (again) / range | ratio | lost / dup / gaps / misrouted | price p99 baseline / storm (ms) | p99 ratio | server CPU baseline / storm | verdict |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| run | recovered | every client recovered (ms) | recover p50 / p99 (ms) | read for replays (again) / range | ratio | lost / dup / gaps / misrouted | price p99 baseline / storm (ms) | storm p99: drop and away / reconnect and after (ms) | p99 ratio | server CPU baseline / storm | verdict |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for i, r in enumerate(runs, 1):
     rs, rp, pv, pr, s = r["resume"], r["replay"], r["private"], r["prices"], r["server"] or {}
     row = {
@@ -57,7 +57,9 @@ for i, r in enumerate(runs, 1):
           f"| {fmt(rs['recover_all_ms'])} | {fmt(ms(rs['recover']['p50_us']))} / {fmt(ms(rs['recover']['p99_us']))} "
           f"| {fmt(rp['read_for_replays'], '{}')} ({fmt(rp.get('read_again'), '{}')}) / {rp['replayed_range']} | {fmt(rp['read_ratio'], '{:.2f}')}x "
           f"| {pv['lost']} / {pv['duplicates']} / {pv['gaps']} / {pv['misrouted']} "
-          f"| {fmt(row['p99_baseline'])} / {fmt(row['p99_storm'])} | {fmt(pr['p99_ratio'], '{:.2f}')}x "
+          f"| {fmt(row['p99_baseline'])} / {fmt(row['p99_storm'])} "
+          f"| {fmt(ms(pr.get('storm_away', {}).get('p99_us')))} / {fmt(ms(pr.get('storm_reconnect', {}).get('p99_us')))} "
+          f"| {fmt(pr['p99_ratio'], '{:.2f}')}x "
           f"| {cpu('cpu_utilisation_baseline')} / {cpu('cpu_utilisation_storm')} | {verdict} |")
 def median(k):
     xs = [r[k] for r in rows if r[k] is not None]

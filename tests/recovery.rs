@@ -46,6 +46,18 @@ fn resume(addr: SocketAddr, user: &str, since: &str) -> (Ws, Value) {
     (ws, reply)
 }
 
+/// Waits until each of the instance's two shards took `n` updates from
+/// Kafka. A replay ends where the shard's feed stood when the resume began
+/// (the rest reaches the client live), so a test that counts what is
+/// replayed resumes only once the feed has everything produced.
+fn taken(addr: SocketAddr, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while metric(addr, "moonx_ws_updates_processed_total") < (2 * n) as f64 {
+        assert!(std::time::Instant::now() < deadline, "the shards never took {n} updates");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn offset(pos: &str) -> i64 {
     pos.split_once(':').unwrap().1.parse().unwrap()
 }
@@ -72,6 +84,7 @@ fn a_resume_on_another_instance_replays_exactly_what_was_missed_then_goes_live()
         kafka.produce("order.updates", Some(1), &order("bob", 100 + n));
     }
     kafka.flush();
+    taken(b.addr, 16);
     let (mut ws, reply) = resume(b.addr, "alice", &last);
     assert_eq!(reply["type"], "subscribed", "{reply}");
     assert_eq!(reply["data"]["channel"], "orders");
@@ -138,6 +151,7 @@ fn a_resume_that_cannot_be_complete_says_so_and_goes_live() {
         kafka.produce("order.updates", Some(1), &order("erin", n));
     }
     kafka.flush();
+    taken(srv.addr, 5);
     // More than WS_RECOVERY_MAX_MESSAGES of erin's after 1:0.
     let (mut ws, reply) = resume(srv.addr, "erin", "1:0");
     assert_eq!((reply["data"]["recovered"].clone(), reply["data"]["missed"].clone()), (json!(false), json!(0)));
@@ -232,6 +246,7 @@ fn what_a_scan_read_serves_later_resumes_and_no_message_is_read_twice() {
         kafka.produce("order.updates", Some(1), &order("jay", n));
     }
     kafka.flush();
+    taken(srv.addr, 8);
     let rounds: [(&str, &str, &[u64], f64, f64); 3] = [
         // A scan reads 3..8.
         ("ivy", "1:2", &[3, 4], 5.0, 1.0),
@@ -258,6 +273,7 @@ fn what_a_scan_read_serves_later_resumes_and_no_message_is_read_twice() {
     kafka.produce("order.updates", Some(1), &order("ivy", 5));
     kafka.produce("order.updates", Some(1), &order("jay", 5));
     kafka.flush();
+    taken(srv.addr, 10);
     check("jay", "1:0", &[1, 2, 3, 4, 5], 9.0, 3.0);
 }
 
@@ -270,6 +286,7 @@ fn with_no_memory_for_windows_each_resume_reads_its_own_range() {
         kafka.produce("order.updates", Some(1), &order("jay", n));
     }
     kafka.flush();
+    taken(srv.addr, 8);
     for (round, user) in ["ivy", "jay", "ivy"].into_iter().enumerate() {
         let (mut ws, reply) = resume(srv.addr, user, "1:0");
         assert_eq!(reply["data"]["recovered"], true, "round {round}: {reply}");
@@ -291,6 +308,7 @@ fn unsubscribing_while_the_replay_runs_answers_the_resume_then_unsubscribes() {
         kafka.produce("order.updates", Some(1), &order("kim", n));
     }
     kafka.flush();
+    taken(srv.addr, 3);
     let mut ws = authed(srv.addr, "kim");
     // Both frames at once: a replay cannot answer before the unsubscribe
     // (its requests gather 200 ms before a scan starts).

@@ -213,7 +213,7 @@ impl Worker {
                 self.windows.insert(part, window);
                 continue;
             }
-            scan.joinable_until = Some(now + self.max_wait);
+            scan.joinable_until = Some(now + self.hub.timeout / 2);
             self.hub.stats.scans.fetch_add(1, Ordering::Relaxed);
             self.scans.insert(part, scan);
         }

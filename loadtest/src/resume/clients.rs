@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
@@ -48,16 +49,21 @@ impl Shared {
 
 /// The observers' tally. Latency goes by each update's scheduled send
 /// time: before `baseline_from` it is warm-up (not recorded), then the
-/// baseline until `storm_from`, then the storm until `storm_until`.
+/// baseline until `storm_from`, then the storm until `storm_until`; the
+/// storm's two parts are kept apart too, the drop and the time away until
+/// `reconnect_from`, the reconnect and after it from then on.
 pub(super) struct Prices {
     pub(super) baseline: Recorder,
     pub(super) storm: Recorder,
+    pub(super) storm_away: Histogram<u64>,
+    pub(super) storm_reconnect: Histogram<u64>,
     /// Distinct updates received, over all observers.
     pub(super) received: u64,
     pub(super) gaps: u64,
     pub(super) dups: u64,
     pub(super) baseline_from: u64,
     pub(super) storm_from: u64,
+    pub(super) reconnect_from: u64,
     pub(super) storm_until: u64,
 }
 
@@ -66,11 +72,14 @@ impl Default for Prices {
         Prices {
             baseline: Recorder::new("baseline"),
             storm: Recorder::new("latency"),
+            storm_away: crate::hdr::histogram(),
+            storm_reconnect: crate::hdr::histogram(),
             received: 0,
             gaps: 0,
             dups: 0,
             baseline_from: u64::MAX,
             storm_from: u64::MAX,
+            reconnect_from: u64::MAX,
             storm_until: u64::MAX,
         }
     }
@@ -94,8 +103,13 @@ impl Prices {
         } else {
             None
         };
+        let us = now.saturating_sub(sent) / 1000;
         if let Some(w) = window {
-            w.record(now.saturating_sub(sent) / 1000);
+            w.record(us);
+        }
+        if (self.storm_from..self.storm_until).contains(&sent) {
+            let part = if sent >= self.reconnect_from { &mut self.storm_reconnect } else { &mut self.storm_away };
+            part.saturating_record(us.max(1));
         }
     }
 }
@@ -324,14 +338,16 @@ mod tests {
 
     #[test]
     fn price_latency_goes_to_the_window_of_its_scheduled_send_time() {
-        let mut p = Prices { baseline_from: 100, storm_from: 200, storm_until: 300, ..Prices::default() };
+        let mut p =
+            Prices { baseline_from: 100, storm_from: 200, reconnect_from: 280, storm_until: 300, ..Prices::default() };
         let mut order = Sequence::default();
-        for (seq, sent) in [(0, 50), (1, 150), (2, 250), (3, 350)] {
+        for (seq, sent) in [(0, 50), (1, 150), (2, 250), (3, 290), (4, 350)] {
             p.see(&mut order, seq, sent, sent + 5_000);
         }
-        p.see(&mut order, 3, 350, 360_000);
-        assert_eq!((p.baseline.total.len(), p.storm.total.len(), p.received, p.dups, p.gaps), (1, 1, 4, 1, 0));
+        p.see(&mut order, 4, 350, 360_000);
+        assert_eq!((p.baseline.total.len(), p.storm.total.len(), p.received, p.dups, p.gaps), (1, 2, 5, 1, 0));
         assert_eq!(p.storm.total.max(), 5);
+        assert_eq!((p.storm_away.len(), p.storm_reconnect.len()), (1, 1), "the storm's two parts");
     }
 
     #[test]

@@ -335,6 +335,7 @@ async fn phases(
     if run.stop.stopped() {
         return Ok(Vec::new());
     }
+    shared.prices.borrow_mut().reconnect_from = now_ns();
     let resumed = storm(run, a, shared, positions).await;
     let after = metrics::read(run.server).await;
     shared.prices.borrow_mut().storm_until = now_ns();
@@ -718,6 +719,7 @@ fn report(a: &ResumeArgs, shared: &Shared, end: &End, s: &Sums, server: Value) -
                 "produced": end.produced.1, "producer_late": end.prices_late, "expected": s.prices_expected,
                 "received": prices.received, "lost": s.prices_lost, "duplicates": prices.dups, "gaps": prices.gaps,
                 "baseline": percentiles(&prices.baseline.total), "storm": percentiles(&prices.storm.total),
+                "storm_away": percentiles(&prices.storm_away), "storm_reconnect": percentiles(&prices.storm_reconnect),
                 "p99_ratio": s.p99_ratio,
             }),
         ),
@@ -846,6 +848,8 @@ fn human(a: &ResumeArgs, shared: &Shared, end: &End, s: &Sums, run_probe: Option
     }
     print_table("prices publish -> receive, baseline (from intended send time)", &prices.baseline.total);
     print_table("prices publish -> receive, storm (from intended send time)", &prices.storm.total);
+    print_table("  of which the drop and the time away", &prices.storm_away);
+    print_table("  of which the reconnect and after", &prices.storm_reconnect);
     if let Some(p) = run_probe {
         p.describe(end.server_end.is_none());
         let cores = |k: &str| server[k].as_f64().map_or("-".into(), |x| format!("{:.0}%", x * 100.0));

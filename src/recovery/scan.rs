@@ -386,9 +386,12 @@ impl Scan {
     }
 
     /// Takes `req` into the running scan when the window covers its first
-    /// offset or the scan has not passed it; else gives it back (for the
-    /// next scan). A request without `until` joins only if its first
-    /// offset is within the end known and the end was not read again yet.
+    /// offset or the scan has not passed it, while the scan still takes
+    /// joiners (`joinable_until`); else gives it back (for the next scan).
+    /// A request with nothing to replay (its shard's feed is not past its
+    /// position), or that the window serves whole, is answered at once. A
+    /// request without `until` joins only if its first offset is within
+    /// the end known and the end was not read again yet.
     pub fn join(&mut self, req: Request, now: Instant, out: &mut Vec<(Request, Outcome)>) -> Result<(), Request> {
         let f = first(&req);
         let until = match req.until {

@@ -144,13 +144,8 @@ impl Window {
         match req.until {
             Some(until) if self.covers(f) && until <= self.end => {
                 self.used = now;
-                let updates: Vec<_> = self.of_user(&req.user, f, until).cloned().collect();
-                let outcome = if updates.len() > max_messages {
-                    Outcome::TooMany
-                } else {
-                    Outcome::Replayed { updates, end: until }
-                };
-                Ok((req, outcome))
+                let updates = self.of_user(&req.user, f, until).cloned().collect();
+                Ok(Member::new(req, updates, until, until, max_messages).err().expect("nothing left to read: settled"))
             }
             _ => Err(req),
         }
@@ -261,6 +256,27 @@ struct Member {
     until: i64,
 }
 
+impl Member {
+    /// `req`'s replay with `updates` so far (from a window), to be read on
+    /// over `[from, until)`; or its outcome when it is settled already
+    /// (past the cap, or nothing left to read).
+    fn new(
+        req: Request,
+        updates: Vec<Arc<Update>>,
+        from: i64,
+        until: i64,
+        max_messages: usize,
+    ) -> Result<Member, (Request, Outcome)> {
+        if updates.len() > max_messages {
+            Err((req, Outcome::TooMany))
+        } else if from >= until {
+            Err((req, Outcome::Replayed { updates, end: until }))
+        } else {
+            Ok(Member { req, updates, from, until })
+        }
+    }
+}
+
 /// A joiner's end while the partition's end is read again for it.
 const PENDING: i64 = i64::MAX;
 
@@ -330,14 +346,13 @@ impl Scan {
                     Some(w) if w.covers(f) => (w.of_user(&req.user, f, until).cloned().collect(), w.end),
                     _ => (Vec::new(), f),
                 };
-                if updates.len() > max_messages {
-                    out.push((req, Outcome::TooMany));
-                } else if from >= until {
-                    out.push((req, Outcome::Replayed { updates, end: until }));
-                } else {
-                    next = next.min(from);
-                    end = end.max(until);
-                    members.push(Member { req, updates, from, until });
+                match Member::new(req, updates, from, until, max_messages) {
+                    Ok(m) => {
+                        next = next.min(from);
+                        end = end.max(until);
+                        members.push(m);
+                    }
+                    Err(done) => out.push(done),
                 }
             }
         }
@@ -414,17 +429,16 @@ impl Scan {
         } else {
             (Vec::new(), f)
         };
-        if updates.len() > self.max_messages {
-            out.push((req, Outcome::TooMany));
-        } else if from >= until {
-            out.push((req, Outcome::Replayed { updates, end: until }));
-        } else {
-            if until == PENDING {
-                self.requery = true;
-            } else {
-                self.end = self.end.max(until);
+        match Member::new(req, updates, from, until, self.max_messages) {
+            Ok(m) => {
+                if until == PENDING {
+                    self.requery = true;
+                } else {
+                    self.end = self.end.max(until);
+                }
+                self.add(m);
             }
-            self.add(Member { req, updates, from, until });
+            Err(done) => out.push(done),
         }
         Ok(())
     }

@@ -14,32 +14,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use glommio::{spawn_local_into, Latency, Shares, TaskQueueHandle};
+use glommio::spawn_local;
 
 use crate::conn::{accept, run_parker, run_recoveries, ShardCtx};
 use crate::global::Global;
 use crate::shard::{pacing, run_fanout, run_tick, tick_for, Pacing};
-
-/// CPU shares of the fan-out's task queue, against [`CONN_SHARES`] for
-/// everything connections do (accepting, handshakes, client messages,
-/// resumes, parking, pings): when both have work, the fan-out gets four
-/// parts of the core in five, so a connect storm delays it by a slice of
-/// the executor's preemption timer at most (`server.rs`, `PREEMPT_EVERY`)
-/// instead of the storm's whole backlog, and the storm still advances.
-const FEED_SHARES: usize = 1000;
-const CONN_SHARES: usize = 250;
-
-/// A task queue of this shard's executor.
-fn task_queue(shares: usize, name: &str) -> TaskQueueHandle {
-    glommio::executor().create_task_queue(Shares::Static(shares), Latency::NotImportant, name)
-}
-
-fn spawn_into<T: 'static>(
-    queue: TaskQueueHandle,
-    fut: impl std::future::Future<Output = T> + 'static,
-) -> glommio::Task<T> {
-    spawn_local_into(fut, queue).expect("the shard's own task queue")
-}
 
 /// A shard's main task: listen, serve, and drain on shutdown.
 pub async fn run_shard(
@@ -60,10 +39,7 @@ pub async fn run_shard(
     drop(ready);
 
     let ctx = Rc::new(ShardCtx::new(id, global.clone()));
-    // Tasks spawn into their spawner's queue: connection tasks follow the
-    // accept loop and the parker into `conns`.
-    let (feed, conns) = (task_queue(FEED_SHARES, "feed"), task_queue(CONN_SHARES, "conns"));
-    let accepting = spawn_into(conns, accept::accept_loop(listener, ctx.clone()));
+    let accepting = spawn_local(accept::accept_loop(listener, ctx.clone()));
     let publisher = global.publisher.clone();
     let shard = ctx.shard.clone();
     let pacing = Pacing {
@@ -71,12 +47,12 @@ pub async fn run_shard(
         adaptive: global.config.ws_coalesce_max_ms / pacing::MAX_STRETCH,
         busy_pct: global.config.ws_bench_sweep_share_pct,
     };
-    let fanout = spawn_into(feed, async move { run_fanout(shard, publisher.inbox(id), pacing).await });
+    let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id), pacing).await });
     let cfg = &global.config;
     let every = tick_for(&[cfg.ws_ping_interval, cfg.ws_pong_timeout, cfg.auth_timeout_ms]);
-    let tick = spawn_into(conns, run_tick(ctx.shard.clone(), global.clock.clone(), every));
-    let parker = spawn_into(conns, run_parker(ctx.clone()));
-    let recoveries = spawn_into(conns, run_recoveries(ctx.clone()));
+    let tick = spawn_local(run_tick(ctx.shard.clone(), global.clock.clone(), every));
+    let parker = spawn_local(run_parker(ctx.clone()));
+    let recoveries = spawn_local(run_recoveries(ctx.clone()));
 
     std::future::poll_fn(|cx| {
         global.stop_wakers[id].register(cx.waker());

@@ -31,11 +31,6 @@ pub use crate::sys::disable_transparent_huge_pages;
 
 /// io_uring submission queue entries per ring (see `start`).
 const RING_DEPTH: usize = 4096;
-/// How long an executor runs tasks of one queue before it looks at its
-/// timers and I/O and may switch queues (glommio's default is 100 ms). It
-/// bounds how long connection work (a connect storm) can keep the fan-out
-/// waiting (`runtime.rs`, the task queues).
-const PREEMPT_EVERY: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A running server.
 pub struct ServerHandle {
@@ -161,7 +156,6 @@ pub fn start_with(config: Config, clock: Clock) -> anyhow::Result<ServerHandle> 
         // entries each with 10k connections. A deeper ring costs a little
         // ring memory per shard.
         .ring_depth(RING_DEPTH)
-        .preempt_timer(PREEMPT_EVERY)
         .on_all_shards(move || async move {
             let id = next_shard.fetch_add(1, Ordering::Relaxed);
             crate::runtime::run_shard(g, id, addr, ready_tx).await

@@ -77,16 +77,20 @@ impl TestServer {
         self.handle.as_ref().unwrap()
     }
 
-    /// Waits (bounded) until `/health/ready` says the consumer is consuming.
+    /// Waits until `/health/ready` says the consumer is consuming, for at
+    /// most 15 s in all (each request may itself wait `IO_TIMEOUT`, so the
+    /// bound is on elapsed time, not on attempts).
     pub fn wait_ready(&self) {
-        let ok = (0..600).any(|_| {
-            if get(self.addr, "/health/ready").0 == 200 {
-                return true;
+        let started = std::time::Instant::now();
+        let mut last = 0;
+        while started.elapsed() < Duration::from_secs(15) {
+            last = get(self.addr, "/health/ready").0;
+            if last == 200 {
+                return;
             }
             std::thread::sleep(Duration::from_millis(25));
-            false
-        });
-        assert!(ok, "server never became ready");
+        }
+        panic!("server never became ready (last /health/ready status {last}, 0 = no answer)");
     }
 }
 
@@ -317,8 +321,13 @@ pub fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
     let mut out = Vec::new();
     let mut chunk = [0u8; 8192];
     // Read to EOF, except after a 101: the upgraded connection stays open.
+    // A server that stays silent fails the test here rather than letting a
+    // polling loop wait out its attempts one read timeout at a time.
     loop {
         match s.read(&mut chunk) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                panic!("{addr}: no answer within {IO_TIMEOUT:?} to {:?}", request.lines().next().unwrap_or(""))
+            }
             Ok(0) | Err(_) => break,
             Ok(n) => out.extend_from_slice(&chunk[..n]),
         }

@@ -5,7 +5,8 @@
 //! `sendmsg(2)` per socket or as a batch of them in one io_uring submission
 //! ([`SendBatch`]) to the sockets slots hold ([`DirectSocket`], which keeps
 //! each descriptor open while it is held); readiness polls for parked idle
-//! connections ([`PollRing`], with the fd hand-overs parking needs); and the
+//! connections ([`PollRing`], with the fd hand-overs parking needs); the
+//! kernel's coarse monotonic clock ([`coarse_monotonic_ms`]); and the
 //! process's opt-out of transparent huge pages. What each buys is measured
 //! in perf/RESULTS.md.
 
@@ -26,6 +27,17 @@ const SEND_FLAGS: i32 = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
 /// `io_uring_enter(2)`: wait for completions (the `io-uring` crate keeps
 /// its copy private).
 const IORING_ENTER_GETEVENTS: u32 = 1;
+
+/// `CLOCK_MONOTONIC_COARSE` in ms: the time of the last scheduler tick,
+/// read from the vDSO without touching the TSC (`Clock::mono_ms`).
+pub fn coarse_monotonic_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec; the clock exists on every
+    // Linux since 2.6.32.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    debug_assert_eq!(rc, 0);
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
 
 /// A connection's stream, shared by its task and its shard slot.
 pub type SharedStream = Rc<RefCell<Stream>>;

@@ -21,6 +21,24 @@ pub struct Ws {
     arrived_ns: Option<u64>,
 }
 
+/// A connection between two runtimes (see [`Ws::detach`]): the socket and
+/// whatever it had read and not yet handed out.
+pub struct Detached {
+    stream: std::net::TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    arrived_ns: Option<u64>,
+}
+
+impl Detached {
+    /// The connection on the calling thread's runtime (it must be inside
+    /// one).
+    pub fn attach(self) -> std::io::Result<Ws> {
+        let Detached { stream, buf, start, arrived_ns } = self;
+        Ok(Ws { stream: TcpStream::from_std(stream)?, buf, start, arrived_ns })
+    }
+}
+
 /// A server frame located in the read buffer.
 pub struct Frame {
     pub opcode: u8,
@@ -62,6 +80,13 @@ impl Ws {
             bail!("upgrade refused: {line}");
         }
         Ok(Ws { stream, buf, start: head_end, arrived_ns: None })
+    }
+
+    /// Takes the connection off this thread's runtime, to be carried to
+    /// another thread and taken up there with [`Detached::attach`].
+    pub fn detach(self) -> std::io::Result<Detached> {
+        let Ws { stream, buf, start, arrived_ns } = self;
+        Ok(Detached { stream: stream.into_std()?, buf, start, arrived_ns })
     }
 
     /// Has the kernel stamp data as it reaches this socket (`SO_TIMESTAMPNS`):

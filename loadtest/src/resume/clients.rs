@@ -8,9 +8,11 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
@@ -21,15 +23,20 @@ use crate::{authenticated, now_ns, subscribe, user_of, Common, Recorder, Resumed
 /// A resume (connect, authenticate, `subscribed`) gives up after this long.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What the connections share (one runtime thread: no locking).
+/// Closes by cause.
+pub(super) type Closes = Arc<Mutex<BTreeMap<String, u64>>>;
+
+/// What the connections share. The private connections run on the run's
+/// thread (no locking); the observers on a thread of their own
+/// ([`Observers`]), so what they fill is behind a lock.
 pub(super) struct Shared {
     pub(super) streams: RefCell<Streams>,
-    pub(super) prices: RefCell<Prices>,
+    pub(super) prices: Arc<Mutex<Prices>>,
     pub(super) storm: RefCell<Storm>,
     /// Private connections the server closed (or lost) while the run went
     /// on, by cause (the drop is the tool's own).
-    pub(super) private_closed: RefCell<BTreeMap<String, u64>>,
-    pub(super) observers_closed: RefCell<BTreeMap<String, u64>>,
+    pub(super) private_closed: Closes,
+    pub(super) observers_closed: Closes,
     /// False once the run is over: closes after that are expected.
     pub(super) running: Cell<bool>,
 }
@@ -38,10 +45,10 @@ impl Shared {
     pub(super) fn new(users: usize) -> Shared {
         Shared {
             streams: RefCell::new(Streams::new(users)),
-            prices: RefCell::new(Prices::default()),
+            prices: Arc::new(Mutex::new(Prices::default())),
             storm: RefCell::new(Storm::default()),
-            private_closed: RefCell::default(),
-            observers_closed: RefCell::default(),
+            private_closed: Closes::default(),
+            observers_closed: Closes::default(),
             running: Cell::new(true),
         }
     }
@@ -219,7 +226,7 @@ async fn follow(u: usize, mut ws: Ws, early: Vec<Vec<u8>>, shared: Rc<Shared>, m
             Ok(f) => f,
             Err(why) => {
                 if shared.running.get() {
-                    *shared.private_closed.borrow_mut().entry(why).or_insert(0) += 1;
+                    *shared.private_closed.lock().entry(why).or_insert(0) += 1;
                 }
                 return;
             }
@@ -247,23 +254,89 @@ pub(super) fn follow_first(u: usize, s: Setup, shared: Rc<Shared>) -> JoinHandle
 }
 
 /// The reader of an observer on `prices`: every update in order, once.
-pub(super) fn observe(s: Setup, shared: Rc<Shared>) -> JoinHandle<()> {
+/// The observers on `prices`, on a thread and runtime of their own. On the
+/// run's one thread they waited behind the drop's 5,000 closes and the
+/// storm's 5,000 set-ups and replays, and that wait, the tool's, was
+/// charged to the server as latency. Both threads share the tool's core, so
+/// the kernel's scheduler now shares it out: an observer woken by a frame
+/// runs within its slice, not after every ready task of the storm.
+pub(super) struct Observers {
+    pub(super) count: usize,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Observers {
+    /// Moves the observers' connections to a new thread, where each reads
+    /// its prices into `prices` until [`Observers::stop`].
+    pub(super) fn start(setups: Vec<Setup>, prices: Arc<Mutex<Prices>>, closed: Closes) -> anyhow::Result<Observers> {
+        let detached = setups.into_iter().map(|s| s.ws.detach()).collect::<std::io::Result<Vec<_>>>()?;
+        let count = detached.len();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("observers".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    *closed.lock().entry(format!("no runtime for the observers: {e}")).or_insert(0) += count as u64;
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let running = Rc::new(Cell::new(true));
+                let mut tasks = Vec::with_capacity(count);
+                for d in detached {
+                    match d.attach() {
+                        Ok(ws) => tasks.push(observe(ws, prices.clone(), closed.clone(), running.clone())),
+                        Err(e) => {
+                            *closed.lock().entry(format!("moving to the observers' thread: {e}")).or_insert(0) += 1
+                        }
+                    }
+                }
+                let _ = stopped.await;
+                running.set(false);
+                for t in tasks {
+                    t.abort();
+                }
+            });
+        })?;
+        Ok(Observers { count, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// Ends every observer (closes from now on are the tool's own) and
+    /// waits for the thread.
+    pub(super) fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Observers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn observe(mut ws: Ws, prices: Arc<Mutex<Prices>>, closed: Closes, running: Rc<Cell<bool>>) -> JoinHandle<()> {
     tokio::task::spawn_local(async move {
-        let mut ws = s.ws;
         let mut order = Sequence::default();
         loop {
             let f = match ws.next_text_or_close().await {
                 Ok(f) => f,
                 Err(why) => {
-                    if shared.running.get() {
-                        *shared.observers_closed.borrow_mut().entry(why).or_insert(0) += 1;
+                    if running.get() {
+                        *closed.lock().entry(why).or_insert(0) += 1;
                     }
                     return;
                 }
             };
             let p = ws.payload(&f);
             if let (Some(seq), Some(sent)) = (field_u64(p, &SEQ), field_u64(p, &SENT_NS)) {
-                shared.prices.borrow_mut().see(&mut order, seq, sent, now_ns());
+                prices.lock().see(&mut order, seq, sent, now_ns());
             }
         }
     })

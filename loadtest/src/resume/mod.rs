@@ -6,8 +6,10 @@
 //! server read for the replays against the range they covered, whether any
 //! private update was lost, repeated or misrouted over a user's two
 //! connections, and the observers' price latency during the storm against
-//! the baseline before it. `clients` runs the connections, `check` checks
-//! what they receive (sans-IO), `metrics` reads the server's counters.
+//! the baseline before it. `clients` runs the connections (the observers on
+//! a thread of their own, so this tool's storm work does not delay their
+//! reads), `check` checks what they receive (sans-IO), `metrics` reads the
+//! server's counters.
 
 mod check;
 mod clients;
@@ -31,7 +33,7 @@ use crate::run::Run;
 use crate::verdict::{fmt_us, Figures, Verdict};
 use crate::{brief, causes, hdr, now_ns, open_all, per, percentiles, print_table, procstat, Channels, Common, Opened};
 use check::Pos;
-use clients::{follow_first, observe, resume_all, Shared};
+use clients::{follow_first, resume_all, Observers, Shared};
 use metrics::Counters;
 
 /// The private updates' topic.
@@ -229,19 +231,20 @@ pub async fn run(a: ResumeArgs) -> anyhow::Result<u8> {
     }
     let shared = Rc::new(Shared::new(c.connections));
     let mut opened = None;
-    let (mut first, mut observers) = (Vec::new(), Vec::new());
+    let (mut first, mut watching) = (Vec::new(), Vec::new());
     if kafka_error.is_none() {
         let mut o = open_all(&mut run, &everyone(&a), channels(c.connections), 1).await;
         for (i, s) in std::mem::take(&mut o.setups) {
             if i < c.connections {
                 first.push(follow_first(i, s, shared.clone()));
             } else {
-                observers.push(observe(s, shared.clone()));
+                watching.push(s);
             }
         }
         opened = Some(o);
     }
-    let n_observers = observers.len();
+    let mut observers = Observers::start(watching, shared.prices.clone(), shared.observers_closed.clone())?;
+    let n_observers = observers.count;
     let mut t = Timeline::default();
     let mut resumed = Vec::new();
     let mut producers = None;
@@ -257,9 +260,10 @@ pub async fn run(a: ResumeArgs) -> anyhow::Result<u8> {
         }
     }
     shared.running.set(false);
-    for r in resumed.iter().chain(&observers) {
+    for r in &resumed {
         r.abort();
     }
+    observers.stop();
     let server_end = run.sample();
     let produced = producers.as_ref().map_or((0, 0), Producers::produced);
     let prices_late = producers.as_ref().map_or(0, |p| p.prices_late.load(Ordering::Relaxed));
@@ -279,9 +283,6 @@ fn channels(users: usize) -> Channels {
     Rc::new(move |i| vec![if i < users { "orders" } else { "prices" }.to_string()])
 }
 
-/// Connections dropped between two turns of the observers (the drop).
-const DROP_SLICE: usize = 64;
-
 /// Warm-up, baseline, drop, away, the reconnect storm and the time after
 /// it; returns the resumed connections' tasks.
 async fn phases(
@@ -294,7 +295,7 @@ async fn phases(
     run.enter("warm-up");
     run.end_interval(&mut [])?;
     phase_until(run, shared, Instant::now() + Duration::from_secs(a.warmup), || false).await;
-    shared.prices.borrow_mut().baseline_from = now_ns();
+    shared.prices.lock().baseline_from = now_ns();
     run.enter("baseline");
     t.server[0] = run.sample();
     let start = Instant::now();
@@ -313,17 +314,11 @@ async fn phases(
     let before = metrics::read(run.server).await;
     t.server[1] = run.sample();
     run.enter("away");
-    shared.prices.borrow_mut().storm_from = now_ns();
+    shared.prices.lock().storm_from = now_ns();
     let dropped = Instant::now();
-    // In slices, with the observers' tasks let run between them: aborted
-    // at once, the 5000 closes ran ahead of every observer on this one
-    // thread and held their frames ~190 ms, which the latency then
-    // charged to the server.
-    for (i, r) in first.iter().enumerate() {
+    // All at once: the observers read on their own thread meanwhile.
+    for r in &first {
         r.abort();
-        if i % DROP_SLICE == DROP_SLICE - 1 {
-            tokio::task::yield_now().await;
-        }
     }
     for r in first {
         let _ = r.await;
@@ -335,10 +330,10 @@ async fn phases(
     if run.stop.stopped() {
         return Ok(Vec::new());
     }
-    shared.prices.borrow_mut().reconnect_from = now_ns();
+    shared.prices.lock().reconnect_from = now_ns();
     let resumed = storm(run, a, shared, positions).await;
     let after = metrics::read(run.server).await;
-    shared.prices.borrow_mut().storm_until = now_ns();
+    shared.prices.lock().storm_until = now_ns();
     t.storm = dropped.elapsed();
     t.server[2] = run.sample();
     t.counters = Some(before.and_then(|b| after.map(|af| af.since(&b))));
@@ -374,7 +369,7 @@ async fn drain(run: &mut Run, a: &ResumeArgs, shared: &Rc<Shared>, p: &Producers
     let s = shared.clone();
     let done = move || {
         let streams = s.streams.borrow();
-        streams.received >= streams.expected(private) && s.prices.borrow().received >= prices * observers
+        streams.received >= streams.expected(private) && s.prices.lock().received >= prices * observers
     };
     phase_until(run, shared, start + Duration::from_secs(a.drain), done).await;
     t.drain = start.elapsed();
@@ -411,9 +406,9 @@ struct Progress {
 impl Progress {
     fn of(shared: &Shared) -> Progress {
         let s = shared.streams.borrow();
-        let p = shared.prices.borrow();
-        let closed = shared.private_closed.borrow().values().sum::<u64>()
-            + shared.observers_closed.borrow().values().sum::<u64>();
+        let p = shared.prices.lock();
+        let closed =
+            shared.private_closed.lock().values().sum::<u64>() + shared.observers_closed.lock().values().sum::<u64>();
         Progress {
             private: s.received,
             prices: p.received,
@@ -426,7 +421,7 @@ impl Progress {
 fn tick(run: &mut Run, shared: &Shared, prev: &mut Progress) {
     let now = Progress::of(shared);
     let secs = run.interval().as_secs_f64().max(1e-3);
-    let mut prices = shared.prices.borrow_mut();
+    let mut prices = shared.prices.lock();
     let mut storm = shared.storm.borrow_mut();
     let latency = match run.phase() {
         "baseline" => brief(&prices.baseline.interval),
@@ -494,7 +489,7 @@ struct Sums {
 
 impl Sums {
     fn of(shared: &Shared, end: &End) -> Sums {
-        let (streams, prices, storm) = (shared.streams.borrow(), shared.prices.borrow(), shared.storm.borrow());
+        let (streams, prices, storm) = (shared.streams.borrow(), shared.prices.lock(), shared.storm.borrow());
         let t = &end.timeline;
         let (private, price_updates) = end.produced;
         let (private_lost, users_short) = streams.lost(private);
@@ -514,8 +509,8 @@ impl Sums {
             users_short,
             prices_expected,
             prices_lost: prices_expected.saturating_sub(prices.received),
-            private_closed: shared.private_closed.borrow().values().sum(),
-            observers_closed: shared.observers_closed.borrow().values().sum(),
+            private_closed: shared.private_closed.lock().values().sum(),
+            observers_closed: shared.observers_closed.lock().values().sum(),
             recover_all: (t.resumes > 0 && storm.recovered == t.resumes as u64).then_some(storm.last_recovered),
             replayed_range,
             counters,
@@ -529,7 +524,7 @@ impl Sums {
 
 /// The verdict's rules beyond the thresholds.
 fn judge(v: &mut Verdict, run: &Run, a: &ResumeArgs, shared: &Shared, end: &End, s: &Sums) {
-    let (streams, prices, storm) = (shared.streams.borrow(), shared.prices.borrow(), shared.storm.borrow());
+    let (streams, prices, storm) = (shared.streams.borrow(), shared.prices.lock(), shared.storm.borrow());
     let resumes = end.timeline.resumes as u64;
     if let Some(r) = end.opened.as_ref().and_then(Opened::failure_reason) {
         v.fail(r);
@@ -589,7 +584,7 @@ fn judge(v: &mut Verdict, run: &Run, a: &ResumeArgs, shared: &Shared, end: &End,
         ("observers", s.observers_closed, &shared.observers_closed),
     ] {
         if n > 0 {
-            v.fail(format!("{n} {who} closed unexpectedly: {}", causes(&closed.borrow())));
+            v.fail(format!("{n} {who} closed unexpectedly: {}", causes(&closed.lock())));
         }
     }
     for (window, h) in [("baseline", &prices.baseline.total), ("storm", &prices.storm.total)] {
@@ -605,7 +600,7 @@ fn judge(v: &mut Verdict, run: &Run, a: &ResumeArgs, shared: &Shared, end: &End,
 /// The figures `--threshold` may name; the main latency is the observers'
 /// during the storm.
 fn values(shared: &Shared, end: &End, s: &Sums) -> BTreeMap<&'static str, f64> {
-    let (streams, prices, storm) = (shared.streams.borrow(), shared.prices.borrow(), shared.storm.borrow());
+    let (streams, prices, storm) = (shared.streams.borrow(), shared.prices.lock(), shared.storm.borrow());
     let o = end.opened.as_ref();
     let mut values = BTreeMap::from([
         ("lost", (s.private_lost + s.prices_lost) as f64),
@@ -659,7 +654,7 @@ fn server_json(run: &Run, end: &End) -> Value {
 fn closes(shared: &Shared) -> BTreeMap<String, u64> {
     let mut all = BTreeMap::new();
     for (who, closed) in [("private", &shared.private_closed), ("observer", &shared.observers_closed)] {
-        for (cause, n) in closed.borrow().iter() {
+        for (cause, n) in closed.lock().iter() {
             all.insert(format!("{who}: {cause}"), *n);
         }
     }
@@ -667,7 +662,7 @@ fn closes(shared: &Shared) -> BTreeMap<String, u64> {
 }
 
 fn report(a: &ResumeArgs, shared: &Shared, end: &End, s: &Sums, server: Value) -> Map<String, Value> {
-    let (streams, prices, storm) = (shared.streams.borrow(), shared.prices.borrow(), shared.storm.borrow());
+    let (streams, prices, storm) = (shared.streams.borrow(), shared.prices.lock(), shared.storm.borrow());
     let t = &end.timeline;
     let o = end.opened.as_ref();
     let counters = s.counters.as_ref().ok();
@@ -755,7 +750,7 @@ fn report(a: &ResumeArgs, shared: &Shared, end: &End, s: &Sums, server: Value) -
 }
 
 fn human(a: &ResumeArgs, shared: &Shared, end: &End, s: &Sums, run_probe: Option<&crate::run::Probe>, server: &Value) {
-    let (streams, prices, storm) = (shared.streams.borrow(), shared.prices.borrow(), shared.storm.borrow());
+    let (streams, prices, storm) = (shared.streams.borrow(), shared.prices.lock(), shared.storm.borrow());
     let t = &end.timeline;
     out!(
         "resume: {} private connections (a user each) + {} observers on prices; {} private updates/s, {} prices/s; \
@@ -867,8 +862,9 @@ fn finish(run: &mut Run, a: &ResumeArgs, settings: Value, shared: &Shared, end: 
     judge(v, run, a, shared, &end, &s);
     let server = server_json(run, &end);
     let r = report(a, shared, &end, &s, server.clone());
-    let prices = shared.prices.borrow();
-    let figures = Figures { latency: &prices.storm.total, values: values(shared, &end, &s) };
+    // A copy: `values` and `human` take the lock again.
+    let latency = shared.prices.lock().storm.total.clone();
+    let figures = Figures { latency: &latency, values: values(shared, &end, &s) };
     let probe = run.probe.take();
     run.finish("resume", settings, r, v, &figures, || human(a, shared, &end, &s, probe.as_ref(), &server))
 }

@@ -78,7 +78,8 @@ impl Cdp {
         let list: Value = loop {
             // DevTools refuses Host headers that are not an IP or localhost.
             let (status, _, body) =
-                http(addr, &format!("GET /json/list HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"));
+                try_http(addr, &format!("GET /json/list HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"))
+                    .unwrap_or_default();
             if status == 200 {
                 let v: Value = serde_json::from_str(&body).unwrap();
                 if v.as_array().is_some_and(|a| a.iter().any(|t| t["type"] == "page")) {

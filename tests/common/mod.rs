@@ -313,21 +313,28 @@ pub fn subscribe(ws: &mut Ws, channel: &str) {
     assert_eq!(reply["type"], "subscribed", "{reply}");
 }
 
-/// A plain HTTP exchange: returns (status, raw head, body).
+/// One HTTP exchange with this service, as (status, raw head, body): a
+/// server that stays silent for `IO_TIMEOUT` fails the test here, rather
+/// than letting a polling loop wait out its attempts one read timeout at
+/// a time.
 pub fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    try_http(addr, request).unwrap_or_else(|| {
+        panic!("{addr}: no answer within {IO_TIMEOUT:?} to {:?}", request.lines().next().unwrap_or(""))
+    })
+}
+
+/// [`http`], with `None` when nothing came within `IO_TIMEOUT` (for a
+/// server not under test, such as Chromium's DevTools while it starts).
+pub fn try_http(addr: SocketAddr, request: &str) -> Option<(u16, String, String)> {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.write_all(request.as_bytes()).unwrap();
     let mut out = Vec::new();
     let mut chunk = [0u8; 8192];
     // Read to EOF, except after a 101: the upgraded connection stays open.
-    // A server that stays silent fails the test here rather than letting a
-    // polling loop wait out its attempts one read timeout at a time.
     loop {
         match s.read(&mut chunk) {
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                panic!("{addr}: no answer within {IO_TIMEOUT:?} to {:?}", request.lines().next().unwrap_or(""))
-            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
             Ok(0) | Err(_) => break,
             Ok(n) => out.extend_from_slice(&chunk[..n]),
         }
@@ -338,7 +345,7 @@ pub fn http(addr: SocketAddr, request: &str) -> (u16, String, String) {
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, head.to_owned(), body.to_owned())
+    Some((status, head.to_owned(), body.to_owned()))
 }
 
 pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {

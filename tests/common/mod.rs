@@ -8,7 +8,7 @@ pub mod kafka;
 pub mod redis_servers;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -334,7 +334,10 @@ pub fn try_http(addr: SocketAddr, request: &str) -> Option<(u16, String, String)
     // Read to EOF, except after a 101: the upgraded connection stays open.
     loop {
         match s.read(&mut chunk) {
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
+            // Silent from the start: no answer. After some bytes, the
+            // answer is what came (a server that keeps the connection open
+            // despite `Connection: close`, as Chromium's DevTools does).
+            Err(e) if out.is_empty() && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return None,
             Ok(0) | Err(_) => break,
             Ok(n) => out.extend_from_slice(&chunk[..n]),
         }

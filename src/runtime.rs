@@ -47,7 +47,8 @@ pub async fn run_shard(
         adaptive: global.config.ws_coalesce_max_ms / pacing::MAX_STRETCH,
         busy_pct: global.config.ws_bench_sweep_share_pct,
     };
-    let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id), pacing).await });
+    let precedence = ctx.precedence.clone();
+    let fanout = spawn_local(async move { run_fanout(shard, publisher.inbox(id), pacing, &precedence).await });
     let cfg = &global.config;
     let every = tick_for(&[cfg.ws_ping_interval, cfg.ws_pong_timeout, cfg.auth_timeout_ms]);
     let tick = spawn_local(run_tick(ctx.shard.clone(), global.clock.clone(), every));

@@ -16,6 +16,7 @@ use std::time::Duration;
 use glommio::spawn_local;
 
 use super::{upgrade, ShardCtx};
+use crate::shard::StepAside;
 
 /// Connections accepted before the accept loop lets other tasks run.
 const ACCEPT_BUDGET: usize = 64;
@@ -51,7 +52,9 @@ pub(crate) async fn accept_loop(listener: socket2::Socket, ctx: Rc<ShardCtx>) {
         }
     };
     let mut completions = Vec::new();
+    let mut aside = StepAside::default();
     loop {
+        ctx.after_fanout(&mut aside).await;
         let mut accepted = 0;
         let mut backoff = false;
         while accepted < ACCEPT_BUDGET {

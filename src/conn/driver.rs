@@ -34,7 +34,7 @@ use crate::protocol::link::{CloseCause, Data, Due, Link};
 use crate::protocol::message::Outgoing;
 use crate::protocol::session::Session;
 use crate::protocol::CloseCode;
-use crate::shard::{DirectSocket, InFlight};
+use crate::shard::{DirectSocket, InFlight, StepAside};
 use crate::stream::Stream;
 use crate::sys::SharedStream;
 
@@ -82,6 +82,8 @@ pub(super) struct Conn {
     close_code: Option<CloseCode>,
     /// Handed to the parker: dropping this task leaves the connection open.
     parked: bool,
+    /// Whether its last poll let the fan-out go first (`shard::Precedence`).
+    aside: StepAside,
 }
 
 /// Registers the upgraded connection with its shard, queues its greeting,
@@ -169,6 +171,7 @@ impl Conn {
             last_input_ms: ctx.global.clock.mono_ms(),
             close_code: None,
             parked: false,
+            aside: StepAside::default(),
             ctx,
         }
     }
@@ -186,6 +189,10 @@ impl Conn {
     }
 
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.ctx.fanout_first(&mut self.aside) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         let ctx = self.ctx.clone();
         let now = ctx.global.clock.epoch_ms();
         let mono = ctx.global.clock.mono_ms();

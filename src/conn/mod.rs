@@ -26,7 +26,7 @@ use crate::protocol::frame;
 use crate::protocol::link::LinkTimers;
 use crate::protocol::message::{encode_outgoing, Outgoing};
 use crate::protocol::session::SessionTimers;
-use crate::shard::Shard;
+use crate::shard::{Precedence, Shard, StepAside};
 use crate::telemetry::{LogBudget, LogLimiter, Sent, ShardStats};
 
 /// Everything a connection task on this shard shares.
@@ -51,6 +51,8 @@ pub struct ShardCtx {
     parker: park::Parker,
     /// Resumes in flight on this shard (`recover.rs`).
     resumes: RefCell<recover::Resumes>,
+    /// Lets the fan-out go first (`shard::Precedence`); shared with it.
+    pub(crate) precedence: Rc<Precedence>,
 }
 
 /// How long our close frame waits for the peer's.
@@ -100,7 +102,21 @@ impl ShardCtx {
             shutdown_deadline_ms: Cell::new(0),
             parker: park::Parker::new(id, cfg.ws_park_idle_ms.as_millis() as u64, share),
             resumes: RefCell::default(),
+            precedence: Rc::default(),
             global,
+        }
+    }
+
+    /// Whether the calling task should let the fan-out run first
+    /// (`shard::Precedence`): it then wakes itself and returns `Pending`.
+    fn fanout_first(&self, mine: &mut StepAside) -> bool {
+        self.precedence.step_aside(self.global.publisher.inbox(self.id), mine)
+    }
+
+    /// Lets the fan-out run first when it is ready (`shard::Precedence`).
+    pub(crate) async fn after_fanout(&self, mine: &mut StepAside) {
+        if self.fanout_first(mine) {
+            futures_lite::future::yield_now().await;
         }
     }
 

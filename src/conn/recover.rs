@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use super::ShardCtx;
 use crate::protocol::message::{Channel, Names, Outgoing, Pos, Recovery};
 use crate::recovery::{Outcome, Request};
+use crate::shard::StepAside;
 
 /// A resume in flight, by its ticket.
 pub(super) struct Pending {
@@ -146,7 +147,9 @@ fn expire(ctx: &ShardCtx, now: Instant) -> bool {
 pub(crate) async fn run(ctx: Rc<ShardCtx>) {
     let hub = ctx.global.recovery.clone();
     let returns = hub.returns(ctx.id);
+    let mut aside = StepAside::default();
     loop {
+        ctx.after_fanout(&mut aside).await;
         // A budget per pass: a scan answers thousands of resumes at once,
         // and queueing their replays must not hold the core (and the
         // fan-out) in one poll.

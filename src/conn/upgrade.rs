@@ -23,6 +23,7 @@ use crate::protocol::handshake::{
     bearer_token, parse_head, route, write_refusal, write_switching_protocols, Parsed, Refusal, RequestHead, Route,
     MAX_HEAD_BYTES,
 };
+use crate::shard::StepAside;
 use crate::stream::Stream;
 
 /// Bytes read per call while the head is incomplete.
@@ -42,7 +43,12 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
     })
     .await;
     let (mut stream, head, used) = match opened {
-        Some(Ok(o)) => o,
+        Some(Ok(o)) => {
+            // The head is here; what follows (auth, the 101) waits for a
+            // ready fan-out (`shard::Precedence`).
+            ctx.after_fanout(&mut StepAside::default()).await;
+            o
+        }
         Some(Err(Opening::Refused(mut stream, refusal))) => {
             return refuse(&mut stream, &ctx, Who { id, ip: peer.ip() }, refusal).await
         }

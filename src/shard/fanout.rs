@@ -4,8 +4,11 @@
 //! [`Pacing`] allows, writes them a step at a time with the inbox drained
 //! between steps (so a frame waits about one sweep at most), and sleeps on
 //! the inbox's waker when there is nothing to do.
+//!
+//! Also [`Precedence`]: how the shard's other tasks let the fan-out go
+//! first when it is ready to run.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -17,8 +20,59 @@ use super::Shard;
 /// Updates a fan-out pass takes from the inbox before yielding.
 const FANOUT_BUDGET: usize = 256;
 
+/// The fan-out goes first. A shard's tasks share one glommio queue and
+/// run in the order they were woken, so in a connect or resume storm a
+/// woken fan-out would wait behind every set-up, message and close queued
+/// before it: hundreds of milliseconds of a saturated core. Instead, a
+/// connection task (and the accept loop, and the recovery task) asks
+/// [`Precedence::step_aside`] before it works; while the fan-out is ready
+/// to run, it wakes itself and returns, which queues it behind the
+/// fan-out. A task steps aside at most once in a row, so it always
+/// advances: the fan-out runs before the work that was queued ahead of
+/// it, then that work runs. Stepping aside costs a poll.
+pub struct Precedence {
+    /// The fan-out yielded with work left (mid-sweep, or over its budget).
+    yielded: Cell<bool>,
+    /// When the paced sweep it sleeps for is due (coarse monotonic ms;
+    /// `u64::MAX` when it is not sleeping for one).
+    sweep_due_ms: Cell<u64>,
+}
+
+/// A task's record for [`Precedence::step_aside`]: whether it stepped
+/// aside when it last asked.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepAside(bool);
+
+impl Default for Precedence {
+    fn default() -> Self {
+        Self { yielded: Cell::new(false), sweep_due_ms: Cell::new(u64::MAX) }
+    }
+}
+
+impl Precedence {
+    /// Whether the calling task should let the fan-out run first: it is
+    /// ready (updates in the inbox, a sweep under way or due), and the
+    /// task did not step aside when it last asked. The caller then wakes
+    /// itself and returns `Pending`.
+    pub fn step_aside(&self, inbox: &Inbox, mine: &mut StepAside) -> bool {
+        if std::mem::take(&mut mine.0) {
+            return false;
+        }
+        let due = self.sweep_due_ms.get();
+        mine.0 = self.yielded.get()
+            || !inbox.queue.is_empty()
+            || (due != u64::MAX && crate::sys::coarse_monotonic_ms() >= due);
+        mine.0
+    }
+
+    fn begin_pass(&self) {
+        self.yielded.set(false);
+        self.sweep_due_ms.set(u64::MAX);
+    }
+}
+
 /// Runs until dropped.
-pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing) {
+pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing, precedence: &Precedence) {
     let mut last_sweep = Instant::now();
     let mut saturated = false;
     // Running average of how long sweeps take: this task's own time from
@@ -27,6 +81,7 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing
     // This task's time in the sweep under way, over the passes before this.
     let mut sweep_busy = Duration::ZERO;
     loop {
+        precedence.begin_pass();
         let mut taken = 0;
         let pass = Instant::now();
         let sweeping = {
@@ -66,6 +121,7 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing
             sweep_busy += pass.elapsed();
         }
         if sweeping || taken == FANOUT_BUDGET {
+            precedence.yielded.set(true);
             glommio::yield_if_needed().await;
             continue;
         }
@@ -73,6 +129,7 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing
             // Frames are waiting for the next sweep: sleep until it is due
             // (updates arriving meanwhile join the same writes).
             let due = pacing.interval(saturated, sweep_avg).saturating_sub(last_sweep.elapsed());
+            precedence.sweep_due_ms.set(crate::sys::coarse_monotonic_ms() + due.as_millis() as u64);
             glommio::timer::sleep(due).await;
             continue;
         }
@@ -85,5 +142,37 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::inbox::{Route, Update};
+    use std::sync::Arc;
+
+    #[test]
+    fn tasks_step_aside_while_the_fanout_is_ready_but_never_twice_in_a_row() {
+        let (p, inbox) = (Precedence::default(), Inbox::new(4));
+        let (mut a, mut b) = (StepAside::default(), StepAside::default());
+        assert!(!p.step_aside(&inbox, &mut a), "nothing for the fan-out to do");
+
+        inbox.queue.push(Arc::new(Update::encode(Route::Prices, "u1", 0, b"{}"))).unwrap();
+        assert!(p.step_aside(&inbox, &mut a), "updates waiting: the fan-out goes first");
+        assert!(p.step_aside(&inbox, &mut b), "every task steps aside once");
+        assert!(!p.step_aside(&inbox, &mut a), "then it works, even if the fan-out has not run");
+        assert!(p.step_aside(&inbox, &mut a), "and steps aside again on its next turn");
+
+        inbox.queue.pop();
+        p.begin_pass();
+        assert!(!p.step_aside(&inbox, &mut b));
+        assert!(!p.step_aside(&inbox, &mut b), "inbox empty, nothing under way");
+        p.yielded.set(true);
+        assert!(p.step_aside(&inbox, &mut b), "a sweep under way");
+        p.begin_pass();
+        p.sweep_due_ms.set(crate::sys::coarse_monotonic_ms() + 60_000);
+        assert!(!p.step_aside(&inbox, &mut b), "a paced sweep not yet due");
+        p.sweep_due_ms.set(crate::sys::coarse_monotonic_ms());
+        assert!(p.step_aside(&inbox, &mut b), "a paced sweep due");
     }
 }

@@ -60,7 +60,7 @@ use stamps::Stamps;
 use sweep::Sweep;
 
 pub use crate::sys::DirectSocket;
-pub use fanout::run_fanout;
+pub use fanout::{run_fanout, Precedence, StepAside};
 pub use outbox::InFlight;
 pub use pacing::Pacing;
 pub use tick::{run_tick, tick_for};

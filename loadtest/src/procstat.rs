@@ -37,6 +37,20 @@ impl Sample {
     }
 }
 
+/// Lowers the calling thread's CPU priority to `nice` (Linux keeps a nice
+/// value per thread; threads it starts later inherit it). Lowering needs
+/// no privilege.
+pub fn lower_thread_priority(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid has no preconditions; setpriority only reads its
+    // arguments, and a tid names this thread alone.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// How a process's CPU time is read, for the output.
 pub fn cpu_clock_source(pid: u32) -> (String, f64) {
     match cpu_clock(pid as libc::pid_t) {

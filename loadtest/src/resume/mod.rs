@@ -90,6 +90,13 @@ pub struct ResumeArgs {
     /// Seconds measured after the last resume is over.
     #[arg(long, default_value_t = 3)]
     pub(crate) after: u64,
+    /// The nice value of this tool's thread that drives the storm: above
+    /// the observers' and the price producer's threads (0), so that on a
+    /// core shared with them the tool's own storm work does not delay the
+    /// reads and sends it measures. 0 leaves it as it is (with cores to
+    /// spare for the tool).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub(crate) storm_nice: i32,
     /// Seconds to wait for stragglers once the producers stop; also the
     /// longest the baseline is stretched for users without an update yet.
     #[arg(long, default_value_t = 5)]
@@ -294,6 +301,17 @@ async fn phases(
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     run.enter("warm-up");
     run.end_interval(&mut [])?;
+    // This thread drives the storm (5,000 closes, set-ups and replays);
+    // the observers' reads and the price producer's sends, whose latency
+    // is the storm's cost to everyone else, run on threads of their own.
+    // On a core shared with them it yields to those (from the baseline on,
+    // so both periods are measured alike): what the observers see is then
+    // the server's delay, not this tool's.
+    if a.storm_nice > 0 {
+        if let Err(e) = procstat::lower_thread_priority(a.storm_nice) {
+            eprintln!("warning: could not lower the storm thread's priority (--storm-nice): {e}");
+        }
+    }
     phase_until(run, shared, Instant::now() + Duration::from_secs(a.warmup), || false).await;
     shared.prices.lock().baseline_from = now_ns();
     run.enter("baseline");

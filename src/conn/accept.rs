@@ -25,11 +25,14 @@ const ACCEPT_BUDGET: usize = 64;
 /// own), non-blocking. `SO_REUSEADDR` too: connections accepted from it
 /// inherit the flag, so those still closing after this process exits
 /// (FIN_WAIT2, TIME_WAIT) do not fail the next instance's port check.
+/// And `TCP_NODELAY`, which Linux's accepted sockets inherit as well: no
+/// `setsockopt` per connection (the accept loop checks the first one).
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_port(true)?;
     sock.set_reuse_address(true)?;
+    sock.set_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
     sock.set_nonblocking(true)?;
@@ -53,6 +56,9 @@ pub(crate) async fn accept_loop(listener: socket2::Socket, ctx: Rc<ShardCtx>) {
     };
     let mut completions = Vec::new();
     let mut aside = StepAside::default();
+    // Whether accepted sockets come with the listener's TCP_NODELAY (Linux
+    // copies it); learned from the first, set on each otherwise.
+    let mut inherits_nodelay = None;
     loop {
         ctx.after_fanout(&mut aside).await;
         let mut accepted = 0;
@@ -62,6 +68,9 @@ pub(crate) async fn accept_loop(listener: socket2::Socket, ctx: Rc<ShardCtx>) {
                 Ok((sock, peer)) => {
                     accepted += 1;
                     let Some(peer) = peer.as_socket() else { continue };
+                    if !*inherits_nodelay.get_or_insert_with(|| sock.nodelay().unwrap_or(false)) {
+                        let _ = sock.set_nodelay(true);
+                    }
                     let stream = crate::sys::tcp_stream(sock.into());
                     spawn_local(upgrade::serve(stream, peer, ctx.clone())).detach();
                 }
@@ -117,6 +126,7 @@ async fn glommio_accept_loop(listener: socket2::Socket, ctx: Rc<ShardCtx>) {
         match listener.accept().await {
             Ok(stream) => match stream.peer_addr() {
                 Ok(peer) => {
+                    let _ = stream.set_nodelay(true);
                     spawn_local(upgrade::serve(stream, peer, ctx.clone())).detach();
                 }
                 Err(e) => accept_failed(&ctx, &e),

@@ -87,7 +87,8 @@ pub(super) struct Conn {
 }
 
 /// Registers the upgraded connection with its shard, queues its greeting,
-/// and returns the task that drives it until it closes.
+/// and returns the future that drives it until it closes (awaited by the
+/// connection's task, `upgrade::serve`).
 ///
 /// The task is the [`Conn`] itself polled in place ([`Pump`]): an `async`
 /// body here would keep both its argument and the connection in the task,

@@ -4,7 +4,8 @@
 //!
 //! Owns: client-IP resolution (trusted proxies), the origin allowlist, the IP
 //! whitelist, taking a connection slot from `limits`, and bearer-token auth
-//! on the upgrade request. Hands the socket to `driver.rs` once upgraded.
+//! on the upgrade request. Once upgraded, the same task runs the WebSocket
+//! phase (`driver.rs`) on the socket.
 
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
@@ -29,8 +30,20 @@ use crate::stream::Stream;
 /// Bytes read per call while the head is incomplete.
 const HEAD_READ: usize = 2048;
 
+/// A connection's task, from accept to close: the HTTP phase, then (once
+/// upgraded) the WebSocket phase, `driver.rs`'s [`driver::Pump`]. The
+/// HTTP phase is boxed, so its memory (the request head, the TLS
+/// handshake, its deadline) is freed before the WebSocket phase and is
+/// not part of the task for the connection's lifetime.
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
-    let _ = tcp.set_nodelay(true);
+    if let Some(start) = Box::pin(http_phase(tcp, peer, ctx)).await {
+        driver::run(start).await;
+    }
+}
+
+/// The HTTP phase: the upgrade's [`Start`], or `None` when the connection
+/// was served (an HTTP endpoint), refused or lost.
+async fn http_phase(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) -> Option<Start> {
     // Named at accept, so a refusal's log line carries the id too.
     let id = ctx.next_conn_id();
     let mut buf = Vec::new();
@@ -52,11 +65,11 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
         Some(Err(Opening::Refused(mut stream, refusal))) => {
             return refuse(&mut stream, &ctx, Who { id, ip: peer.ip() }, refusal).await
         }
-        Some(Err(Opening::Gone)) => return, // the peer went away or failed TLS
+        Some(Err(Opening::Gone)) => return None, // the peer went away or failed TLS
         None => {
             ctx.stats.refused(408);
             log_refusal(&ctx, Who { id, ip: peer.ip() }, 408, "request head not complete in time: closed");
-            return;
+            return None;
         }
     };
     let key = match route(&head) {
@@ -67,7 +80,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
             crate::http::respond(&head, &ctx.global, &snapshots, &mut out);
             let _ = stream.write_all(&out).await;
             let _ = stream.close().await; // flushes TLS and sends close_notify
-            return;
+            return None;
         }
         Route::Refused(r) => return refuse(&mut stream, &ctx, Who { id, ip: peer.ip() }, r).await,
         Route::Upgrade { key } => key,
@@ -132,7 +145,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
                     ctx.stats.refused(401);
                     let _ = stream.write_all(&out).await;
                     let _ = stream.close().await; // flushes TLS and sends close_notify
-                    return;
+                    return None;
                 }
             }
         }
@@ -140,10 +153,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
     let mut greeting = Vec::with_capacity(256);
     write_switching_protocols(&key, &mut greeting);
     let leftover = buf[used..].to_vec();
-    // The WebSocket phase runs as a task of its own, so the memory of this
-    // HTTP phase (request head, timers, read state) is freed now rather
-    // than held for the connection's lifetime.
-    glommio::spawn_local(driver::run(Start { stream, ctx, id, ip, admission, identity, greeting, leftover })).detach();
+    Some(Start { stream, ctx, id, ip, admission, identity, greeting, leftover })
 }
 
 /// Which connection a log line is about.
@@ -211,13 +221,15 @@ async fn read_head(stream: &mut Stream, buf: &mut Vec<u8>) -> Result<(RequestHea
     }
 }
 
-async fn refuse(stream: &mut Stream, ctx: &ShardCtx, who: Who, refusal: Refusal) {
+/// Refuses the upgrade; `None`, as [`http_phase`] returns then.
+async fn refuse(stream: &mut Stream, ctx: &ShardCtx, who: Who, refusal: Refusal) -> Option<Start> {
     ctx.stats.refused(refusal.status);
     log_refusal(ctx, who, refusal.status, refusal.message);
     let mut out = Vec::new();
     write_refusal(refusal, &mut out);
     let _ = stream.write_all(&out).await;
     let _ = stream.close().await; // flushes TLS and sends close_notify
+    None
 }
 
 /// The client's address: the TCP peer, or, when the peer is a trusted

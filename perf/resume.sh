@@ -10,7 +10,10 @@
 # resume began, so this is a little above 1), lost and duplicated
 # private updates (target: none), and the observers' price p99 during the
 # storm against the baseline before it (target: at most 1.5x). One fresh
-# server per run; with RUNS=3 the medians are the figures.
+# server per run; with RUNS=3 the medians are the figures. The tool's
+# thread that drives the storm runs at nice 10 (`--storm-nice`), so on the
+# core the tool shares with the broker its own storm work does not delay
+# the observers' reads it measures.
 #
 # The private producer lingers 100 ms (batches of ~50): the mock broker
 # sends one record batch per partition per fetch, where a real broker

@@ -9,7 +9,8 @@
 # replayed: the server reads on to where its feed stood when the last
 # resume began, so this is a little above 1), lost and duplicated
 # private updates (target: none), and the observers' price p99 during the
-# storm against the baseline before it (target: at most 1.5x). One fresh
+# storm against the baseline before it (target: at most 1.5x), and the
+# server's share of the price p99 (from its ingest stamp to receipt). One fresh
 # server per run; with RUNS=3 the medians are the figures. The tool's
 # thread that drives the storm runs at nice 10 (`--storm-nice`), so on the
 # core the tool shares with the broker its own storm work does not delay
@@ -30,13 +31,18 @@ mkdir -p "$out"
 source perf/common.sh
 build_release
 trap 'pkill -P $$ 2>/dev/null || true' EXIT
-start_broker "$out"
 for run in $(seq "$RUNS"); do
+  # A fresh broker per run: runs on one mock broker (which keeps every
+  # message it is given) got slower one after another (the baseline's p99
+  # rose run after run, 14 -> 42 ms over five), so runs were not alike.
+  mkdir -p "$out/broker-$run"
+  start_broker "$out/broker-$run"
   start_moonx $PORT "$out/moonx-ws-$run.log"
   taskset -c 1 timeout 300 "$LT" resume -c 5000 --observers 1000 --sources 64 --linger-ms "${LINGER_MS:-100}" --price-rate "${PRICE_RATE:-100}" --brokers "$BROKERS" \
     --server 127.0.0.1:$PORT --jwt-secret loadtest-secret --server-pid "$SERVER_PID" \
     --threshold 'reread<=0' --threshold 'p99_ratio<=1.5' --quiet --json >> "$out/resume.jsonl" 2>> "$out/resume.err" || true
   kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+  kill "$BROKER_PID"; wait "$BROKER_PID" 2>/dev/null || true
 done
 python3 - "$out/resume.jsonl" <<'PY'
 import json, sys, statistics
@@ -44,8 +50,8 @@ runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def ms(us): return None if us is None else us / 1e3
 def fmt(x, f="{:.1f}"): return "-" if x is None else f.format(x)
 rows = []
-print("| run | recovered | every client recovered (ms) | recover p50 / p99 (ms) | read for replays (again) / range | ratio | lost / dup / gaps / misrouted | price p99 baseline / storm (ms) | storm p99: drop and away / reconnect and after (ms) | p99 ratio | server CPU baseline / storm | verdict |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| run | recovered | every client recovered (ms) | recover p50 / p99 (ms) | read for replays (again) / range | ratio | lost / dup / gaps / misrouted | price p99 baseline / storm (ms) | storm p99: drop and away / reconnect and after (ms) | p99 ratio | server's share p99: baseline / away / reconnect (ms) | server CPU baseline / storm | verdict |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for i, r in enumerate(runs, 1):
     rs, rp, pv, pr, s = r["resume"], r["replay"], r["private"], r["prices"], r["server"] or {}
     row = {
@@ -54,6 +60,7 @@ for i, r in enumerate(runs, 1):
         "lost": pv["lost"], "dup": pv["duplicates"],
     }
     rows.append(row)
+    share = pr.get("server_share", {})
     cpu = lambda k: fmt(None if s.get(k) is None else s[k] * 100, "{:.0f}%")
     verdict = "PASS" if r["verdict"]["pass"] else "FAIL: " + "; ".join(r["verdict"]["reasons"])
     print(f"| {i} | {rs['recovered']}/{rs['resumes']} (not {rs['not_recovered']}, failed {rs['failed']}) "
@@ -63,6 +70,7 @@ for i, r in enumerate(runs, 1):
           f"| {fmt(row['p99_baseline'])} / {fmt(row['p99_storm'])} "
           f"| {fmt(ms(pr.get('storm_away', {}).get('p99_us')))} / {fmt(ms(pr.get('storm_reconnect', {}).get('p99_us')))} "
           f"| {fmt(pr['p99_ratio'], '{:.2f}')}x "
+          f"| {' / '.join(fmt(ms(share.get(k, {}).get('p99_us'))) for k in ('baseline', 'storm_away', 'storm_reconnect'))} "
           f"| {cpu('cpu_utilisation_baseline')} / {cpu('cpu_utilisation_storm')} | {verdict} |")
 def median(k):
     xs = [r[k] for r in rows if r[k] is not None]

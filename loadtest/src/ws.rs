@@ -375,6 +375,8 @@ impl Key {
 /// The keys of the stamps the load producers put in every update.
 pub static SEQ: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"seq\":"));
 pub static SENT_NS: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"sentNs\":"));
+/// The envelope's `timestamp` (the first in a frame: it comes before `data`).
+pub static TIMESTAMP: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"timestamp\":"));
 /// A market's own sequence number (`markets`).
 pub static MSEQ: std::sync::LazyLock<Key> = std::sync::LazyLock::new(|| Key::new(b"\"mseq\":"));
 /// An update's Kafka position in the server's envelope (`"pos":"3:1042"`).

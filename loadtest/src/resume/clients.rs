@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 
 use super::check::{pos_text, Pos, ReplayRange, Seen, Streams};
-use crate::ws::{field_u64, Sequence, Ws, SENT_NS, SEQ};
+use crate::ws::{field_u64, Sequence, Ws, SENT_NS, SEQ, TIMESTAMP};
 use crate::{authenticated, now_ns, subscribe, user_of, Common, Recorder, Resumed, Setup, Subscribed};
 
 /// A resume (connect, authenticate, `subscribed`) gives up after this long.
@@ -58,12 +58,17 @@ impl Shared {
 /// time: before `baseline_from` it is warm-up (not recorded), then the
 /// baseline until `storm_from`, then the storm until `storm_until`; the
 /// storm's two parts are kept apart too, the drop and the time away until
-/// `reconnect_from`, the reconnect and after it from then on.
+/// `reconnect_from`, the reconnect and after it from then on. The server's
+/// share of each (`served`): from the envelope's `timestamp`, when the
+/// server took the update from Kafka (ms), to its receipt here; the rest
+/// is the producer's, the broker's and the fetch's.
 pub(super) struct Prices {
     pub(super) baseline: Recorder,
     pub(super) storm: Recorder,
     pub(super) storm_away: Histogram<u64>,
     pub(super) storm_reconnect: Histogram<u64>,
+    /// The server's share: baseline, the drop and away, the reconnect and after.
+    pub(super) served: [Histogram<u64>; 3],
     /// Distinct updates received, over all observers.
     pub(super) received: u64,
     pub(super) gaps: u64,
@@ -81,6 +86,7 @@ impl Default for Prices {
             storm: Recorder::new("latency"),
             storm_away: crate::hdr::histogram(),
             storm_reconnect: crate::hdr::histogram(),
+            served: std::array::from_fn(|_| crate::hdr::histogram()),
             received: 0,
             gaps: 0,
             dups: 0,
@@ -93,7 +99,9 @@ impl Default for Prices {
 }
 
 impl Prices {
-    fn see(&mut self, order: &mut Sequence, seq: u64, sent: u64, now: u64) {
+    /// Update `seq`, scheduled at `sent` and stamped by the server at
+    /// `stamped_ms` (when the frame has it), received at `now` (ns).
+    fn see(&mut self, order: &mut Sequence, seq: u64, sent: u64, stamped_ms: Option<u64>, now: u64) {
         let (skipped, repeat) = order.see(seq, true);
         self.gaps += skipped;
         if repeat {
@@ -117,6 +125,15 @@ impl Prices {
         if (self.storm_from..self.storm_until).contains(&sent) {
             let part = if sent >= self.reconnect_from { &mut self.storm_reconnect } else { &mut self.storm_away };
             part.saturating_record(us.max(1));
+        }
+        let served = match sent {
+            s if s >= self.storm_until || s < self.baseline_from => None,
+            s if s >= self.reconnect_from => Some(2),
+            s if s >= self.storm_from => Some(1),
+            _ => Some(0),
+        };
+        if let (Some(i), Some(ms)) = (served, stamped_ms) {
+            self.served[i].saturating_record((now / 1000).saturating_sub(ms.saturating_mul(1000)).max(1));
         }
     }
 }
@@ -336,7 +353,7 @@ fn observe(mut ws: Ws, prices: Arc<Mutex<Prices>>, closed: Closes, running: Rc<C
             };
             let p = ws.payload(&f);
             if let (Some(seq), Some(sent)) = (field_u64(p, &SEQ), field_u64(p, &SENT_NS)) {
-                prices.lock().see(&mut order, seq, sent, now_ns());
+                prices.lock().see(&mut order, seq, sent, field_u64(p, &TIMESTAMP), now_ns());
             }
         }
     })
@@ -415,12 +432,19 @@ mod tests {
             Prices { baseline_from: 100, storm_from: 200, reconnect_from: 280, storm_until: 300, ..Prices::default() };
         let mut order = Sequence::default();
         for (seq, sent) in [(0, 50), (1, 150), (2, 250), (3, 290), (4, 350)] {
-            p.see(&mut order, seq, sent, sent + 5_000);
+            // Stamped by the server at 0 ms, received 5 µs after the send time.
+            p.see(&mut order, seq, sent, Some(0), sent + 5_000);
         }
-        p.see(&mut order, 4, 350, 360_000);
+        p.see(&mut order, 4, 350, Some(0), 360_000);
         assert_eq!((p.baseline.total.len(), p.storm.total.len(), p.received, p.dups, p.gaps), (1, 2, 5, 1, 0));
         assert_eq!(p.storm.total.max(), 5);
         assert_eq!((p.storm_away.len(), p.storm_reconnect.len()), (1, 1), "the storm's two parts");
+        let served: Vec<u64> = p.served.iter().map(|h| h.len()).collect();
+        assert_eq!(served, [1, 1, 1], "the server's share, by the same windows");
+        assert_eq!(p.served[0].max(), 5, "from the server's stamp to receipt");
+        p.see(&mut order, 5, 150, None, 160_000);
+        assert_eq!(p.served[0].len(), 1, "no stamp, no share");
+        assert_eq!(p.baseline.total.len(), 2);
     }
 
     #[test]

@@ -734,6 +734,12 @@ fn report(a: &ResumeArgs, shared: &Shared, end: &End, s: &Sums, server: Value) -
                 "baseline": percentiles(&prices.baseline.total), "storm": percentiles(&prices.storm.total),
                 "storm_away": percentiles(&prices.storm_away), "storm_reconnect": percentiles(&prices.storm_reconnect),
                 "p99_ratio": s.p99_ratio,
+                "server_share": {
+                    "what": "from the envelope's timestamp (the server's ingest, ms) to receipt",
+                    "baseline": percentiles(&prices.served[0]),
+                    "storm_away": percentiles(&prices.served[1]),
+                    "storm_reconnect": percentiles(&prices.served[2]),
+                },
             }),
         ),
         ("produced", json!(end.produced.0 + end.produced.1)),
@@ -863,6 +869,9 @@ fn human(a: &ResumeArgs, shared: &Shared, end: &End, s: &Sums, run_probe: Option
     print_table("prices publish -> receive, storm (from intended send time)", &prices.storm.total);
     print_table("  of which the drop and the time away", &prices.storm_away);
     print_table("  of which the reconnect and after", &prices.storm_reconnect);
+    print_table("prices, the server's share (its ingest stamp -> receive), baseline", &prices.served[0]);
+    print_table("  the drop and the time away", &prices.served[1]);
+    print_table("  the reconnect and after", &prices.served[2]);
     if let Some(p) = run_probe {
         p.describe(end.server_end.is_none());
         let cores = |k: &str| server[k].as_f64().map_or("-".into(), |x| format!("{:.0}%", x * 100.0));

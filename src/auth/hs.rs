@@ -122,6 +122,12 @@ pub(super) fn verify(keys: &HmacKeys, rules: &Rules, token: &str, now: u64) -> R
         return Err(Failure::Signature);
     }
     let json = URL_SAFE_NO_PAD.decode(claims).map_err(|_| Failure::Invalid)?;
+    // serde would read the struct from a JSON array too, filling the
+    // defaulted fields; jsonwebtoken's two structs (4 and 5 fields) never
+    // both fit one array, so it refuses every array: so do we.
+    if json.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Failure::Invalid);
+    }
     let c: Claims = serde_json::from_slice(&json).map_err(|_| Failure::Invalid)?;
     // jsonwebtoken's `validate`, in its order, for `exp` required (always),
     // `iss` and `aud` required when configured, `nbf` checked.

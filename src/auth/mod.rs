@@ -313,6 +313,10 @@ mod tests {
             format!(r#"{{"sub":"u1","exp":{exp},"other":{{"deep":[1,{{"x":null}}]}}}}"#),
             format!(r#"{{"sub":"u1","exp":{exp}}} trailing"#),
             format!(r#"[{{"sub":"u1","exp":{exp}}}]"#),
+            format!(r#"["u1",null,null,{exp}]"#),
+            format!(r#"["u1",null,null,{exp},null]"#),
+            format!(r#"[{exp},null,"u1",null,null]"#),
+            format!(r#" {{"sub":"u1","exp":{exp}}}"#),
             "not json".into(),
             "".into(),
         ];

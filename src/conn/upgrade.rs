@@ -32,12 +32,17 @@ const HEAD_READ: usize = 2048;
 
 /// A connection's task, from accept to close: the HTTP phase, then (once
 /// upgraded) the WebSocket phase, `driver.rs`'s [`driver::Pump`]. The
-/// HTTP phase is boxed, so its memory (the request head, the TLS
-/// handshake, its deadline) is freed before the WebSocket phase and is
-/// not part of the task for the connection's lifetime.
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) {
-    if let Some(start) = Box::pin(http_phase(tcp, peer, ctx)).await {
-        driver::run(start).await;
+/// HTTP phase is boxed, so its memory (the socket it was given, the
+/// request head, the TLS handshake, its deadline) is freed before the
+/// WebSocket phase and is not part of the task for the connection's
+/// lifetime: the task holds the box's pointer, then the `Pump`. (Not an
+/// `async fn`: its arguments would stay in the task's future.)
+pub fn serve(tcp: TcpStream, peer: SocketAddr, ctx: Rc<ShardCtx>) -> impl std::future::Future<Output = ()> {
+    let http = Box::pin(http_phase(tcp, peer, ctx));
+    async move {
+        if let Some(start) = http.await {
+            driver::run(start).await;
+        }
     }
 }
 

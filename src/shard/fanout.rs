@@ -9,6 +9,7 @@
 //! first when it is ready to run.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,17 @@ const FANOUT_BUDGET: usize = 256;
 /// fan-out. A task steps aside at most once in a row, so it always
 /// advances: the fan-out runs before the work that was queued ahead of
 /// it, then that work runs. Stepping aside costs a poll.
+///
+/// A fan-out waiting on its inbox or its sweep timer is not queued: the
+/// ingest thread's wake reaches glommio's queue only at the executor's
+/// next I/O poll, which a busy queue puts off, and a timer fires only
+/// then too. So the first task that finds updates in the inbox while it
+/// waits wakes it from this thread, which queues it at once, ahead of
+/// that task (a wait for the sweep timer ends then too: the updates are
+/// taken, the sweep still waits for its time).
 pub struct Precedence {
+    /// The fan-out's waker while it waits (on its inbox or its timer).
+    waiting: std::cell::RefCell<Option<std::task::Waker>>,
     /// The fan-out yielded with work left (mid-sweep, or over its budget).
     yielded: Cell<bool>,
     /// When the paced sweep it sleeps for is due (coarse monotonic ms;
@@ -45,7 +56,7 @@ pub struct StepAside(bool);
 
 impl Default for Precedence {
     fn default() -> Self {
-        Self { yielded: Cell::new(false), sweep_due_ms: Cell::new(u64::MAX) }
+        Self { waiting: RefCell::new(None), yielded: Cell::new(false), sweep_due_ms: Cell::new(u64::MAX) }
     }
 }
 
@@ -59,15 +70,30 @@ impl Precedence {
             return false;
         }
         let due = self.sweep_due_ms.get();
-        mine.0 = self.yielded.get()
-            || !inbox.queue.is_empty()
-            || (due != u64::MAX && crate::sys::coarse_monotonic_ms() >= due);
+        let updates = !inbox.queue.is_empty();
+        mine.0 = self.yielded.get() || updates || (due != u64::MAX && crate::sys::coarse_monotonic_ms() >= due);
+        if updates {
+            // Its waits end when the inbox has updates (a timer ends by itself).
+            if let Some(fanout) = self.waiting.borrow_mut().take() {
+                fanout.wake();
+            }
+        }
         mine.0
     }
 
     fn begin_pass(&self) {
+        self.waiting.borrow_mut().take();
         self.yielded.set(false);
         self.sweep_due_ms.set(u64::MAX);
+    }
+
+    /// The fan-out waits (not queued) until `cx` is woken.
+    fn wait(&self, cx: &std::task::Context<'_>) {
+        let mut waiting = self.waiting.borrow_mut();
+        match &*waiting {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => *waiting = Some(cx.waker().clone()),
+        }
     }
 }
 
@@ -130,12 +156,21 @@ pub async fn run_fanout(shard: Rc<RefCell<Shard>>, inbox: &Inbox, pacing: Pacing
             // (updates arriving meanwhile join the same writes).
             let due = pacing.interval(saturated, sweep_avg).saturating_sub(last_sweep.elapsed());
             precedence.sweep_due_ms.set(crate::sys::coarse_monotonic_ms() + due.as_millis() as u64);
-            glommio::timer::sleep(due).await;
+            let mut timer = glommio::timer::Timer::new(due);
+            std::future::poll_fn(|cx| {
+                if std::pin::Pin::new(&mut timer).poll(cx).is_ready() || !inbox.queue.is_empty() {
+                    return std::task::Poll::Ready(());
+                }
+                precedence.wait(cx);
+                std::task::Poll::Pending
+            })
+            .await;
             continue;
         }
         std::future::poll_fn(|cx| {
             inbox.waker.register(cx.waker());
             if inbox.queue.is_empty() {
+                precedence.wait(cx);
                 std::task::Poll::Pending
             } else {
                 std::task::Poll::Ready(())
@@ -174,5 +209,37 @@ mod tests {
         assert!(!p.step_aside(&inbox, &mut b), "a paced sweep not yet due");
         p.sweep_due_ms.set(crate::sys::coarse_monotonic_ms());
         assert!(p.step_aside(&inbox, &mut b), "a paced sweep due");
+    }
+
+    /// Counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_waiting_fanout_is_woken_by_the_first_task_that_finds_updates() {
+        let (p, inbox) = (Precedence::default(), Inbox::new(4));
+        let count = Arc::new(Count(Default::default()));
+        let waker = std::task::Waker::from(count.clone());
+        let woken = || count.0.load(std::sync::atomic::Ordering::Relaxed);
+        p.wait(&std::task::Context::from_waker(&waker));
+        assert!(!p.step_aside(&inbox, &mut StepAside::default()));
+        assert_eq!(woken(), 0, "no updates: it waits on");
+
+        inbox.queue.push(Arc::new(Update::encode(Route::Prices, "u1", 0, b"{}"))).unwrap();
+        assert!(p.step_aside(&inbox, &mut StepAside::default()));
+        assert_eq!(woken(), 1, "updates: woken from this thread");
+        assert!(p.step_aside(&inbox, &mut StepAside::default()));
+        assert_eq!(woken(), 1, "once: it is queued now");
+
+        p.begin_pass();
+        p.wait(&std::task::Context::from_waker(&waker));
+        p.begin_pass();
+        assert!(p.step_aside(&inbox, &mut StepAside::default()));
+        assert_eq!(woken(), 1, "a pass under way: it is not waiting");
     }
 }

@@ -304,9 +304,10 @@ async fn phases(
     // This thread drives the storm (5,000 closes, set-ups and replays);
     // the observers' reads and the price producer's sends, whose latency
     // is the storm's cost to everyone else, run on threads of their own.
-    // On a core shared with them it yields to those (from the baseline on,
-    // so both periods are measured alike): what the observers see is then
-    // the server's delay, not this tool's.
+    // On a core shared with them it yields to those (from the warm-up on,
+    // so the baseline and the storm are measured alike): what the
+    // observers see is then the server's delay, not this tool's. Its own
+    // resumes' timings (recover times) include that yielding.
     if a.storm_nice > 0 {
         if let Err(e) = procstat::lower_thread_priority(a.storm_nice) {
             eprintln!("warning: could not lower the storm thread's priority (--storm-nice): {e}");

@@ -70,14 +70,6 @@ pub(super) struct Rules {
     pub audience: Option<String>,
 }
 
-/// The claims a token gives: who, and until when.
-pub(super) struct Verified {
-    pub sub: Option<StringOrNumber>,
-    pub user_id: Option<StringOrNumber>,
-    pub email: Option<String>,
-    pub exp: u64,
-}
-
 /// Why a token failed, as jsonwebtoken's error kinds read in `describe`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Failure {
@@ -108,7 +100,7 @@ impl Failure {
 
 /// Checks `token` as `jsonwebtoken::decode` with `rules` would, at `now`
 /// (seconds since the epoch).
-pub(super) fn verify(keys: &HmacKeys, rules: &Rules, token: &str, now: u64) -> Result<Verified, Failure> {
+pub(super) fn verify(keys: &HmacKeys, rules: &Rules, token: &str, now: u64) -> Result<super::Claims, Failure> {
     let header = jsonwebtoken::decode_header(token).map_err(|_| Failure::Invalid)?;
     if !rules.algorithms.contains(&header.alg) {
         return Err(Failure::Algorithm);
@@ -158,12 +150,14 @@ pub(super) fn verify(keys: &HmacKeys, rules: &Rules, token: &str, now: u64) -> R
             }
         }
     }
-    Ok(Verified { sub: c.sub, user_id: c.user_id, email: c.email, exp: c.exp })
+    Ok(super::Claims { sub: c.sub, user_id: c.user_id, email: c.email, exp: c.exp })
 }
 
 /// Every claim either check reads, each with the type it has there:
 /// `sub`, `userId`, `email` and `exp` as `LocalJwt`'s `Claims` (a token
-/// they do not fit is invalid), `nbf`, `iss` and `aud` as jsonwebtoken's
+/// they do not fit is invalid; the same fields, kept here rather than
+/// flattened in, since `#[serde(flatten)]` reads differently: duplicates,
+/// arrays), `nbf`, `iss` and `aud` as jsonwebtoken's
 /// `ClaimsForValidation` (a claim of the wrong type is "not parsed", not
 /// an error).
 #[derive(Deserialize)]

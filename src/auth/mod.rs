@@ -177,8 +177,7 @@ impl LocalJwt {
         let Some((keys, rules)) = &self.hmac else {
             return self.verify_generic(token);
         };
-        let c = hs::verify(keys, rules, token, unix_secs()).map_err(|f| AuthFailure(f.text().into()))?;
-        identity(Claims { sub: c.sub, user_id: c.user_id, email: c.email, exp: c.exp })
+        identity(hs::verify(keys, rules, token, unix_secs()).map_err(|f| AuthFailure(f.text().into()))?)
     }
 
     /// Through `jsonwebtoken::decode` (public keys; and the reference the

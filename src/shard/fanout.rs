@@ -41,7 +41,7 @@ const FANOUT_BUDGET: usize = 256;
 /// taken, the sweep still waits for its time).
 pub struct Precedence {
     /// The fan-out's waker while it waits (on its inbox or its timer).
-    waiting: std::cell::RefCell<Option<std::task::Waker>>,
+    waiting: RefCell<Option<std::task::Waker>>,
     /// The fan-out yielded with work left (mid-sweep, or over its budget).
     yielded: Cell<bool>,
     /// When the paced sweep it sleeps for is due (coarse monotonic ms;

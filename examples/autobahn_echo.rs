@@ -78,7 +78,7 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
         out.clear();
         let cause = link.receive(&mut data, 0, &LIMITS, |msg| {
             match msg {
-                Data::Text(t) => encode_frame(OP_TEXT, t, &mut out),
+                Data::Text(t) => encode_frame(OP_TEXT, t.as_bytes(), &mut out),
                 Data::Binary(b) => encode_frame(OP_BINARY, b, &mut out),
                 Data::Ping(p) => Link::pong(p, &mut out),
             }

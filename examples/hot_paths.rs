@@ -27,7 +27,7 @@ use moonx_ws::telemetry::ShardStats;
 
 const PRICE: &[u8] = br#"{"token":"ETH","chainId":8453,"price":"2150.45","priceUsd":"2150.45","change24h":"5.2","volume24h":"1250000","timestamp":1701234567890,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
 const HEAD: &[u8] = b"GET /ws HTTP/1.1\r\nHost: ws.moonx.farm\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: https://app.moonx.farm\r\nUser-Agent: Mozilla/5.0\r\nAccept-Encoding: gzip\r\n\r\n";
-const SUB: &[u8] = br#"{"id":"msg_123","type":"subscribe","timestamp":1701234567890,"data":{"channel":"prices"}}"#;
+const SUB: &str = r#"{"id":"msg_123","type":"subscribe","timestamp":1701234567890,"data":{"channel":"prices"}}"#;
 const LIMITS: Limits = Limits { max_message_bytes: 16384, max_fragments: 64, accept_binary: false };
 const SUBSCRIBERS: usize = 1000;
 
@@ -43,7 +43,7 @@ fn main() {
             let mask = [0x12, 0x34, 0x56, 0x78];
             let mut frame = vec![0x81, 0x80 | SUB.len() as u8];
             frame.extend_from_slice(&mask);
-            frame.extend(SUB.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+            frame.extend(SUB.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
             let mut asm = Assembler::default();
             let mut buf = frame.clone();
             for _ in 0..n {

@@ -140,7 +140,7 @@ impl Client {
     }
 
     /// One text message from the client, at wall-clock `now`.
-    pub fn on_text(&mut self, who: &Who<'_>, text: &[u8], now: u64) -> Option<Close> {
+    pub fn on_text(&mut self, who: &Who<'_>, text: &str, now: u64) -> Option<Close> {
         let parsed = parse_client(text);
         let stats = &who.ctx.stats;
         let (id, kind) = match &parsed {

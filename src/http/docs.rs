@@ -86,7 +86,7 @@ fn examples() -> String {
         r#"{"id":"msg_6","type":"ping"}"#,
     ] {
         // Checked by the real parser: an example the server would refuse is a bug.
-        debug_assert!(crate::protocol::message::parse_client(text.as_bytes()).is_ok());
+        debug_assert!(crate::protocol::message::parse_client(text).is_ok());
         out.push_str(&format!("<pre>{}</pre>\n", escape(text)));
     }
     out.push_str("<h3>Server to client</h3>\n");

@@ -122,8 +122,8 @@ pub fn unmask(data: &mut [u8], mask: [u8; 4]) {
 /// A complete message or control frame, ready for the session.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message<'a> {
-    /// A whole text message, UTF-8 already checked.
-    Text(&'a [u8]),
+    /// A whole text message (its UTF-8 checked here, once).
+    Text(&'a str),
     /// A whole binary message (only with [`Limits::accept_binary`]).
     Binary(&'a [u8]),
     Ping(&'a [u8]),
@@ -160,10 +160,7 @@ impl Assembler {
             OP_TEXT | OP_BINARY if self.fragments > 0 => Err(CloseCode::PROTOCOL),
             OP_BINARY if !limits.accept_binary => Err(CloseCode::UNSUPPORTED),
             OP_BINARY if frame.fin => Ok(Some(Message::Binary(payload))),
-            OP_TEXT if frame.fin => {
-                check_utf8(payload)?;
-                Ok(Some(Message::Text(payload)))
-            }
+            OP_TEXT if frame.fin => Ok(Some(Message::Text(utf8(payload)?))),
             OP_TEXT | OP_BINARY => {
                 self.fragments = 1;
                 self.binary = frame.opcode == OP_BINARY;
@@ -191,8 +188,7 @@ impl Assembler {
                 if self.binary {
                     return Ok(Some(Message::Binary(&self.partial)));
                 }
-                check_utf8(&self.partial)?;
-                Ok(Some(Message::Text(&self.partial)))
+                Ok(Some(Message::Text(utf8(&self.partial)?)))
             }
         }
     }
@@ -211,8 +207,8 @@ impl Assembler {
     }
 }
 
-fn check_utf8(bytes: &[u8]) -> Result<(), CloseCode> {
-    std::str::from_utf8(bytes).map(|_| ()).map_err(|_| CloseCode::INVALID_DATA)
+fn utf8(bytes: &[u8]) -> Result<&str, CloseCode> {
+    std::str::from_utf8(bytes).map_err(|_| CloseCode::INVALID_DATA)
 }
 
 /// Validates a close frame's body (RFC 6455 §5.5.1, §7.4).
@@ -225,7 +221,7 @@ fn parse_close(payload: &[u8]) -> Result<Option<u16>, CloseCode> {
             if !CloseCode(code).is_valid_on_wire() {
                 return Err(CloseCode::PROTOCOL);
             }
-            check_utf8(&payload[2..])?;
+            utf8(&payload[2..])?;
             Ok(Some(code))
         }
     }
@@ -361,7 +357,7 @@ mod tests {
         let f = decode_frame(&mut bytes, &LIMITS)?.unwrap();
         let payload = bytes[f.payload.clone()].to_vec();
         Ok(asm.push(&f, &payload, &LIMITS)?.map(|m| match m {
-            Message::Text(t) => String::from_utf8(t.to_vec()).unwrap(),
+            Message::Text(t) => t.to_string(),
             other => format!("{other:?}"),
         }))
     }

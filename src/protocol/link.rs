@@ -43,7 +43,7 @@ enum Phase {
 /// What the peer sent that the caller acts on, in the order it came.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Data<'a> {
-    Text(&'a [u8]),
+    Text(&'a str),
     Binary(&'a [u8]),
     /// A ping: answer with [`Link::pong`] of its payload.
     Ping(&'a [u8]),
@@ -315,7 +315,7 @@ mod tests {
         let mut buf = bytes.to_vec();
         let cause = link.receive(&mut buf, now, &LIMITS, |d| {
             match d {
-                Data::Text(t) => got.push(String::from_utf8(t.to_vec()).unwrap()),
+                Data::Text(t) => got.push(t.to_string()),
                 Data::Binary(_) => got.push("<binary>".into()),
                 Data::Ping(p) => got.push(format!("<ping {}>", String::from_utf8_lossy(p))),
             }

@@ -7,8 +7,9 @@
 
 use std::borrow::Cow;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
+use serde_with::{As, BorrowCow};
 
 use super::frame::{encode_frame, OP_TEXT};
 
@@ -169,11 +170,13 @@ impl ParseError<'_> {
     }
 }
 
+// serde's own `Cow` borrows only outside an `Option`: `BorrowCow`
+// borrows every string that needs no unescaping (no allocation per field).
 #[derive(Deserialize)]
 struct Envelope<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, with = "As::<Option<BorrowCow>>")]
     id: Option<Cow<'a, str>>,
-    #[serde(rename = "type", borrow)]
+    #[serde(rename = "type", borrow, default, with = "As::<Option<BorrowCow>>")]
     ty: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
@@ -181,15 +184,15 @@ struct Envelope<'a> {
 
 #[derive(Deserialize)]
 struct TokenData<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, with = "As::<Option<BorrowCow>>")]
     token: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
 struct ChannelData<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, with = "As::<Option<BorrowCow>>")]
     channel: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, with = "As::<Option<Vec<BorrowCow>>>")]
     channels: Option<Vec<Cow<'a, str>>>,
     #[serde(default)]
     snapshot: Option<bool>,
@@ -197,10 +200,11 @@ struct ChannelData<'a> {
     since: Option<&'a RawValue>,
 }
 
-/// Parses one client text message (already UTF-8 checked by the codec).
-pub fn parse_client(text: &[u8]) -> Result<ClientMessage<'_>, ParseError<'_>> {
+/// Parses one client text message (its UTF-8 checked by the codec, so
+/// serde_json's `from_str` does not check it again).
+pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ParseError<'_>> {
     let invalid = |id, reason| ParseError::Invalid { id, reason };
-    let env: Envelope = serde_json::from_slice(text)
+    let env: Envelope = serde_json::from_str(text)
         .map_err(|_| invalid(None, "expected a JSON object with string type, string id and object data"))?;
     if env.id.as_ref().is_some_and(|id| id.len() > MAX_ID_BYTES) {
         return Err(invalid(None, "id longer than 128 bytes"));
@@ -281,10 +285,11 @@ pub struct Recovery {
 }
 
 /// A user as shown in `auth_success`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct UserView<'a> {
     pub id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     pub email: Option<&'a str>,
 }
 
@@ -348,117 +353,157 @@ impl Outgoing<'_> {
     }
 }
 
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Data<'a> {
-    AuthRequired {
-        timeout: u64,
-        #[serde(rename = "connectionId")]
-        connection_id: &'a str,
-    },
-    User {
-        user: &'a UserView<'a>,
-        #[serde(rename = "connectionId")]
-        connection_id: &'a str,
-        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
-        request_id: Option<&'a str>,
-    },
-    Failed {
-        error: &'a str,
-        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
-        request_id: Option<&'a str>,
-    },
-    Channel {
-        channel: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        snapshot: Option<usize>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        recovered: Option<bool>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        missed: Option<u64>,
-        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
-        request_id: Option<&'a str>,
-    },
-    Channels {
-        channels: &'a [Cow<'a, str>],
-        #[serde(skip_serializing_if = "Option::is_none")]
-        snapshot: Option<usize>,
-        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
-        request_id: Option<&'a str>,
-    },
-    Pong {
-        timestamp: u64,
-        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
-        request_id: Option<&'a str>,
-    },
-    Error {
-        code: &'static str,
-        message: &'a str,
-        #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
-        request_id: Option<&'a str>,
-        #[serde(rename = "retryAfterMs", skip_serializing_if = "Option::is_none")]
-        retry_after_ms: Option<u64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        channel: Option<&'a str>,
-    },
-}
-
-#[derive(Serialize)]
-struct ServerEnvelope<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    ty: &'static str,
-    timestamp: u64,
-    data: Data<'a>,
-}
-
 /// Appends `msg` as one complete text frame to `out`. `json` is a scratch
 /// buffer (cleared here) so the caller's allocations are reused.
+///
+/// Written by hand, as [`write_update_json`] is: every connection gets two
+/// or three of these while it sets up, and serde's generic path (each key
+/// and value escaped byte by byte) was 8% of the instructions of a
+/// connection storm (perf/RESULTS.md). The test `reference` module keeps
+/// the serde structs this replaced and holds the output to them byte for
+/// byte.
 pub fn encode_outgoing(msg: &Outgoing, id: &str, now_ms: u64, json: &mut Vec<u8>, out: &mut Vec<u8>) {
-    let data = match msg {
+    json.clear();
+    json.extend_from_slice(b"{\"id\":");
+    write_str(json, id);
+    json.extend_from_slice(b",\"type\":\"");
+    json.extend_from_slice(msg.type_name().as_bytes());
+    json.extend_from_slice(b"\",\"timestamp\":");
+    write_u64(json, now_ms);
+    json.extend_from_slice(b",\"data\":");
+    let mut data = Fields::open(json);
+    match msg {
         Outgoing::AuthRequired { timeout_ms, connection_id } => {
-            Data::AuthRequired { timeout: *timeout_ms, connection_id }
+            data.u64("timeout", *timeout_ms);
+            data.str("connectionId", connection_id);
         }
         Outgoing::AuthSuccess { user, connection_id, request_id } => {
-            Data::User { user, connection_id, request_id: *request_id }
+            let mut u = Fields::open(data.key("user"));
+            u.str("id", user.id);
+            u.opt_str("email", user.email);
+            u.close();
+            data.str("connectionId", connection_id);
+            data.opt_str("requestId", *request_id);
         }
-        Outgoing::AuthFailed { error, request_id } => Data::Failed { error, request_id: *request_id },
+        Outgoing::AuthFailed { error, request_id } => {
+            data.str("error", error);
+            data.opt_str("requestId", *request_id);
+        }
         Outgoing::Subscribed { names, snapshot, recovery, request_id } => {
-            channel_data(*names, *snapshot, *recovery, *request_id)
+            channel_data(&mut data, *names, *snapshot, *recovery, *request_id)
         }
-        Outgoing::Unsubscribed { names, request_id } => channel_data(*names, None, None, *request_id),
-        Outgoing::Pong { now_ms, request_id } => Data::Pong { timestamp: *now_ms, request_id: *request_id },
-        Outgoing::Error { code, message, request_id, retry_after_ms, channel } => Data::Error {
-            code: code.as_str(),
-            message,
-            request_id: *request_id,
-            retry_after_ms: *retry_after_ms,
-            channel: *channel,
-        },
-    };
-    let env = ServerEnvelope { id, ty: msg.type_name(), timestamp: now_ms, data };
-    json.clear();
-    // Serializing plain structs of strings and integers into a Vec cannot fail.
-    serde_json::to_writer(&mut *json, &env).expect("serialize server message");
+        Outgoing::Unsubscribed { names, request_id } => channel_data(&mut data, *names, None, None, *request_id),
+        Outgoing::Pong { now_ms, request_id } => {
+            data.u64("timestamp", *now_ms);
+            data.opt_str("requestId", *request_id);
+        }
+        Outgoing::Error { code, message, request_id, retry_after_ms, channel } => {
+            data.str("code", code.as_str());
+            data.str("message", message);
+            data.opt_str("requestId", *request_id);
+            if let Some(ms) = retry_after_ms {
+                data.u64("retryAfterMs", *ms);
+            }
+            data.opt_str("channel", *channel);
+        }
+    }
+    data.close();
+    json.push(b'}');
     encode_frame(OP_TEXT, json, out);
 }
 
-fn channel_data<'a>(
-    names: Names<'a>,
+fn channel_data(
+    data: &mut Fields,
+    names: Names,
     snapshot: Option<usize>,
     recovery: Option<Recovery>,
-    request_id: Option<&'a str>,
-) -> Data<'a> {
+    request_id: Option<&str>,
+) {
     match names {
-        Names::One(channel) => Data::Channel {
-            channel,
-            snapshot,
-            recovered: recovery.map(|r| r.recovered),
-            missed: recovery.map(|r| r.missed),
-            request_id,
-        },
-        Names::Many(channels) => Data::Channels { channels, snapshot, request_id },
+        Names::One(channel) => data.str("channel", channel),
+        Names::Many(channels) => {
+            let out = data.key("channels");
+            out.push(b'[');
+            for (i, name) in channels.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(out, name);
+            }
+            out.push(b']');
+        }
     }
+    if let Some(n) = snapshot {
+        data.u64("snapshot", n as u64);
+    }
+    // A list of channels never carries a recovery (`since` needs one channel).
+    if let (Names::One(_), Some(r)) = (names, recovery) {
+        data.key("recovered").extend_from_slice(if r.recovered { b"true" } else { b"false" });
+        data.u64("missed", r.missed);
+    }
+    data.opt_str("requestId", request_id);
+}
+
+/// A JSON object being written: keys are this module's own (plain ASCII,
+/// written as they are), values are escaped.
+struct Fields<'o> {
+    out: &'o mut Vec<u8>,
+    first: bool,
+}
+
+impl<'o> Fields<'o> {
+    fn open(out: &'o mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self { out, first: true }
+    }
+
+    /// Writes `"key":` and returns the buffer for the value.
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        if !std::mem::take(&mut self.first) {
+            self.out.push(b',');
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.out
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        write_str(self.key(key), value);
+    }
+
+    fn opt_str(&mut self, key: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            self.str(key, value);
+        }
+    }
+
+    fn u64(&mut self, key: &str, value: u64) {
+        write_u64(self.key(key), value);
+    }
+
+    fn close(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it.
+/// A string with nothing to escape (ids, channel names, almost every user
+/// id) is copied in one piece; any other goes through serde_json.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a string into a Vec cannot fail.
+        serde_json::to_writer(&mut *out, s).expect("serialize a string");
+    }
+}
+
+fn write_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// A Kafka position: partition and offset (PROTOCOL.md §2, `pos`).
@@ -488,12 +533,131 @@ pub fn write_update_json(id: &str, update_type: &str, now_ms: u64, pos: Option<P
     out.push(b'}');
 }
 
+/// The serde encoding [`encode_outgoing`] replaced, kept as the reference
+/// it is tested against.
+#[cfg(test)]
+mod reference {
+    use std::borrow::Cow;
+
+    use serde::Serialize;
+
+    use super::{Names, Outgoing, Recovery, UserView};
+
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum Data<'a> {
+        AuthRequired {
+            timeout: u64,
+            #[serde(rename = "connectionId")]
+            connection_id: &'a str,
+        },
+        User {
+            user: &'a UserView<'a>,
+            #[serde(rename = "connectionId")]
+            connection_id: &'a str,
+            #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+            request_id: Option<&'a str>,
+        },
+        Failed {
+            error: &'a str,
+            #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+            request_id: Option<&'a str>,
+        },
+        Channel {
+            channel: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            snapshot: Option<usize>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            recovered: Option<bool>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            missed: Option<u64>,
+            #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+            request_id: Option<&'a str>,
+        },
+        Channels {
+            channels: &'a [Cow<'a, str>],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            snapshot: Option<usize>,
+            #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+            request_id: Option<&'a str>,
+        },
+        Pong {
+            timestamp: u64,
+            #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+            request_id: Option<&'a str>,
+        },
+        Error {
+            code: &'static str,
+            message: &'a str,
+            #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+            request_id: Option<&'a str>,
+            #[serde(rename = "retryAfterMs", skip_serializing_if = "Option::is_none")]
+            retry_after_ms: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            channel: Option<&'a str>,
+        },
+    }
+
+    #[derive(Serialize)]
+    struct ServerEnvelope<'a> {
+        id: &'a str,
+        #[serde(rename = "type")]
+        ty: &'static str,
+        timestamp: u64,
+        data: Data<'a>,
+    }
+
+    /// The envelope JSON (unframed) as the serde derive wrote it.
+    pub fn encode_json(msg: &Outgoing, id: &str, now_ms: u64) -> Vec<u8> {
+        let data = match msg {
+            Outgoing::AuthRequired { timeout_ms, connection_id } => {
+                Data::AuthRequired { timeout: *timeout_ms, connection_id }
+            }
+            Outgoing::AuthSuccess { user, connection_id, request_id } => {
+                Data::User { user, connection_id, request_id: *request_id }
+            }
+            Outgoing::AuthFailed { error, request_id } => Data::Failed { error, request_id: *request_id },
+            Outgoing::Subscribed { names, snapshot, recovery, request_id } => {
+                channel_data(*names, *snapshot, *recovery, *request_id)
+            }
+            Outgoing::Unsubscribed { names, request_id } => channel_data(*names, None, None, *request_id),
+            Outgoing::Pong { now_ms, request_id } => Data::Pong { timestamp: *now_ms, request_id: *request_id },
+            Outgoing::Error { code, message, request_id, retry_after_ms, channel } => Data::Error {
+                code: code.as_str(),
+                message,
+                request_id: *request_id,
+                retry_after_ms: *retry_after_ms,
+                channel: *channel,
+            },
+        };
+        serde_json::to_vec(&ServerEnvelope { id, ty: msg.type_name(), timestamp: now_ms, data }).unwrap()
+    }
+
+    fn channel_data<'a>(
+        names: Names<'a>,
+        snapshot: Option<usize>,
+        recovery: Option<Recovery>,
+        request_id: Option<&'a str>,
+    ) -> Data<'a> {
+        match names {
+            Names::One(channel) => Data::Channel {
+                channel,
+                snapshot,
+                recovered: recovery.map(|r| r.recovered),
+                missed: recovery.map(|r| r.missed),
+                request_id,
+            },
+            Names::Many(channels) => Data::Channels { channels, snapshot, request_id },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn kind(text: &str) -> Result<ClientKind<'_>, ErrorCode> {
-        parse_client(text.as_bytes()).map(|m| m.kind).map_err(|e| e.code())
+        parse_client(text).map(|m| m.kind).map_err(|e| e.code())
     }
 
     #[test]
@@ -556,12 +720,81 @@ mod tests {
 
     #[test]
     fn keeps_the_id_for_request_ids() {
-        let m = parse_client(br#"{"id":"r\"1","type":"ping"}"#).unwrap();
+        let m = parse_client(r#"{"id":"r\"1","type":"ping"}"#).unwrap();
         assert_eq!(m.id.as_deref(), Some("r\"1"));
-        match parse_client(br#"{"id":"r2","type":"zzz","data":{}}"#) {
+        match parse_client(r#"{"id":"r2","type":"zzz","data":{}}"#) {
             Err(ParseError::UnknownType { id }) => assert_eq!(id.as_deref(), Some("r2")),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Every kind of server message, with and without each optional
+    /// field, over strings that need every kind of escaping: byte for
+    /// byte what the serde derive wrote.
+    #[test]
+    fn the_hand_written_encoding_matches_serdes() {
+        let strings = [
+            "",
+            "s0-17",
+            "user_123",
+            "a\"quote",
+            "back\\slash",
+            "tab\there",
+            "nl\n",
+            "\u{1}\u{1f}",
+            "\u{7f}del",
+            "é ü 日本 🚀",
+            "</script>",
+            "{\"json\":1}",
+        ];
+        let many: Vec<Cow<str>> = strings.iter().map(|s| Cow::Borrowed(*s)).collect();
+        let opts = |i: usize| if i.is_multiple_of(3) { None } else { Some(strings[i % strings.len()]) };
+        let mut msgs = Vec::new();
+        for (i, s) in strings.iter().enumerate() {
+            let o = opts(i);
+            let n = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            msgs.push(Outgoing::AuthRequired { timeout_ms: n, connection_id: s });
+            msgs.push(Outgoing::AuthSuccess {
+                user: UserView { id: s, email: o },
+                connection_id: s,
+                request_id: opts(i + 1),
+            });
+            msgs.push(Outgoing::AuthFailed { error: s, request_id: o });
+            for recovery in [None, Some(Recovery { recovered: i % 2 == 0, missed: n })] {
+                for snapshot in [None, Some(i)] {
+                    let names = [Names::One(s), Names::Many(&many[..i.max(1)])];
+                    for names in names {
+                        msgs.push(Outgoing::Subscribed { names, snapshot, recovery, request_id: o });
+                    }
+                }
+            }
+            msgs.push(Outgoing::Unsubscribed { names: Names::One(s), request_id: o });
+            msgs.push(Outgoing::Unsubscribed { names: Names::Many(&many[i..]), request_id: o });
+            msgs.push(Outgoing::Pong { now_ms: n, request_id: o });
+            for code in [ErrorCode::InvalidMessage, ErrorCode::RateLimited, ErrorCode::UnknownChannel] {
+                let retry = (i % 2 == 1).then_some(n);
+                msgs.push(Outgoing::Error {
+                    code,
+                    message: s,
+                    request_id: o,
+                    retry_after_ms: retry,
+                    channel: opts(i + 2),
+                });
+            }
+        }
+        let (mut json, mut out) = (Vec::new(), Vec::new());
+        for (i, msg) in msgs.iter().enumerate() {
+            let id = strings[(i * 7) % strings.len()];
+            let now = u64::MAX - i as u64;
+            out.clear();
+            encode_outgoing(msg, id, now, &mut json, &mut out);
+            let want = reference::encode_json(msg, id, now);
+            assert_eq!(String::from_utf8_lossy(&json), String::from_utf8_lossy(&want), "message {i}: {msg:?}");
+            let mut framed = Vec::new();
+            encode_frame(OP_TEXT, &want, &mut framed);
+            assert_eq!(out, framed, "message {i}: the frame around it");
+        }
+        assert!(msgs.len() > 200, "{} messages", msgs.len());
     }
 
     #[test]

@@ -398,7 +398,7 @@ mod tests {
 
     #[test]
     fn since_asks_for_a_replay_only_on_a_private_channel() {
-        let recovery = |text: &str| match parse_client(text.as_bytes()).map(|m| m.kind) {
+        let recovery = |text: &str| match parse_client(text).map(|m| m.kind) {
             Ok(ClientKind::Subscribe(args)) => recovery_of(&args).map_err(|r| r.code),
             other => panic!("not a subscribe: {other:?}"),
         };
@@ -419,7 +419,7 @@ mod tests {
         assert_eq!(recovery(&sub("nope", r#""x""#)), Ok(None));
         assert_eq!(recovery(r#"{"type":"subscribe","data":{"channel":"orders"}}"#), Ok(None));
         // Only with a single channel.
-        let many = parse_client(br#"{"type":"subscribe","data":{"channels":["orders"],"since":"1:2"}}"#);
+        let many = parse_client(r#"{"type":"subscribe","data":{"channels":["orders"],"since":"1:2"}}"#);
         assert_eq!(many.map(|m| m.kind).map_err(|e| e.code()), Err(ErrorCode::InvalidMessage));
     }
 

@@ -194,10 +194,20 @@ impl Conn {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
+        self.ctx.shard.borrow_mut().poll_began(self.key, cx.waker());
+        let poll = self.poll_once(cx);
+        if poll.is_pending() {
+            self.ctx.shard.borrow_mut().poll_ended(self.key);
+        }
+        poll
+    }
+
+    /// One pass: read, act, check deadlines, write, park when idle long
+    /// enough. Ready when the connection is done or parked.
+    fn poll_once(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let ctx = self.ctx.clone();
         let now = ctx.global.clock.epoch_ms();
         let mono = ctx.global.clock.mono_ms();
-        ctx.shard.borrow_mut().set_waker(self.key, cx.waker());
 
         let mut exhausted = false;
         if !self.link.peer_closed() && !self.link.is_done() {

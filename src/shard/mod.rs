@@ -161,9 +161,16 @@ impl Shard {
         self.conns.is_empty()
     }
 
-    /// Records the driver's waker and clears the "already woken" mark.
-    pub fn set_waker(&mut self, key: usize, waker: &Waker) {
-        self.conns[key].set_waker(waker);
+    /// The driver of `key` is polled: records its waker, and queuing for
+    /// the connection wakes nothing until [`Shard::poll_ended`].
+    pub fn poll_began(&mut self, key: usize, waker: &Waker) {
+        self.conns[key].poll_began(waker);
+    }
+
+    /// The driver of `key` returned pending: it wrote what was queued, and
+    /// what is queued from now on wakes it.
+    pub fn poll_ended(&mut self, key: usize) {
+        self.conns[key].poll_ended();
     }
 
     /// Binds an authenticated user to the connection (private routing).

@@ -52,9 +52,28 @@ impl Slot {
         }
     }
 
-    /// Records the driver's waker and clears the "already woken" mark.
+    /// Records the waker to wake (a parked connection's parker) and clears
+    /// the "already woken" mark.
     pub(super) fn set_waker(&mut self, waker: &Waker) {
         self.marks.set(Marks::WAKE_PENDING, false);
+        self.store_waker(waker);
+    }
+
+    /// Records the driver's waker as its poll begins. Until the poll ends
+    /// ([`Slot::poll_ended`]) what is queued for the connection wakes
+    /// nothing: the driver writes it before it returns, and a wake-up would
+    /// only poll it once more for nothing (each reply it queues did).
+    pub(super) fn poll_began(&mut self, waker: &Waker) {
+        self.marks.set(Marks::WAKE_PENDING, true);
+        self.store_waker(waker);
+    }
+
+    /// The driver's poll returned pending: the next queued byte wakes it.
+    pub(super) fn poll_ended(&mut self) {
+        self.marks.set(Marks::WAKE_PENDING, false);
+    }
+
+    fn store_waker(&mut self, waker: &Waker) {
         match &self.waker {
             Some(w) if w.will_wake(waker) => {}
             _ => self.waker = Some(waker.clone()),
@@ -95,7 +114,7 @@ impl Slot {
 pub(super) struct Marks(u8);
 
 impl Marks {
-    /// The driver was woken and has not run since.
+    /// The driver was woken and has not run since, or is running now.
     pub const WAKE_PENDING: u8 = 1;
     /// Listed in the shard's dirty list (bytes queued since the last sweep).
     pub const DIRTY: u8 = 2;

@@ -361,7 +361,7 @@ where
 {
     fn from(socket: socket2::Socket) -> Self {
         let reactor = crate::executor().reactor();
-        let mut stream = NonBufferedStream {
+        let stream = NonBufferedStream {
             reactor: Rc::downgrade(&reactor),
             stream: socket.into(),
             source_tx: None,
@@ -369,7 +369,11 @@ where
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
         };
-        stream.init();
+        // moonx-ws patch: no read poll armed here (`init`). The first
+        // `poll_read` tries the socket first, as every later one does when
+        // no poll is pending: a freshly accepted connection usually has its
+        // request waiting, and the poll armed here cost a source, a
+        // submission, a completion and a wake-up before reading it.
         GlommioStream {
             stream,
             rx_buf: NonBuffered,

@@ -568,3 +568,34 @@ fn a_removed_slow_connection_leaves_no_market_subscription_behind() {
     assert!(outbox(&mut s, again).is_empty());
     assert_eq!(s.stats.market_subscriptions.get(), 0);
 }
+
+/// A waker that counts its wake-ups.
+struct Wakes(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_driver_is_not_woken_by_what_is_queued_while_it_is_polled() {
+    let mut s = shard(1 << 20);
+    let key = s.insert(None, 0);
+    let count = Arc::new(Wakes(Default::default()));
+    let waker = std::task::Waker::from(count.clone());
+    let wakes = || count.0.load(std::sync::atomic::Ordering::Relaxed);
+    s.poll_began(key, &waker);
+    assert!(s.queue(key, b"reply"), "queued");
+    assert_eq!(wakes(), 0, "the driver writes its own replies before it returns");
+    s.poll_ended(key);
+    assert!(s.queue(key, b"update"));
+    assert_eq!(wakes(), 1, "queued after its poll: woken");
+    assert!(s.queue(key, b"another"));
+    assert_eq!(wakes(), 1, "woken once until it runs again");
+    s.poll_began(key, &waker);
+    s.poll_ended(key);
+    assert!(s.queue(key, b"more"));
+    assert_eq!(wakes(), 2);
+    assert_eq!(queued(&s, key), b"replyupdateanothermore");
+}

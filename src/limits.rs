@@ -133,7 +133,14 @@ impl Limits {
             max_total: cfg.ws_max_connections.get(),
             total: AtomicUsize::new(0),
             ips: Default::default(),
-            users: Default::default(),
+            // Room for every connection allowed, reserved at start so a
+            // connection storm never rehashes user ids (the table holds 8
+            // bytes a bucket, address space until used, and one control
+            // byte, written now).
+            users: std::array::from_fn(|_| {
+                let share = cfg.ws_max_connections.get().div_ceil(STRIPES);
+                Mutex::new(HashTable::with_capacity(share))
+            }),
             hasher: Default::default(),
             remote_release: OnceLock::new(),
         }

@@ -24,8 +24,18 @@ pub(super) struct Registry {
 }
 
 impl Registry {
+    /// Room for `connections` (the shard's share of `WS_MAX_CONNECTIONS`),
+    /// reserved at start, so that neither the list nor the index grows
+    /// during a connection storm (each growth of the index rehashed every
+    /// user id through its slot). The index's 4-byte keys are
+    /// address space until used; its control bytes (one per bucket) are
+    /// written now.
     pub fn reserve(&mut self, connections: usize) {
         self.prices.reserve(connections);
+        if self.users.is_empty() {
+            // An empty index rehashes nothing: the closure is never called.
+            self.users.reserve(connections, |_| 0);
+        }
     }
 
     /// The `prices` subscribers.

@@ -104,8 +104,11 @@ measure() { # name label args...
   [ "$(wc -l < "$f")" -gt "$lines" ] || echo "{\"error\":\"$name $label: no result\"}" >> "$f"
 }
 
-for name in "${servers[@]}"; do
-  for run in $(seq "$RUNS"); do
+# Runs interleave the servers (run 1 of each, then run 2 of each, ...):
+# this machine's speed drifts over a half-hour compare, and grouped runs
+# put all of one drift on one server (perf/RESULTS.md, the low-rate rows).
+for run in $(seq "$RUNS"); do
+  for name in "${servers[@]}"; do
     echo "== $name run $run/$RUNS" >&2
     start_server "$name"
     measure "$name" connect10k connect -c 10000 --sources 64 --hold 3

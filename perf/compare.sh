@@ -104,11 +104,17 @@ measure() { # name label args...
   [ "$(wc -l < "$f")" -gt "$lines" ] || echo "{\"error\":\"$name $label: no result\"}" >> "$f"
 }
 
-# Runs interleave the servers (run 1 of each, then run 2 of each, ...):
-# this machine's speed drifts over a half-hour compare, and grouped runs
-# put all of one drift on one server (perf/RESULTS.md, the low-rate rows).
+# Runs interleave the servers, in reverse order every other round (A B,
+# B A, A B, ...): this machine's speed drifts over a half-hour compare, and
+# grouped runs put all of one drift on one server (perf/RESULTS.md, the
+# low-rate rows).
 for run in $(seq "$RUNS"); do
-  for name in "${servers[@]}"; do
+  order=("${servers[@]}")
+  if [ $((run % 2)) = 0 ]; then
+    order=()
+    for ((i = ${#servers[@]} - 1; i >= 0; i--)); do order+=("${servers[$i]}"); done
+  fi
+  for name in "${order[@]}"; do
     echo "== $name run $run/$RUNS" >&2
     start_server "$name"
     measure "$name" connect10k connect -c 10000 --sources 64 --hold 3

@@ -133,8 +133,9 @@ impl Limits {
             max_total: cfg.ws_max_connections.get(),
             total: AtomicUsize::new(0),
             ips: Default::default(),
-            // Room for every connection allowed, reserved at start so a
-            // connection storm never rehashes user ids (the table holds 8
+            // Room for every connection allowed (a stripe's even share),
+            // reserved at start so a connection storm does not rehash user
+            // ids as the tables grow (the table holds 8
             // bytes a bucket, address space until used, and one control
             // byte, written now).
             users: std::array::from_fn(|_| {

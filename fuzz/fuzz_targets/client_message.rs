@@ -4,8 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 use moonx_ws::protocol::message::parse_client;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+fuzz_target!(|text: &str| {
     if let Ok(m) = parse_client(text) {
         if let Some(id) = &m.id {
             assert!(id.len() <= 128);

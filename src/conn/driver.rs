@@ -197,7 +197,15 @@ impl Conn {
         self.ctx.shard.borrow_mut().poll_began(self.key, cx.waker());
         let poll = self.poll_once(cx);
         if poll.is_pending() {
-            self.ctx.shard.borrow_mut().poll_ended(self.key);
+            let mut shard = self.ctx.shard.borrow_mut();
+            shard.poll_ended(self.key);
+            // A close the shard came to owe after `close_if_owed` looked (a
+            // keep-alive ping that made the connection a slow consumer, a
+            // take that found it one) would have woken the driver; it acts
+            // on it in its next poll.
+            if self.link.is_open() && shard.owed_close(self.key).is_some() {
+                cx.waker().wake_by_ref();
+            }
         }
         poll
     }

@@ -123,9 +123,10 @@ impl Shard {
         self.clock = clock;
     }
 
-    /// Reserves room for `connections` (address space only: the pages are
-    /// touched as connections arrive), so the slot table never grows by
-    /// copying itself while thousands connect.
+    /// Reserves room for `connections` (address space, but for the user
+    /// index's control bytes: the pages are touched as connections arrive),
+    /// so neither the slot table nor the registry grows while thousands
+    /// connect.
     pub fn reserve(&mut self, connections: usize) {
         self.conns.reserve(connections);
         self.registry.reserve(connections);
@@ -167,7 +168,7 @@ impl Shard {
         self.conns[key].poll_began(waker);
     }
 
-    /// The driver of `key` returned pending: it wrote what was queued, and
+    /// The driver of `key` returned pending: it took what was queued, and
     /// what is queued from now on wakes it.
     pub fn poll_ended(&mut self, key: usize) {
         self.conns[key].poll_ended();

@@ -226,12 +226,6 @@ pub(crate) struct NonBufferedStream<S> {
 }
 
 impl<S: AsRawFd> NonBufferedStream<S> {
-    fn init(&mut self) {
-        let reactor = self.reactor.upgrade().unwrap();
-        let stream_fd = self.stream.as_raw_fd();
-        self.source_rx = Some(reactor.poll_read_ready(stream_fd));
-    }
-
     pub(crate) fn try_peek(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
         super::yolo_peek(self.stream.as_raw_fd(), buf)
     }
@@ -369,7 +363,7 @@ where
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
         };
-        // moonx-ws patch: no read poll armed here (`init`). The first
+        // moonx-ws patch: no read poll armed here (0.9.0's `init`, removed). The first
         // `poll_read` tries the socket first, as every later one does when
         // no poll is pending: a freshly accepted connection usually has its
         // request waiting, and the poll armed here cost a source, a

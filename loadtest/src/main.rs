@@ -700,6 +700,15 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<u8> {
             let mut m = p.base_json(false);
             m.insert("cpu_ms".into(), json!(cpu.as_secs_f64() * 1e3));
             m.insert("cpu_us_per_connection".into(), per(cpu.as_secs_f64() * 1e6, open as f64));
+            // The split of that CPU between the server's own code and the
+            // kernel (from /proc's tick counts: a few percent over a storm).
+            let user_share = af.user_share_since(&b);
+            m.insert("cpu_user_share".into(), json!(user_share));
+            if let Some(share) = user_share {
+                let us = cpu.as_secs_f64() * 1e6;
+                m.insert("cpu_user_us_per_connection".into(), per(us * share, open as f64));
+                m.insert("cpu_system_us_per_connection".into(), per(us * (1.0 - share), open as f64));
+            }
             m.insert("rss_before_kb".into(), json!(b.rss_kb));
             m.insert("rss_held_kb".into(), json!(h.rss_kb));
             m.insert("rss_bytes_per_connection".into(), per((h.rss_kb as f64 - b.rss_kb as f64) * 1024.0, open as f64));
@@ -787,9 +796,12 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<u8> {
         if let Some(p) = &probe {
             p.describe(exited);
             if let (Some(b), Some(h)) = (server_before, server_held) {
+                let us = |k: &str| server[k].as_f64().map_or("-".into(), |x| format!("{x:.1} µs"));
                 out!(
-                    "  server: {} CPU per connection, RSS {:.1} MB before, {:.1} MB held ({} per held connection)",
-                    server["cpu_us_per_connection"].as_f64().map_or("-".into(), |x| format!("{x:.1} µs")),
+                    "  server: {} CPU per connection ({} user, {} system), RSS {:.1} MB before, {:.1} MB held ({} per held connection)",
+                    us("cpu_us_per_connection"),
+                    us("cpu_user_us_per_connection"),
+                    us("cpu_system_us_per_connection"),
                     b.rss_kb as f64 / 1024.0,
                     h.rss_kb as f64 / 1024.0,
                     server["rss_bytes_per_connection"].as_f64().map_or("-".into(), |x| format!("{x:.0} bytes"))

@@ -11,6 +11,11 @@ use std::time::Duration;
 pub struct Sample {
     pub cpu_ns: u64,
     pub rss_kb: u64,
+    /// User and system time in clock ticks (/proc/PID/stat), for the split
+    /// only: the kernel samples it at the tick, so over a window of a few
+    /// hundred ms it is good to a few percent where `cpu_ns` is exact.
+    pub user_ticks: u64,
+    pub system_ticks: u64,
 }
 
 impl Sample {
@@ -19,21 +24,33 @@ impl Sample {
         if !alive(pid) {
             return None;
         }
+        let dir = format!("/proc/{pid}");
+        let (user_ticks, system_ticks) = stat_ticks(&dir)?;
         let cpu_ns = match cpu_clock(pid as libc::pid_t) {
             Some(clock) => read_clock(clock)?,
-            None => stat_ticks(&format!("/proc/{pid}"))? * 1_000_000_000 / ticks_per_second(),
+            None => (user_ticks + system_ticks) * 1_000_000_000 / ticks_per_second(),
         };
-        Some(Sample { cpu_ns, rss_kb: rss_kb(&format!("/proc/{pid}")).unwrap_or(0) })
+        Some(Sample { cpu_ns, rss_kb: rss_kb(&dir).unwrap_or(0), user_ticks, system_ticks })
     }
 
     pub fn own() -> Sample {
         let cpu_ns = read_clock(libc::CLOCK_PROCESS_CPUTIME_ID).unwrap_or(0);
-        Sample { cpu_ns, rss_kb: rss_kb("/proc/self").unwrap_or(0) }
+        let (user_ticks, system_ticks) = stat_ticks("/proc/self").unwrap_or((0, 0));
+        Sample { cpu_ns, rss_kb: rss_kb("/proc/self").unwrap_or(0), user_ticks, system_ticks }
     }
 
     /// CPU time spent between `earlier` and this sample.
     pub fn cpu_since(&self, earlier: &Sample) -> Duration {
         Duration::from_nanos(self.cpu_ns.saturating_sub(earlier.cpu_ns))
+    }
+
+    /// The share of the CPU time since `earlier` that was user time (the
+    /// rest is the kernel's), from the tick counts; None when no tick fell
+    /// in between.
+    pub fn user_share_since(&self, earlier: &Sample) -> Option<f64> {
+        let user = self.user_ticks.saturating_sub(earlier.user_ticks);
+        let system = self.system_ticks.saturating_sub(earlier.system_ticks);
+        (user + system > 0).then(|| user as f64 / (user + system) as f64)
     }
 }
 
@@ -123,14 +140,15 @@ fn read_clock(clock: libc::clockid_t) -> Option<u64> {
     (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
-fn stat_ticks(dir: &str) -> Option<u64> {
+/// User and system time in clock ticks.
+fn stat_ticks(dir: &str) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the whole line.
     let after = stat.rsplit_once(") ")?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
     let num = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
-    Some(num(11)? + num(12)?)
+    Some((num(11)?, num(12)?))
 }
 
 fn rss_kb(dir: &str) -> Option<u64> {
@@ -166,5 +184,12 @@ mod tests {
         assert!(!alive(pid), "a reaped child is gone");
         assert!(Sample::of(pid).is_none());
         assert!(!alive(u32::MAX / 2));
+    }
+
+    #[test]
+    fn splits_cpu_time_by_its_tick_counts() {
+        let at = |user_ticks, system_ticks| Sample { cpu_ns: 0, rss_kb: 0, user_ticks, system_ticks };
+        assert_eq!(at(13, 20).user_share_since(&at(10, 11)), Some(0.25));
+        assert_eq!(at(10, 11).user_share_since(&at(10, 11)), None, "no tick in between");
     }
 }

@@ -135,9 +135,8 @@ impl Limits {
             ips: Default::default(),
             // Room for every connection allowed (a stripe's even share),
             // reserved at start so a connection storm does not rehash user
-            // ids as the tables grow (the table holds 8
-            // bytes a bucket, address space until used, and one control
-            // byte, written now).
+            // ids as the tables grow. A bucket is 8 bytes of address space
+            // until used and one control byte, written now.
             users: std::array::from_fn(|_| {
                 let share = cfg.ws_max_connections.get().div_ceil(STRIPES);
                 Mutex::new(HashTable::with_capacity(share))

@@ -203,13 +203,13 @@ struct ChannelData<'a> {
 /// Parses one client text message (its UTF-8 checked by the codec, so
 /// serde_json's `from_str` does not check it again).
 pub fn parse_client(text: &str) -> Result<ClientMessage<'_>, ParseError<'_>> {
+    const NOT_AN_ENVELOPE: &str = "expected a JSON object with string type, string id and object data";
     let invalid = |id, reason| ParseError::Invalid { id, reason };
     // serde would also take a struct from a JSON array, by position.
     if !text.trim_start().starts_with('{') {
-        return Err(invalid(None, "expected a JSON object with string type, string id and object data"));
+        return Err(invalid(None, NOT_AN_ENVELOPE));
     }
-    let env: Envelope = serde_json::from_str(text)
-        .map_err(|_| invalid(None, "expected a JSON object with string type, string id and object data"))?;
+    let env: Envelope = serde_json::from_str(text).map_err(|_| invalid(None, NOT_AN_ENVELOPE))?;
     if env.id.as_ref().is_some_and(|id| id.len() > MAX_ID_BYTES) {
         return Err(invalid(None, "id longer than 128 bytes"));
     }

@@ -211,21 +211,11 @@ mod tests {
         assert!(p.step_aside(&inbox, &mut b), "a paced sweep due");
     }
 
-    /// Counts its wakes.
-    struct Count(std::sync::atomic::AtomicUsize);
-
-    impl std::task::Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
     #[test]
     fn a_waiting_fanout_is_woken_by_the_first_task_that_finds_updates() {
         let (p, inbox) = (Precedence::default(), Inbox::new(4));
-        let count = Arc::new(Count(Default::default()));
-        let waker = std::task::Waker::from(count.clone());
-        let woken = || count.0.load(std::sync::atomic::Ordering::Relaxed);
+        let (waker, count) = crate::shard::tests::Wakes::waker();
+        let woken = || count.get();
         p.wait(&std::task::Context::from_waker(&waker));
         assert!(!p.step_aside(&inbox, &mut StepAside::default()));
         assert_eq!(woken(), 0, "no updates: it waits on");

@@ -569,8 +569,21 @@ fn a_removed_slow_connection_leaves_no_market_subscription_behind() {
     assert_eq!(s.stats.market_subscriptions.get(), 0);
 }
 
-/// A waker that counts its wake-ups.
-struct Wakes(std::sync::atomic::AtomicUsize);
+/// A waker that counts its wake-ups (the shard's tests of who wakes whom).
+#[derive(Default)]
+pub(super) struct Wakes(std::sync::atomic::AtomicUsize);
+
+impl Wakes {
+    /// A waker that counts into a fresh counter, and the counter.
+    pub(super) fn waker() -> (std::task::Waker, Arc<Wakes>) {
+        let count = Arc::new(Wakes::default());
+        (std::task::Waker::from(count.clone()), count)
+    }
+
+    pub(super) fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
 
 impl std::task::Wake for Wakes {
     fn wake(self: Arc<Self>) {
@@ -582,9 +595,8 @@ impl std::task::Wake for Wakes {
 fn a_driver_is_not_woken_by_what_is_queued_while_it_is_polled() {
     let mut s = shard(1 << 20);
     let key = s.insert(None, 0);
-    let count = Arc::new(Wakes(Default::default()));
-    let waker = std::task::Waker::from(count.clone());
-    let wakes = || count.0.load(std::sync::atomic::Ordering::Relaxed);
+    let (waker, count) = Wakes::waker();
+    let wakes = || count.get();
     s.poll_began(key, &waker);
     assert!(s.queue(key, b"reply"), "queued");
     assert_eq!(wakes(), 0, "the driver writes its own replies before it returns");

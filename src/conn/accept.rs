@@ -95,7 +95,7 @@ pub(crate) async fn accept_loop(listener: socket2::Socket, ctx: Rc<ShardCtx>) {
             continue;
         }
         // Nothing pending: wait until the listener is readable.
-        let waited = match ring.poll_add(std::os::fd::AsFd::as_fd(&listener), 0) {
+        let waited = match ring.poll_once(std::os::fd::AsFd::as_fd(&listener), 0) {
             Ok(()) => signal.read_at(0, 8).await.map(drop).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };

@@ -84,6 +84,10 @@ pub(super) struct Conn {
     parked: bool,
     /// Whether its last poll let the fan-out go first (`shard::Precedence`).
     aside: StepAside,
+    /// Reads its socket directly when the shard's poll ring says so
+    /// (`park.rs`); false for TLS, and when the kernel refused the watch:
+    /// glommio's reads then.
+    ring_reads: bool,
 }
 
 /// Registers the upgraded connection with its shard, queues its greeting,
@@ -105,6 +109,7 @@ pub fn run(start: Start) -> Pump {
     let client = Client::new(Session::new(now, ctx.timers));
     let mut conn = Conn::open(ctx, key, id, stream, link, client, admission);
     conn.inflight = InFlight::with_greeting(greeting);
+    conn.ring_reads = conn.watch();
     tracing::debug!(conn = id, %ip, "connection upgraded");
     if let Some(cluster) = &conn.ctx.global.cluster {
         cluster.event(RegistryEvent::Open { id, ip, at_ms: now });
@@ -173,6 +178,7 @@ impl Conn {
             close_code: None,
             parked: false,
             aside: StepAside::default(),
+            ring_reads: false,
             ctx,
         }
     }
@@ -186,7 +192,20 @@ impl Conn {
         let link = Link::resume(parked.next_ping_ms, ping_sent, ctx.link_timers);
         let client = Client::resume(parked.client, &ctx);
         let admission = Admission::resume(&ctx.global.limits, parked.admission);
-        Conn::open(ctx, key, parked.id, stream, link, client, admission)
+        let mut conn = Conn::open(ctx, key, parked.id, stream, link, client, admission);
+        // Parked only while watched: the watch goes on (or, if it ended,
+        // the slot is marked readable and the first read arms it again).
+        conn.ring_reads = true;
+        conn
+    }
+
+    /// Arms the watch of the plain socket on the shard's poll ring; false
+    /// for TLS or when there is no ring or the kernel refused.
+    fn watch(&self) -> bool {
+        match &*self.stream.borrow() {
+            Stream::Plain(tcp) => self.ctx.parker.watch(&self.ctx, self.key, crate::sys::tcp_fd(tcp)),
+            Stream::Tls(_) => false,
+        }
     }
 
     fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -267,7 +286,10 @@ impl Conn {
         for _ in 0..READ_BUDGET {
             let outcome = SCRATCH.with(|s| {
                 let mut s = s.borrow_mut();
-                let read = Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, &mut s[..]);
+                let read = match self.ring_reads {
+                    true => self.ring_read(cx, &mut s[..]),
+                    false => Pin::new(&mut *self.stream.borrow_mut()).poll_read(cx, &mut s[..]),
+                };
                 match read {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Some(false),
                     Poll::Ready(Ok(n)) => {
@@ -290,6 +312,53 @@ impl Conn {
             }
         }
         true
+    }
+
+    /// Reads the plain socket when its watch fired since the last read (or
+    /// none is armed); Pending until then, and when it held nothing after
+    /// all. A short read took everything there: whatever arrives later
+    /// fires the watch again.
+    fn ring_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if !self.ctx.shard.borrow_mut().take_readable(self.key) {
+            return Poll::Pending;
+        }
+        let read = match &*self.stream.borrow() {
+            Stream::Plain(tcp) => crate::sys::recv_nonblocking(crate::sys::tcp_fd(tcp), buf),
+            Stream::Tls(_) => return Poll::Pending, // not reached: TLS reads through glommio
+        };
+        match read {
+            Ok(n) if n == buf.len() => {
+                self.ctx.shard.borrow_mut().mark_readable(self.key); // there may be more
+                Poll::Ready(Ok(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    self.ctx.shard.borrow_mut().mark_readable(self.key);
+                    cx.waker().wake_by_ref();
+                }
+                self.rearm(cx);
+                Poll::Pending
+            }
+            r => {
+                if matches!(r, Ok(n) if n > 0) {
+                    self.rearm(cx);
+                }
+                Poll::Ready(r)
+            }
+        }
+    }
+
+    /// Arms the socket's watch again if it ended (the kernel ends one whose
+    /// completion found the ring's queue full, or that failed); without
+    /// one, the connection reads through glommio from now on.
+    fn rearm(&mut self, cx: &mut Context<'_>) {
+        if self.ctx.shard.borrow().watch(self.key) != 0 {
+            return;
+        }
+        if !self.watch() {
+            self.ring_reads = false;
+            cx.waker().wake_by_ref(); // glommio's read registers the waker
+        }
     }
 
     /// Feeds received bytes through the link; each text message goes to
@@ -457,7 +526,7 @@ impl Conn {
         self.link.is_idle()
             && self.client.is_idle()
             && self.inflight.is_empty()
-            && matches!(*self.stream.borrow(), Stream::Plain(_))
+            && self.ring_reads
             && self.ctx.shard.borrow().is_quiet(self.key)
     }
 
@@ -510,6 +579,7 @@ impl Drop for Conn {
         if self.parked {
             return; // the parker holds the connection now
         }
+        self.ctx.parker.unwatch(&self.ctx, self.key);
         self.ctx.shard.borrow_mut().remove(self.key);
         self.ctx.stats.connections_active.sub(1);
         self.client.release(&self.ctx);

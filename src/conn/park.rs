@@ -1,30 +1,38 @@
-//! Parking: idle connections held without a task.
+//! The shard's poll ring: every plain-TCP connection's socket watched for
+//! input, and parking, idle connections held without a task.
 //!
 //! Owns: the shard's poll ring ([`crate::sys::PollRing`]), the records of
-//! parked connections, and the parker task that gives a connection its
-//! task back.
+//! parked connections, and the parker task that submits the ring's
+//! requests, reads its completions, and gives a parked connection its task
+//! back.
 //!
-//! Most of an open connection's memory is its task and glommio's armed
-//! read, so an idle one gives both up (what that saves:
-//! `perf/RESULTS.md`). Once a connection has been idle for
-//! `WS_PARK_IDLE_MS` (nothing read, nothing to write, no message half
-//! assembled, no verification in flight, plain TCP), its driver parks it:
-//! the socket is duplicated (the shard slot holds the duplicate), watched
-//! by a one-shot poll on the shard's poll ring, the state a driver needs to
-//! resume goes into a
-//! compact [`Parked`] record, and the task ends. The shard slot stays, so
-//! the fan-out keeps writing to the socket directly as before.
+//! Watching: a plain-TCP connection's driver reads its socket directly and
+//! waits for input on one multishot poll on this ring, armed when the
+//! connection starts and kept until it closes (withdrawn then). Each
+//! completion marks the slot readable and wakes the driver. A watch costs
+//! a submission per connection instead of a glommio source per wait, and
+//! it outlives the task, so parking arms and cancels nothing. TLS
+//! connections read through glommio, and so does a connection whose watch
+//! the kernel refused (counted, logged).
+//!
+//! Parking: most of an open connection's memory is its task, so an idle
+//! one gives it up (what that saves: `perf/RESULTS.md`). Once a connection
+//! has been idle for `WS_PARK_IDLE_MS` (nothing read, nothing to write, no
+//! message half assembled, no verification in flight, plain TCP, watched),
+//! its driver parks it: the socket is duplicated (the shard slot holds the
+//! duplicate), the state a driver needs to resume goes into a compact
+//! [`Parked`] record, and the task ends. The shard slot stays, so the
+//! fan-out keeps writing to the socket directly as before, and so does the
+//! watch.
 //!
 //! A parked connection is resumed (a new task, the same state) when its
-//! socket becomes readable or hangs up, or when anything wakes it: its
-//! deadline (auth, ping, pong), a write the fan-out could not finish, the
-//! slow-consumer rule, shutdown. A resume for any reason but the poll
-//! cancels the poll, so the kernel never keeps a closed socket alive.
-//! Completions carry the record's index and a generation, so a late
-//! completion of an earlier parking is recognised and ignored.
+//! watch fires, or when anything wakes it: its deadline (auth, ping, pong),
+//! a write the fan-out could not finish, the slow-consumer rule, shutdown.
+//! Completions carry the slot's key and the watch's generation, so a late
+//! completion of a closed connection's watch is recognised and ignored.
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
@@ -35,11 +43,14 @@ use super::client::StoredClient;
 use super::driver::{Conn, Pump};
 use super::ShardCtx;
 use crate::limits::ParkedAdmission;
-use crate::sys::PollRing;
+use crate::sys::{Completion, PollRing};
 use crate::telemetry::LogLimiter;
 
-/// Poll-ring entries (submissions go one at a time; completions, twice as
-/// many, are drained on every wake-up, and the kernel keeps any overflow).
+/// Poll-ring submission entries (queued ones go to the kernel together
+/// once per pass of the parker, or at once when the queue fills);
+/// completions, eight times as many, are drained on every wake-up, and the
+/// kernel keeps any overflow (a multishot watch whose completion found the
+/// queue full ends; its driver reads and arms it again).
 const RING_ENTRIES: u32 = 2048;
 
 /// What a driver needs to resume a parked connection (besides its socket,
@@ -55,21 +66,20 @@ pub(super) struct Parked {
     pub admission: ParkedAdmission,
 }
 
-struct Record {
-    key: u32,
-    generation: u32,
-    parked: Parked,
-}
-
-/// A shard's parking: disabled (`WS_PARK_IDLE_MS=0`, or the kernel refused
-/// a ring) when `ring` is None.
+/// A shard's poll ring and parking. Without a ring (the kernel refused
+/// one) every connection reads through glommio and none parks; with
+/// `WS_PARK_IDLE_MS=0` sockets are watched but none parks.
 pub(super) struct Parker {
     after_ms: u64,
     ring: RefCell<Option<PollRing>>,
     /// The eventfd the ring signals, until the parker task takes it.
     signal: RefCell<Option<glommio::io::BufferedFile>>,
-    records: RefCell<Slab<Record>>,
-    generation: Cell<u32>,
+    records: RefCell<Slab<Parked>>,
+    /// The last watch generation given (never 0).
+    generation: Cell<u16>,
+    /// Requests are queued on the ring that the parker task has not
+    /// submitted yet (it was woken for them).
+    queued: Cell<bool>,
     /// The parker task's waker: parked slots hold it.
     waker: RefCell<Option<Waker>>,
     log: LogLimiter,
@@ -79,15 +89,11 @@ impl Parker {
     /// Must run on the shard's executor. `capacity`: connections to reserve
     /// record room for (address space only).
     pub fn new(shard: usize, after_ms: u64, capacity: usize) -> Self {
-        let (ring, signal) = if after_ms == 0 {
-            (None, None)
-        } else {
-            match PollRing::new(RING_ENTRIES) {
-                Ok((ring, signal)) => (Some(ring), Some(signal)),
-                Err(e) => {
-                    tracing::warn!(shard, error = %e, "no poll ring: idle connections keep their tasks");
-                    (None, None)
-                }
+        let (ring, signal) = match PollRing::new(RING_ENTRIES) {
+            Ok((ring, signal)) => (Some(ring), Some(signal)),
+            Err(e) => {
+                tracing::warn!(shard, error = %e, "no poll ring: connections read through glommio, idle ones keep their tasks");
+                (None, None)
             }
         };
         Self {
@@ -96,6 +102,7 @@ impl Parker {
             signal: RefCell::new(signal),
             records: RefCell::new(if after_ms == 0 { Slab::new() } else { Slab::with_capacity(capacity) }),
             generation: Cell::new(0),
+            queued: Cell::new(false),
             waker: RefCell::new(None),
             log: LogLimiter::new(Duration::from_secs(5)),
         }
@@ -103,103 +110,156 @@ impl Parker {
 
     /// Idle time before parking, in ms, when parking is on.
     pub fn idle_ms(&self) -> Option<u64> {
-        (self.ring.borrow().is_some() && self.waker.borrow().is_some()).then_some(self.after_ms)
+        (self.after_ms > 0 && self.ring.borrow().is_some() && self.waker.borrow().is_some()).then_some(self.after_ms)
+    }
+
+    /// Watches the socket `fd` of connection `key` on the ring; false when
+    /// there is no ring or the kernel refused (counted, logged).
+    pub fn watch(&self, ctx: &ShardCtx, key: usize, fd: BorrowedFd<'_>) -> bool {
+        let mut ring = self.ring.borrow_mut();
+        let Some(ring) = ring.as_mut() else { return false };
+        let generation = match self.generation.get().wrapping_add(1) {
+            0 => 1,
+            g => g,
+        };
+        if let Err(e) = ring.poll_add(fd, user_data(key, generation)) {
+            self.failed(ctx, &e);
+            return false;
+        }
+        self.generation.set(generation);
+        ctx.shard.borrow_mut().set_watch(key, generation);
+        self.queued();
+        true
+    }
+
+    /// Withdraws the watch of connection `key`, if it has one (before its
+    /// slot goes: the kernel holds the socket open while it is watched).
+    pub fn unwatch(&self, ctx: &ShardCtx, key: usize) {
+        let generation = ctx.shard.borrow().watch(key);
+        if generation == 0 {
+            return;
+        }
+        if let Some(ring) = self.ring.borrow_mut().as_mut() {
+            if let Err(e) = ring.poll_remove(user_data(key, generation)) {
+                // The watch then ends when the socket next hangs up or errs;
+                // until then the kernel keeps the socket.
+                if let Some(suppressed) = self.log.allow() {
+                    tracing::warn!(shard = ctx.id, error = %e, suppressed, "could not withdraw a socket watch");
+                }
+            }
+        }
+        self.queued();
+    }
+
+    /// Wakes the parker task to submit what was queued (once per pass).
+    fn queued(&self) {
+        if !self.queued.replace(true) {
+            if let Some(w) = self.waker.borrow().as_ref() {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    fn failed(&self, ctx: &ShardCtx, e: &std::io::Error) {
+        ctx.stats.watch_failures.inc();
+        if let Some(suppressed) = self.log.allow() {
+            tracing::warn!(shard = ctx.id, error = %e, suppressed, "could not watch a socket: it reads through glommio");
+        }
     }
 
     /// Parks the connection `key` of `ctx`'s shard on `fd`, its own
-    /// duplicate of the socket. Gives the record back if the kernel refused
-    /// the poll (the connection keeps its task, and `fd` is closed).
+    /// duplicate of the socket, which its watch goes on watching. Gives
+    /// the record back when it is not watched (the connection keeps its
+    /// task, and `fd` is closed).
     pub fn park(&self, ctx: &ShardCtx, key: usize, parked: Parked, fd: OwnedFd) -> Option<Parked> {
         let waker = self.waker.borrow();
-        let mut ring = self.ring.borrow_mut();
-        let (Some(waker), Some(ring)) = (waker.as_ref(), ring.as_mut()) else {
-            return Some(parked);
-        };
-        let mut records = self.records.borrow_mut();
-        let entry = records.vacant_entry();
-        let index = entry.key() as u32;
-        let generation = self.generation.get().wrapping_add(1);
-        if let Err(e) = ring.poll_add(fd.as_fd(), user_data(index, generation)) {
+        let Some(waker) = waker.as_ref() else { return Some(parked) };
+        if ctx.shard.borrow().watch(key) == 0 {
             ctx.stats.park_failures.inc();
-            if let Some(suppressed) = self.log.allow() {
-                tracing::warn!(shard = ctx.id, error = %e, suppressed, "could not park an idle connection");
-            }
             return Some(parked);
         }
-        self.generation.set(generation);
+        let index = self.records.borrow_mut().insert(parked) as u32;
         ctx.shard.borrow_mut().park(key, fd, index, waker);
-        entry.insert(Record { key: key as u32, generation, parked });
         ctx.stats.parks.inc();
         ctx.stats.connections_parked.inc();
         None
     }
 
-    /// Gives a parked connection its task back; `cancel` withdraws its poll
-    /// (when it is resumed for another reason than the poll firing).
-    fn resume(&self, ctx: &Rc<ShardCtx>, key: usize, cancel: bool) {
+    /// Gives a parked connection its task back.
+    fn resume(&self, ctx: &Rc<ShardCtx>, key: usize) {
         let Some((index, fd)) = ctx.shard.borrow_mut().unpark(key) else {
             return; // resumed already
         };
-        let record = self.records.borrow_mut().remove(index as usize);
-        if cancel {
-            if let Some(ring) = self.ring.borrow_mut().as_mut() {
-                if let Err(e) = ring.poll_remove(user_data(index, record.generation)) {
-                    // The poll then ends when the socket is next readable or
-                    // hung up; until then the kernel keeps the socket.
-                    if let Some(suppressed) = self.log.allow() {
-                        tracing::warn!(shard = ctx.id, error = %e, suppressed, "could not cancel a parked poll");
-                    }
-                }
-            }
-        }
+        let parked = self.records.borrow_mut().remove(index as usize);
         ctx.stats.unparks.inc();
         ctx.stats.connections_parked.sub(1);
-        let conn = Conn::resume(ctx.clone(), key, record.parked, fd);
+        let conn = Conn::resume(ctx.clone(), key, parked, fd);
         glommio::spawn_local(Pump::new(conn)).detach();
+    }
+
+    /// Handles one completion: wakes the watched connection's driver, or
+    /// resumes it when parked.
+    fn complete(&self, ctx: &Rc<ShardCtx>, c: Completion) {
+        if c.user_data == PollRing::REMOVED {
+            return;
+        }
+        let (key, generation) = ((c.user_data as u32) as usize, (c.user_data >> 32) as u16);
+        if c.result < 0 && c.result != -libc::ECANCELED {
+            // The watch ended in error: the driver reads, and arms it again.
+            self.failed(ctx, &std::io::Error::from_raw_os_error(-c.result));
+        }
+        let parked = ctx.shard.borrow_mut().on_watch(key, generation, c.more);
+        if parked {
+            self.resume(ctx, key);
+        }
     }
 }
 
-fn user_data(index: u32, generation: u32) -> u64 {
-    (generation as u64) << 32 | index as u64
+fn user_data(key: usize, generation: u16) -> u64 {
+    (generation as u64) << 32 | key as u32 as u64
 }
 
-/// Parked connections the parker resumes at most per pass (of each kind)
-/// before it lets other tasks run if they wait.
+/// Completions the parker handles at most per pass before it lets other
+/// tasks run if they wait (each may resume a parked connection).
+const COMPLETION_BUDGET: usize = 256;
+/// Parked connections woken by something else than their watch that the
+/// parker resumes at most per pass.
 const RESUME_BUDGET: usize = 64;
 
-/// The shard's parker task: resumes parked connections whose socket became
-/// ready or that something woke.
+/// The shard's parker task: submits the ring's requests, and wakes or
+/// resumes the connections whose socket became ready or that something
+/// woke.
 pub(crate) async fn run(ctx: Rc<ShardCtx>) {
     let parker = &ctx.parker;
     let Some(signal) = parker.signal.borrow_mut().take() else {
-        return; // parking is off
+        return; // no ring
     };
     let mut completions = Vec::new();
     let mut woken = Vec::new();
     loop {
+        parker.queued.set(false);
         if let Some(ring) = parker.ring.borrow_mut().as_mut() {
+            if ring.has_queued() {
+                if let Err(e) = ring.submit() {
+                    if let Some(suppressed) = parker.log.allow() {
+                        tracing::warn!(shard = ctx.id, error = %e, suppressed, "poll ring: submitting failed");
+                    }
+                }
+            }
             ring.drain(&mut completions);
         }
         // A budget per pass: thousands of parked clients that hang up
         // together must not hold the core (and the fan-out) in one poll.
-        let n = completions.len().min(RESUME_BUDGET);
-        for (data, _) in completions.drain(..n) {
-            if data == PollRing::REMOVED {
-                continue;
-            }
-            let (index, generation) = (data as u32 as usize, (data >> 32) as u32);
-            let key = match parker.records.borrow().get(index) {
-                Some(r) if r.generation == generation => r.key as usize,
-                _ => continue, // an earlier parking's late completion
-            };
-            parker.resume(&ctx, key, false);
+        let n = completions.len().min(COMPLETION_BUDGET);
+        for c in completions.drain(..n) {
+            parker.complete(&ctx, c);
         }
         ctx.shard.borrow_mut().take_unparks(&mut woken);
         let n = woken.len().min(RESUME_BUDGET);
         for key in woken.drain(..n) {
-            parker.resume(&ctx, key, true);
+            parker.resume(&ctx, key);
         }
-        if !completions.is_empty() || !woken.is_empty() {
+        if !completions.is_empty() || !woken.is_empty() || parker.queued.get() {
             glommio::yield_if_needed().await;
             continue;
         }
@@ -217,7 +277,7 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>) {
             if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 *waker = Some(cx.waker().clone());
             }
-            if ctx.shard.borrow().has_unparks() {
+            if ctx.shard.borrow().has_unparks() || parker.queued.get() {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -232,7 +292,7 @@ mod size {
     /// A parked connection's record is most of what it costs in memory
     /// (perf/RESULTS.md): a field that makes it grow should be a decision.
     #[test]
-    fn a_parked_record_stays_at_88_bytes() {
-        assert_eq!(std::mem::size_of::<super::Record>(), 88);
+    fn a_parked_record_stays_at_80_bytes() {
+        assert_eq!(std::mem::size_of::<super::Parked>(), 80);
     }
 }

@@ -653,6 +653,54 @@ impl Shard {
         Some((record, fd))
     }
 
+    /// Records that the socket of `key` is watched on the poll ring by
+    /// the watch of generation `watch` (not 0).
+    pub fn set_watch(&mut self, key: usize, watch: u16) {
+        let slot = &mut self.conns[key];
+        slot.watch = watch;
+        slot.marks.set(Marks::READABLE, false);
+    }
+
+    /// The generation of the socket's watch, 0 when none is armed.
+    pub fn watch(&self, key: usize) -> u16 {
+        self.conns.get(key).map_or(0, |s| s.watch)
+    }
+
+    /// Whether the driver of `key` should read its socket now: no watch is
+    /// armed (so none will tell), or the watch fired since the last read.
+    /// Clears the mark: a read that leaves bytes behind is followed by
+    /// another completion, as the kernel posts one for each arrival.
+    pub fn take_readable(&mut self, key: usize) -> bool {
+        let slot = &mut self.conns[key];
+        slot.marks.take(Marks::READABLE) || slot.watch == 0
+    }
+
+    /// Marks `key`'s socket readable: its driver's next read tries it
+    /// (bytes may be left after a read that filled its buffer).
+    pub fn mark_readable(&mut self, key: usize) {
+        self.conns[key].marks.set(Marks::READABLE, true);
+    }
+
+    /// A completion of the watch `watch` on `key`'s socket (`more`: the
+    /// watch goes on): marks the socket readable and wakes its driver.
+    /// Returns whether the connection is parked (its parker resumes it);
+    /// a completion of an earlier watch changes nothing.
+    pub fn on_watch(&mut self, key: usize, watch: u16, more: bool) -> bool {
+        let Some(slot) = self.conns.get_mut(key) else { return false };
+        if slot.watch != watch || watch == 0 {
+            return false;
+        }
+        if !more {
+            slot.watch = 0;
+        }
+        slot.marks.set(Marks::READABLE, true);
+        if slot.parked != 0 {
+            return true;
+        }
+        slot.wake(key, &mut self.unpark);
+        false
+    }
+
     /// The connection's socket for direct writes (a resumed connection's).
     pub fn set_socket(&mut self, key: usize, sock: Option<DirectSocket>) {
         self.conns[key].sock = sock;

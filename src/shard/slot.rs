@@ -33,6 +33,10 @@ pub struct Slot {
     /// Parked (no task; see `conn::park`): its record's index + 1, else 0.
     /// Its waker is then the parker's, and waking it asks for an unpark.
     pub(super) parked: u32,
+    /// The generation of the socket's watch on the shard's poll ring
+    /// (`conn::park`), 0 when none is armed; a completion of an earlier
+    /// watch (of a connection that had this key before) carries another.
+    pub(super) watch: u16,
     pub(super) marks: Marks,
 }
 
@@ -48,6 +52,7 @@ impl Slot {
             deadline_ms: u64::MAX,
             sock,
             parked: 0,
+            watch: 0,
             marks: Marks::default(),
         }
     }
@@ -130,6 +135,8 @@ impl Marks {
     /// A private channel of the connection is being resumed: its live
     /// updates are held aside (see `held.rs`).
     pub const HOLDING: u8 = 32;
+    /// The socket's watch fired since the driver last read it.
+    pub const READABLE: u8 = 64;
 
     pub fn get(self, bit: u8) -> bool {
         self.0 & bit != 0

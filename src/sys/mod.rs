@@ -112,6 +112,20 @@ fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Reads what the socket holds now into `buf`, never blocking: `Ok(0)`
+/// when the peer closed, `Err(WouldBlock)` when nothing is there.
+pub fn recv_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a live slice, valid for writes of `buf.len()` bytes,
+    // and the kernel does not keep the pointer. `fd` is open for the call
+    // (it is borrowed).
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// Like [`send_nonblocking`], for `first` followed by `second` in one
 /// `sendmsg` (an outbox and the shared price log).
 fn sendv_nonblocking(fd: BorrowedFd<'_>, first: &[u8], second: &[u8]) -> io::Result<usize> {
@@ -312,12 +326,15 @@ fn send_two(fd: BorrowedFd<'_>, first: &[u8], second: &[u8]) -> io::Result<usize
     }
 }
 
-/// An io_uring instance that only watches sockets for readability (one-shot
-/// `POLL_ADD`s), for connections parked without a task. Each completion
-/// also signals an eventfd, which the shard's parker task waits on through
-/// glommio (glommio has no public way to wait on an arbitrary fd, but it
-/// can read a file, and a read of an eventfd completes when it is
-/// signalled). A parked socket costs kernel memory only.
+/// An io_uring instance that only watches sockets for readability: each
+/// plain-TCP connection's socket has one multishot `POLL_ADD` on its
+/// shard's ring, armed once and kept through parking (a parked connection
+/// has no task, only the watch). Each completion also signals an eventfd,
+/// which the shard's parker task waits on through glommio (glommio has no
+/// public way to wait on an arbitrary fd, but it can read a file, and a
+/// read of an eventfd completes when it is signalled). Submissions are
+/// queued and go to the kernel together ([`PollRing::submit`]), one system
+/// call for every watch a pass of the executor armed or withdrew.
 pub struct PollRing {
     ring: IoUring,
 }
@@ -331,7 +348,7 @@ impl PollRing {
         // own rings, see vendor/glommio/PATCHED.md); kernels before 5.19
         // refuse the flag.
         let mut builder = IoUring::builder();
-        builder.setup_cqsize(entries.saturating_mul(2));
+        builder.setup_cqsize(entries.saturating_mul(8));
         let ring = match builder.clone().setup_coop_taskrun().build(entries) {
             Ok(ring) => ring,
             Err(_) => builder.build(entries)?,
@@ -350,44 +367,71 @@ impl PollRing {
         Ok((Self { ring }, file))
     }
 
-    /// Watches `fd` until it is readable, hung up or in error; the
-    /// completion carries `user_data`. Submitted at once.
+    /// Watches `fd` for as long as it is open: a completion carrying
+    /// `user_data` each time it becomes readable, hangs up or fails, until
+    /// [`PollRing::poll_remove`]. A completion without
+    /// [`Completion::more`] ends the watch (the kernel ends one whose
+    /// completion found the queue full). Queued: see [`PollRing::submit`].
     pub fn poll_add(&mut self, fd: BorrowedFd<'_>, user_data: u64) -> io::Result<()> {
         let mask = (libc::POLLIN | libc::POLLRDHUP | libc::POLLERR | libc::POLLHUP) as u32;
-        let entry = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), mask).build().user_data(user_data);
+        let entry = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), mask).multi(true).build().user_data(user_data);
         self.push(entry)
     }
 
-    /// Cancels the watch submitted with `user_data` (the kernel then drops
-    /// its reference to the socket). Its completion, and the cancelled
-    /// watch's, carry [`PollRing::REMOVED`] and `-ECANCELED` respectively.
+    /// Watches `fd` until it is next readable, hung up or in error (one
+    /// completion, carrying `user_data`); submitted at once.
+    pub fn poll_once(&mut self, fd: BorrowedFd<'_>, user_data: u64) -> io::Result<()> {
+        let mask = (libc::POLLIN | libc::POLLERR | libc::POLLHUP) as u32;
+        self.push(opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), mask).build().user_data(user_data))?;
+        self.submit()
+    }
+
+    /// Withdraws the watch added with `user_data` (the kernel then drops
+    /// its reference to the socket). Its completion, and the withdrawn
+    /// watch's last, carry [`PollRing::REMOVED`] and `-ECANCELED`
+    /// respectively. Queued: see [`PollRing::submit`].
     pub fn poll_remove(&mut self, user_data: u64) -> io::Result<()> {
         let entry = opcode::PollRemove::new(user_data).build().user_data(Self::REMOVED);
         self.push(entry)
     }
 
-    /// The user data of a cancellation's own completion.
+    /// The user data of a withdrawal's own completion.
     pub const REMOVED: u64 = u64::MAX;
 
+    /// Queues `entry`, submitting what is queued first when the queue is
+    /// full.
     fn push(&mut self, entry: io_uring::squeue::Entry) -> io::Result<()> {
         // SAFETY: poll entries reference no memory of ours (the fd is
-        // resolved when the entry is submitted, below).
+        // resolved when the entry is submitted).
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
             self.ring.submit()?;
             // SAFETY: as above.
             unsafe { self.ring.submission().push(&entry) }
                 .map_err(|_| io::Error::other("io_uring submission queue full"))?;
         }
-        self.ring.submit()?;
         Ok(())
     }
 
-    /// Takes every completion posted so far: (user data, result),
-    /// including any the kernel held back while the completion queue was
-    /// full (an enter flushes those; they would not signal the eventfd).
-    pub fn drain(&mut self, out: &mut Vec<(u64, i32)>) {
+    /// Whether entries are queued but not yet submitted.
+    pub fn has_queued(&mut self) -> bool {
+        !self.ring.submission().is_empty()
+    }
+
+    /// Hands every queued entry to the kernel.
+    pub fn submit(&mut self) -> io::Result<()> {
+        self.ring.submit().map(drop)
+    }
+
+    /// Takes every completion posted so far, including any the kernel held
+    /// back while the completion queue was full (an enter flushes those;
+    /// they would not signal the eventfd).
+    pub fn drain(&mut self, out: &mut Vec<Completion>) {
         loop {
-            out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            out.extend(self.ring.completion().map(|c| Completion {
+                user_data: c.user_data(),
+                result: c.result(),
+                more: io_uring::cqueue::more(c.flags()),
+            }));
             if !self.ring.submission().cq_overflow() {
                 return;
             }
@@ -399,11 +443,28 @@ impl PollRing {
     }
 }
 
+/// One completion of a [`PollRing`].
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    pub user_data: u64,
+    /// The poll mask, or a negative errno.
+    pub result: i32,
+    /// The watch goes on (`IORING_CQE_F_MORE`); false on its last.
+    pub more: bool,
+}
+
 /// A glommio listener over a bound, listening, blocking socket.
 pub fn glommio_listener(fd: OwnedFd) -> glommio::net::TcpListener {
     // SAFETY: `fd` is an open listening socket whose ownership passes to
     // the listener.
     unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) }
+}
+
+/// The descriptor of a glommio stream, borrowed with it.
+pub fn tcp_fd(tcp: &glommio::net::TcpStream) -> BorrowedFd<'_> {
+    // SAFETY: a glommio stream keeps its descriptor open until it is
+    // dropped, and the borrow cannot outlive `tcp`.
+    unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) }
 }
 
 /// A glommio stream over a socket this process owns.

@@ -182,6 +182,9 @@ pub struct ShardStats {
     pub unparks: Counter,
     /// Parks refused by the kernel (the connection keeps its task).
     pub park_failures: Counter,
+    /// Socket watches the kernel refused or ended in error (the
+    /// connection reads through glommio from then on).
+    pub watch_failures: Counter,
     /// Failed accepts (typically out of descriptors: the connection waits
     /// in the listen backlog while the shard backs off).
     pub accept_failures: Counter,
@@ -241,6 +244,7 @@ impl Default for ShardStats {
             parks: Counter::default(),
             unparks: Counter::default(),
             park_failures: Counter::default(),
+            watch_failures: Counter::default(),
             accept_failures: Counter::default(),
             subscribers: Default::default(),
             market_subscriptions: Counter::default(),
@@ -278,7 +282,7 @@ pub fn total(shards: &[Arc<ShardStats>], f: impl Fn(&ShardStats) -> u64) -> u64 
 pub fn describe_shards(shards: &[Arc<ShardStats>], queue_dropped: &[u64], e: &mut Exposition) {
     let sum = |f: &dyn Fn(&ShardStats) -> u64| -> u64 { shards.iter().map(|s| f(s)).sum() };
     type Get = fn(&ShardStats) -> u64;
-    let counters: [(&str, &str, Get); 16] = [
+    let counters: [(&str, &str, Get); 17] = [
         ("moonx_ws_connections_accepted_total", "WebSocket upgrades accepted.", |s| s.connections_accepted.get()),
         ("moonx_ws_http_requests_total", "Plain HTTP requests served.", |s| s.http_requests.get()),
         ("moonx_ws_rate_limited_total", "Client messages refused by the message limit.", |s| s.rate_limited.get()),
@@ -294,6 +298,7 @@ pub fn describe_shards(shards: &[Arc<ShardStats>], queue_dropped: &[u64], e: &mu
         ("moonx_ws_parks_total", "Idle connections parked: their task and read state freed, the socket watched by the shard's poll ring.", |s| s.parks.get()),
         ("moonx_ws_unparks_total", "Parked connections given a task again (input, a deadline, a write the fan-out could not finish, shutdown).", |s| s.unparks.get()),
         ("moonx_ws_park_failures_total", "Parks the kernel refused (the connection kept its task); logged, rate-limited.", |s| s.park_failures.get()),
+        ("moonx_ws_watch_failures_total", "Socket watches on the shard's poll ring the kernel refused or ended in error (the connection then reads through glommio and is never parked); logged, rate-limited.", |s| s.watch_failures.get()),
         ("moonx_ws_accept_failures_total", "Failed accepts, typically out of file descriptors (the connection waits in the backlog); logged, rate-limited.", |s| s.accept_failures.get()),
     ];
     for (name, help, get) in counters {

@@ -266,15 +266,11 @@ impl<S: AsRawFd> NonBufferedStream<S> {
                 self.source_rx.take();
                 self.read_timeout.cancel_timer(reactor);
                 let result = poll_err!(result);
-                // Start an early poll if the buffer is not fully filled. So when
-                // the next time `poll_read` is called, it will be known immediately
-                // whether the underlying stream is ready for reading.
-                if result > 0 && result < buf.len() {
-                    self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
-                    // The `rush_dispatch`s here and after could be removed to
-                    // improve performance if #458 is handled appropriately.
-                    // reactor.rush_dispatch(self.source_rx.as_ref().unwrap());
-                }
+                // moonx-ws: no early poll after a short read (PATCHED.md).
+                // The next `poll_read` tries the socket again and arms a
+                // poll only if it would block; the WebSocket driver reads
+                // plain sockets on its own ring, and a poll armed here
+                // would outlive the stream's last read.
                 return Poll::Ready(Ok(result));
             }
         }

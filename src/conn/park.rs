@@ -236,6 +236,7 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>) {
     };
     let mut completions = Vec::new();
     let mut woken = Vec::new();
+    let mut signal_read = None;
     loop {
         parker.queued.set(false);
         if let Some(ring) = parker.ring.borrow_mut().as_mut() {
@@ -263,27 +264,36 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>) {
             glommio::yield_if_needed().await;
             continue;
         }
-        let ready = async {
-            if let Err(e) = signal.read_at(0, 8).await {
+        // The eventfd's read stays in flight until it completes: dropped
+        // when something else woke the parker, it would be cancelled, and
+        // a signal it consumed on the way would be lost (the completions
+        // it announced then waited for the next one).
+        let read = signal_read.get_or_insert_with(|| Box::pin(signal.read_at(0, 8)));
+        let signalled = std::future::poll_fn(|cx| {
+            let mut waker = parker.waker.borrow_mut();
+            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
+            if let Poll::Ready(r) = std::future::Future::poll(read.as_mut(), cx) {
+                return Poll::Ready(Some(r));
+            }
+            if ctx.shard.borrow().has_unparks() || parker.queued.get() {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        if let Some(r) = signalled {
+            signal_read = None;
+            if let Err(e) = r {
                 // Not expected; back off rather than spin on it.
                 if let Some(suppressed) = parker.log.allow() {
                     tracing::warn!(shard = ctx.id, error = %e, suppressed, "parker: reading the poll ring's eventfd failed");
                 }
                 glommio::timer::sleep(Duration::from_millis(10)).await;
             }
-        };
-        let woken_up = std::future::poll_fn(|cx| {
-            let mut waker = parker.waker.borrow_mut();
-            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *waker = Some(cx.waker().clone());
-            }
-            if ctx.shard.borrow().has_unparks() || parker.queued.get() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        });
-        futures_lite::future::or(woken_up, ready).await;
+        }
     }
 }
 

@@ -1,7 +1,8 @@
-//! Parked connections (docs/tuning.md, "Idle connections"): an idle connection gives up its
-//! task and is watched by the shard's poll ring, and must behave exactly as
-//! before: updates, requests, pings, deadlines, slow-consumer closes, peer
-//! closes and shutdown, over real sockets.
+//! The shard's poll ring and parked connections (docs/tuning.md, "Reading
+//! and idle connections"): every plain socket is watched by the ring, and an
+//! idle connection gives up its task and keeps its watch, and must behave
+//! exactly as before: updates, requests, pings, deadlines, slow-consumer
+//! closes, peer closes and shutdown, over real sockets.
 
 mod common;
 
@@ -202,4 +203,29 @@ fn shutdown_resumes_parked_connections_and_closes_them_1001() {
         assert_eq!(expect_close(ws), 1001);
     }
     handle.join();
+}
+
+/// Sockets are watched on the shard's poll ring whether or not idle ones
+/// park: a message that arrives in pieces is read whole (each piece fires
+/// the watch), and a connection the server ends is let go at once (the
+/// kernel holds a watched socket open until its watch is withdrawn).
+#[test]
+fn a_watched_connection_is_read_in_pieces_and_released_when_the_server_ends_it() {
+    use std::io::Write;
+    let srv = TestServer::start(&[("WS_SHARDS", "1"), ("WS_PARK_IDLE_MS", "0")]);
+    let mut raw = raw_authed(srv.addr, "pieces");
+    let frame = Raw::frame(true, 1, json!({"id":"p","type":"ping"}).to_string().as_bytes());
+    for part in frame.chunks(frame.len() / 3 + 1) {
+        raw.s.write_all(part).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert_eq!(raw.recv()["type"], "pong");
+    // A binary frame is refused with 1003; the client's close frame answers.
+    raw.send_frame(true, 2, b"x");
+    assert_eq!(raw.expect_close(), 1003);
+    raw.send_frame(true, 8, &1000u16.to_be_bytes());
+    assert!(raw.expect_eof(), "the server closed the socket");
+    assert_eq!(wait_metric_down(srv.addr, "moonx_ws_connections_active", 0.0), 0.0);
+    assert_eq!(metric(srv.addr, "moonx_ws_watch_failures_total"), 0.0);
+    assert_eq!(metric(srv.addr, "moonx_ws_parks_total"), 0.0, "parking is off");
 }

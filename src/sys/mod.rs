@@ -4,8 +4,10 @@
 //! instead of waking each connection's task, either as one `send(2)` or
 //! `sendmsg(2)` per socket or as a batch of them in one io_uring submission
 //! ([`SendBatch`]) to the sockets slots hold ([`DirectSocket`], which keeps
-//! each descriptor open while it is held); readiness polls for parked idle
-//! connections ([`PollRing`], with the fd hand-overs parking needs); the
+//! each descriptor open while it is held); non-blocking reads of a plain
+//! connection's socket ([`recv_nonblocking`]) and the readiness watches
+//! that say when to read, which parked connections keep ([`PollRing`],
+//! with the fd hand-overs parking needs); the
 //! kernel's coarse monotonic clock ([`coarse_monotonic_ms`]); and the
 //! process's opt-out of transparent huge pages. What each buys is measured
 //! in perf/RESULTS.md.

@@ -435,8 +435,15 @@ impl Raw {
         self.send_frame(true, 1, text.as_bytes());
     }
 
-    /// Next frame as (opcode, payload); None when the server closed TCP.
+    /// Next frame as (opcode, payload); None when the server closed TCP
+    /// (or the read failed or timed out: see [`Raw::try_read_frame`]).
     pub fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        self.try_read_frame().ok().flatten()
+    }
+
+    /// Next frame as (opcode, payload); `Ok(None)` at the end of the
+    /// stream, an error when the read failed or timed out.
+    pub fn try_read_frame(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
         loop {
             if self.buf.len() >= 2 {
                 let op = self.buf[0] & 0x0f;
@@ -451,13 +458,13 @@ impl Raw {
                 if len != usize::MAX && self.buf.len() >= off + len {
                     let payload = self.buf[off..off + len].to_vec();
                     self.buf.drain(..off + len);
-                    return Some((op, payload));
+                    return Ok(Some((op, payload)));
                 }
             }
             let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            match self.s.read(&mut chunk)? {
+                0 => return Ok(None),
+                n => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
     }
@@ -486,13 +493,16 @@ impl Raw {
         }
     }
 
-    /// True when the server closed TCP with no further frame but pings.
+    /// True when the server closed TCP with no further frame but pings;
+    /// false on another frame, or when nothing ends the stream within the
+    /// read timeout.
     pub fn expect_eof(&mut self) -> bool {
         loop {
-            match self.read_frame() {
-                None => return true,
-                Some((9, _)) => continue,
-                Some(_) => return false,
+            match self.try_read_frame() {
+                Ok(None) => return true,
+                Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset, // not a timeout
+                Ok(Some((9, _))) => continue,
+                Ok(Some(_)) => return false,
             }
         }
     }

@@ -2,7 +2,8 @@
 //! sockets off the shard's listener), `upgrade.rs` (the HTTP phase: the
 //! endpoints, refusals and the upgrade), `driver.rs` (the WebSocket phase's
 //! I/O around the sans-IO link), `client.rs` (messages and authentication)
-//! `park.rs` (idle connections held without a task), `recover.rs`
+//! `park.rs` (the shard's poll ring, which watches plain sockets for input,
+//! and idle connections held without a task), `recover.rs`
 //! (resumes of private channels, PROTOCOL.md §12), and [`ShardCtx`],
 //! what every connection task on a shard shares.
 

@@ -668,8 +668,10 @@ impl Shard {
 
     /// Whether the driver of `key` should read its socket now: no watch is
     /// armed (so none will tell), or the watch fired since the last read.
-    /// Clears the mark: a read that leaves bytes behind is followed by
-    /// another completion, as the kernel posts one for each arrival.
+    /// Clears the mark: bytes that arrive after the read fire the watch
+    /// again (the kernel posts a completion for each arrival), and a read
+    /// that fills the buffer marks the socket again
+    /// ([`Shard::mark_readable`]).
     pub fn take_readable(&mut self, key: usize) -> bool {
         let slot = &mut self.conns[key];
         slot.marks.take(Marks::READABLE) || slot.watch == 0

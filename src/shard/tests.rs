@@ -611,3 +611,29 @@ fn a_driver_is_not_woken_by_what_is_queued_while_it_is_polled() {
     assert_eq!(wakes(), 2);
     assert_eq!(queued(&s, key), b"replyupdateanothermore");
 }
+
+#[test]
+fn a_watch_completion_marks_the_socket_readable_and_an_earlier_watchs_changes_nothing() {
+    let mut s = shard(1 << 20);
+    let key = s.insert(None, 0);
+    let (waker, count) = Wakes::waker();
+    s.poll_began(key, &waker);
+    s.poll_ended(key);
+    assert!(s.take_readable(key), "no watch armed: the driver reads");
+    s.set_watch(key, 7);
+    assert!(!s.take_readable(key), "watched and nothing arrived: it waits");
+    assert!(!s.on_watch(key, 6, true));
+    assert_eq!(count.get(), 0, "a completion of an earlier watch (another connection with this key) wakes nothing");
+    assert!(!s.take_readable(key));
+    assert!(!s.on_watch(key, 7, true));
+    assert_eq!(count.get(), 1, "its own watch's completion wakes the driver");
+    assert!(s.take_readable(key), "and tells it to read");
+    assert!(!s.take_readable(key), "once");
+    s.poll_began(key, &waker);
+    s.poll_ended(key);
+    assert!(!s.on_watch(key, 7, false));
+    assert_eq!((count.get(), s.watch(key)), (2, 0), "the watch's last completion: woken, no watch left");
+    assert!(s.take_readable(key) && s.take_readable(key), "without a watch it reads (and arms one again)");
+    assert!(!s.on_watch(key, 7, true), "the ended watch's generation is not the slot's any more");
+    assert_eq!(count.get(), 2);
+}

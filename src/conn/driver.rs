@@ -349,13 +349,14 @@ impl Conn {
     }
 
     /// Arms the socket's watch again if it ended (the kernel ends one whose
-    /// completion found the ring's queue full, or that failed); without
-    /// one, the connection reads through glommio from now on.
+    /// completion found the ring's queue full); after a watch the kernel
+    /// failed, or without a new one, the connection reads through glommio
+    /// from now on.
     fn rearm(&mut self, cx: &mut Context<'_>) {
         if self.ctx.shard.borrow().watch(self.key) != 0 {
             return;
         }
-        if !self.watch() {
+        if self.ctx.shard.borrow_mut().take_watch_failed(self.key) || !self.watch() {
             self.ring_reads = false;
             cx.waker().wake_by_ref(); // glommio's read registers the waker
         }

@@ -43,6 +43,7 @@ use super::client::StoredClient;
 use super::driver::{Conn, Pump};
 use super::ShardCtx;
 use crate::limits::ParkedAdmission;
+use crate::shard::Watched;
 use crate::sys::{Completion, PollRing};
 use crate::telemetry::LogLimiter;
 
@@ -77,6 +78,9 @@ pub(super) struct Parker {
     records: RefCell<Slab<Parked>>,
     /// The last watch generation given (never 0).
     generation: Cell<u16>,
+    /// False once the kernel refused a multishot poll (before Linux
+    /// 5.13): connections then read through glommio and none parks.
+    multishot: Cell<bool>,
     /// Requests are queued on the ring that the parker task has not
     /// submitted yet (it was woken for them).
     queued: Cell<bool>,
@@ -102,6 +106,7 @@ impl Parker {
             signal: RefCell::new(signal),
             records: RefCell::new(if after_ms == 0 { Slab::new() } else { Slab::with_capacity(capacity) }),
             generation: Cell::new(0),
+            multishot: Cell::new(true),
             queued: Cell::new(false),
             waker: RefCell::new(None),
             log: LogLimiter::new(Duration::from_secs(5)),
@@ -110,12 +115,20 @@ impl Parker {
 
     /// Idle time before parking, in ms, when parking is on.
     pub fn idle_ms(&self) -> Option<u64> {
-        (self.after_ms > 0 && self.ring.borrow().is_some() && self.waker.borrow().is_some()).then_some(self.after_ms)
+        let on = self.after_ms > 0 && self.multishot.get() && self.ring.borrow().is_some();
+        (on && self.waker.borrow().is_some()).then_some(self.after_ms)
     }
 
     /// Watches the socket `fd` of connection `key` on the ring; false when
-    /// there is no ring or the kernel refused (counted, logged).
+    /// there is no ring, the kernel has no multishot polls, or the request
+    /// could not be queued (counted, logged). The kernel may still refuse
+    /// it: its completion then says so ([`Shard::take_watch_failed`]).
+    ///
+    /// [`Shard::take_watch_failed`]: crate::shard::Shard::take_watch_failed
     pub fn watch(&self, ctx: &ShardCtx, key: usize, fd: BorrowedFd<'_>) -> bool {
+        if !self.multishot.get() {
+            return false;
+        }
         let mut ring = self.ring.borrow_mut();
         let Some(ring) = ring.as_mut() else { return false };
         let generation = match self.generation.get().wrapping_add(1) {
@@ -178,6 +191,14 @@ impl Parker {
             ctx.stats.park_failures.inc();
             return Some(parked);
         }
+        // A watch armed again in this poll names the task's descriptor,
+        // which closes when the task ends: it goes to the kernel first.
+        if let Some(ring) = self.ring.borrow_mut().as_mut() {
+            if ring.has_queued() && ring.submit().is_err() {
+                ctx.stats.park_failures.inc();
+                return Some(parked);
+            }
+        }
         let index = self.records.borrow_mut().insert(parked) as u32;
         ctx.shard.borrow_mut().park(key, fd, index, waker);
         ctx.stats.parks.inc();
@@ -204,12 +225,19 @@ impl Parker {
             return;
         }
         let (key, generation) = ((c.user_data as u32) as usize, (c.user_data >> 32) as u16);
-        if c.result < 0 && c.result != -libc::ECANCELED {
-            // The watch ended in error: the driver reads, and arms it again.
+        // An error ends the watch for good: the driver reads through
+        // glommio from then on. A cancellation (not ours: ours come after
+        // the slot is gone) or a full completion queue ends it too, and
+        // the driver arms another.
+        let failed = c.result < 0 && c.result != -libc::ECANCELED;
+        let watched = ctx.shard.borrow_mut().on_watch(key, generation, c.more, failed);
+        if failed && watched != Watched::Stale {
+            if c.result == -libc::EINVAL && self.multishot.replace(false) {
+                tracing::warn!(shard = ctx.id, "the kernel has no multishot polls (Linux 5.13+): connections read through glommio and idle ones are not parked");
+            }
             self.failed(ctx, &std::io::Error::from_raw_os_error(-c.result));
         }
-        let parked = ctx.shard.borrow_mut().on_watch(key, generation, c.more);
-        if parked {
+        if watched == Watched::Parked {
             self.resume(ctx, key);
         }
     }
@@ -239,6 +267,7 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>) {
     let mut signal_read = None;
     loop {
         parker.queued.set(false);
+        let mut stuck = false;
         if let Some(ring) = parker.ring.borrow_mut().as_mut() {
             if ring.has_queued() {
                 if let Err(e) = ring.submit() {
@@ -246,6 +275,9 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>) {
                         tracing::warn!(shard = ctx.id, error = %e, suppressed, "poll ring: submitting failed");
                     }
                 }
+                // What the kernel did not take (out of memory, its
+                // completions overflowing) is tried again shortly.
+                stuck = ring.has_queued();
             }
             ring.drain(&mut completions);
         }
@@ -259,6 +291,11 @@ pub(crate) async fn run(ctx: Rc<ShardCtx>) {
         let n = woken.len().min(RESUME_BUDGET);
         for key in woken.drain(..n) {
             parker.resume(&ctx, key);
+        }
+        if stuck {
+            parker.queued.set(true);
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+            continue;
         }
         if !completions.is_empty() || !woken.is_empty() || parker.queued.get() {
             glommio::yield_if_needed().await;

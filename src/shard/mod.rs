@@ -92,6 +92,17 @@ pub struct Shard {
     shutting_down: bool,
 }
 
+/// What a completion of a socket watch did ([`Shard::on_watch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watched {
+    /// Of an earlier watch (a closed connection that had the same key).
+    Stale,
+    /// Its driver was woken (or was already).
+    Woken,
+    /// The connection is parked: its parker resumes it.
+    Parked,
+}
+
 impl Shard {
     pub fn new(id: usize, max_buffered: usize, stats: Arc<ShardStats>) -> Self {
         Self {
@@ -684,23 +695,30 @@ impl Shard {
     }
 
     /// A completion of the watch `watch` on `key`'s socket (`more`: the
-    /// watch goes on): marks the socket readable and wakes its driver.
-    /// Returns whether the connection is parked (its parker resumes it);
-    /// a completion of an earlier watch changes nothing.
-    pub fn on_watch(&mut self, key: usize, watch: u16, more: bool) -> bool {
-        let Some(slot) = self.conns.get_mut(key) else { return false };
+    /// watch goes on; `failed`: the kernel ended it with an error): marks
+    /// the socket readable and wakes its driver, or tells the parker to
+    /// resume it. A completion of an earlier watch changes nothing.
+    pub fn on_watch(&mut self, key: usize, watch: u16, more: bool, failed: bool) -> Watched {
+        let Some(slot) = self.conns.get_mut(key) else { return Watched::Stale };
         if slot.watch != watch || watch == 0 {
-            return false;
+            return Watched::Stale;
         }
         if !more {
             slot.watch = 0;
         }
+        slot.marks.set(Marks::WATCH_FAILED, failed);
         slot.marks.set(Marks::READABLE, true);
         if slot.parked != 0 {
-            return true;
+            return Watched::Parked;
         }
         slot.wake(key, &mut self.unpark);
-        false
+        Watched::Woken
+    }
+
+    /// Whether the kernel ended `key`'s last watch with an error (its
+    /// driver then reads through glommio); clears the mark.
+    pub fn take_watch_failed(&mut self, key: usize) -> bool {
+        self.conns[key].marks.take(Marks::WATCH_FAILED)
     }
 
     /// The connection's socket for direct writes (a resumed connection's).

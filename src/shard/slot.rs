@@ -137,6 +137,9 @@ impl Marks {
     pub const HOLDING: u8 = 32;
     /// The socket's watch fired since the driver last read it.
     pub const READABLE: u8 = 64;
+    /// The kernel ended the socket's watch with an error: its driver reads
+    /// through glommio instead of arming another.
+    pub const WATCH_FAILED: u8 = 128;
 
     pub fn get(self, bit: u8) -> bool {
         self.0 & bit != 0

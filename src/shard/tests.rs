@@ -614,6 +614,7 @@ fn a_driver_is_not_woken_by_what_is_queued_while_it_is_polled() {
 
 #[test]
 fn a_watch_completion_marks_the_socket_readable_and_an_earlier_watchs_changes_nothing() {
+    use super::Watched;
     let mut s = shard(1 << 20);
     let key = s.insert(None, 0);
     let (waker, count) = Wakes::waker();
@@ -622,18 +623,46 @@ fn a_watch_completion_marks_the_socket_readable_and_an_earlier_watchs_changes_no
     assert!(s.take_readable(key), "no watch armed: the driver reads");
     s.set_watch(key, 7);
     assert!(!s.take_readable(key), "watched and nothing arrived: it waits");
-    assert!(!s.on_watch(key, 6, true));
+    assert_eq!(s.on_watch(key, 6, true, false), Watched::Stale);
     assert_eq!(count.get(), 0, "a completion of an earlier watch (another connection with this key) wakes nothing");
     assert!(!s.take_readable(key));
-    assert!(!s.on_watch(key, 7, true));
+    assert_eq!(s.on_watch(key, 7, true, false), Watched::Woken);
     assert_eq!(count.get(), 1, "its own watch's completion wakes the driver");
     assert!(s.take_readable(key), "and tells it to read");
     assert!(!s.take_readable(key), "once");
     s.poll_began(key, &waker);
     s.poll_ended(key);
-    assert!(!s.on_watch(key, 7, false));
+    assert_eq!(s.on_watch(key, 7, false, false), Watched::Woken);
     assert_eq!((count.get(), s.watch(key)), (2, 0), "the watch's last completion: woken, no watch left");
+    assert!(!s.take_watch_failed(key), "ended, not failed: the driver arms another");
     assert!(s.take_readable(key) && s.take_readable(key), "without a watch it reads (and arms one again)");
-    assert!(!s.on_watch(key, 7, true), "the ended watch's generation is not the slot's any more");
+    assert_eq!(
+        s.on_watch(key, 7, true, false),
+        Watched::Stale,
+        "the ended watch's generation is not the slot's any more"
+    );
     assert_eq!(count.get(), 2);
+    s.set_watch(key, 8);
+    s.poll_began(key, &waker);
+    s.poll_ended(key);
+    assert_eq!(s.on_watch(key, 8, false, true), Watched::Woken);
+    assert!(s.take_watch_failed(key), "failed: the driver reads through glommio");
+    assert!(!s.take_watch_failed(key));
+}
+
+#[test]
+fn a_watch_completion_of_a_parked_connection_asks_its_parker_to_resume_it() {
+    use super::Watched;
+    let mut s = shard(1 << 20);
+    let key = s.insert(None, 0);
+    s.set_watch(key, 3);
+    let (parker, count) = Wakes::waker();
+    let (mine, _) = std::os::unix::net::UnixStream::pair().unwrap();
+    s.park(key, mine.into(), 0, &parker);
+    assert_eq!(s.on_watch(key, 3, true, false), Watched::Parked);
+    assert_eq!(count.get(), 0, "the parker resumes it directly, without a wake-up");
+    let (record, _fd) = s.unpark(key).expect("parked");
+    assert_eq!(record, 0);
+    assert!(s.take_readable(key), "the resumed driver reads first");
+    assert_eq!(s.watch(key), 3, "the watch goes on");
 }

@@ -369,9 +369,9 @@ impl PollRing {
         Ok((Self { ring }, file))
     }
 
-    /// Watches `fd` for as long as it is open: a completion carrying
-    /// `user_data` each time it becomes readable, hangs up or fails, until
-    /// [`PollRing::poll_remove`]. A completion without
+    /// Watches `fd` until [`PollRing::poll_remove`] (the watch holds the
+    /// socket open meanwhile): a completion carrying `user_data` each time
+    /// it becomes readable, hangs up or fails. A completion without
     /// [`Completion::more`] ends the watch (the kernel ends one whose
     /// completion found the queue full). Queued: see [`PollRing::submit`].
     pub fn poll_add(&mut self, fd: BorrowedFd<'_>, user_data: u64) -> io::Result<()> {

@@ -182,8 +182,8 @@ pub struct ShardStats {
     pub unparks: Counter,
     /// Parks refused by the kernel (the connection keeps its task).
     pub park_failures: Counter,
-    /// Socket watches the kernel refused (the connection reads through
-    /// glommio from then on) or ended in error (armed again).
+    /// Socket watches the kernel refused or ended in error (the connection
+    /// reads through glommio from then on).
     pub watch_failures: Counter,
     /// Failed accepts (typically out of descriptors: the connection waits
     /// in the listen backlog while the shard backs off).
@@ -297,8 +297,8 @@ pub fn describe_shards(shards: &[Arc<ShardStats>], queue_dropped: &[u64], e: &mu
         ("moonx_ws_direct_writes_total", "Socket writes made by the shard fan-out directly, without waking the connection's task.", |s| s.direct_writes.get()),
         ("moonx_ws_parks_total", "Idle connections parked: their task and read state freed, the socket watched by the shard's poll ring.", |s| s.parks.get()),
         ("moonx_ws_unparks_total", "Parked connections given a task again (input, a deadline, a write the fan-out could not finish, shutdown).", |s| s.unparks.get()),
-        ("moonx_ws_park_failures_total", "Parks the kernel refused (the connection kept its task); logged, rate-limited.", |s| s.park_failures.get()),
-        ("moonx_ws_watch_failures_total", "Socket watches on the shard's poll ring the kernel refused (the connection then reads through glommio and is never parked) or ended in error (armed again); logged, rate-limited.", |s| s.watch_failures.get()),
+        ("moonx_ws_park_failures_total", "Parks refused: the kernel refused, or the socket had no watch (the connection kept its task).", |s| s.park_failures.get()),
+        ("moonx_ws_watch_failures_total", "Socket watches on the shard's poll ring the kernel refused or ended in error (the connection then reads through glommio and is never parked); logged, rate-limited.", |s| s.watch_failures.get()),
         ("moonx_ws_accept_failures_total", "Failed accepts, typically out of file descriptors (the connection waits in the backlog); logged, rate-limited.", |s| s.accept_failures.get()),
     ];
     for (name, help, get) in counters {

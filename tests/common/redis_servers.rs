@@ -189,9 +189,15 @@ impl RedisCluster {
             .map(|i| {
                 let node_dir = dir.join(format!("node-{i}"));
                 std::fs::create_dir_all(&node_dir).unwrap();
+                // The bus port is explicit: by default it is the port +
+                // 10000, which a free port above 55535 pushes past 65535
+                // (redis-server then refuses to start).
+                let bus = free_port().to_string();
                 Redis::start_with(&[
                     "--cluster-enabled",
                     "yes",
+                    "--cluster-port",
+                    &bus,
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",

@@ -331,11 +331,12 @@ impl Conn {
                 self.ctx.shard.borrow_mut().mark_readable(self.key); // there may be more
                 Poll::Ready(Ok(n))
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    self.ctx.shard.borrow_mut().mark_readable(self.key);
-                    cx.waker().wake_by_ref();
-                }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                self.ctx.shard.borrow_mut().mark_readable(self.key); // read again next poll
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.rearm(cx);
                 Poll::Pending
             }

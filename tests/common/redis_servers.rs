@@ -80,50 +80,73 @@ pub struct Redis {
     child: Option<Child>,
 }
 
+/// The ports one start attempt of a node listens on.
+pub struct Ports {
+    pub port: u16,
+    pub tls: u16,
+    pub bus: u16,
+}
+
 impl Redis {
     pub fn start() -> Redis {
-        Self::start_with(&[])
+        Self::start_with(|_| Vec::new())
     }
 
     /// Also listens with TLS (`--tls-port`) on the certificate of `pki`;
     /// clients need no certificate of their own.
     pub fn start_tls(pki: &Pki) -> Redis {
-        let tls_port = free_port();
-        let mut r = Self::with_args(&[
-            "--tls-port",
-            &tls_port.to_string(),
-            "--tls-cert-file",
-            Pki::path(&pki.cert),
-            "--tls-key-file",
-            Pki::path(&pki.key),
-            "--tls-ca-cert-file",
-            Pki::path(&pki.ca),
-            "--tls-auth-clients",
-            "no",
-        ]);
-        r.tls_port = Some(tls_port);
-        r.spawn();
-        r
+        Self::start_with(|p| {
+            [
+                "--tls-port",
+                &p.tls.to_string(),
+                "--tls-cert-file",
+                Pki::path(&pki.cert),
+                "--tls-key-file",
+                Pki::path(&pki.key),
+                "--tls-ca-cert-file",
+                Pki::path(&pki.ca),
+                "--tls-auth-clients",
+                "no",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        })
     }
 
-    pub fn start_with(extra: &[&str]) -> Redis {
-        let mut r = Self::with_args(extra);
-        r.spawn();
-        r
+    /// A node with the arguments `extra` gives for its ports. It starts on
+    /// fresh free ports, and again on others when it exits at start: a port
+    /// found free can be taken before redis-server binds it (by another
+    /// test's node, or by any outgoing connection, which draws from the same
+    /// ephemeral range).
+    pub fn start_with(extra: impl Fn(&Ports) -> Vec<String>) -> Redis {
+        const ATTEMPTS: usize = 5;
+        for _ in 0..ATTEMPTS {
+            let ports = Ports { port: free_port(), tls: free_port(), bus: free_port() };
+            let mut args: Vec<String> =
+                ["--port", &ports.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+            let extra = extra(&ports);
+            let tls_port = extra.iter().any(|a| a == "--tls-port").then_some(ports.tls);
+            args.extend(extra);
+            let mut r = Redis { port: ports.port, tls_port, args, child: None };
+            if r.try_spawn() {
+                return r;
+            }
+        }
+        panic!("redis-server exited at start {ATTEMPTS} times, on fresh ports each time");
     }
 
-    fn with_args(extra: &[&str]) -> Redis {
-        let port = free_port();
-        let mut args: Vec<String> =
-            ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Redis { port, tls_port: None, args, child: None }
-    }
-
+    /// Starts (or restarts, on the same ports) this node's process.
     pub fn spawn(&mut self) {
+        assert!(self.try_spawn(), "redis-server exited at start on port {}", self.port);
+    }
+
+    /// Starts the process and waits for it to answer PING: true when it
+    /// does, false when it exits first (it could not bind its ports).
+    fn try_spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(&self.args)
             .stdout(Stdio::null())
@@ -132,13 +155,21 @@ impl Redis {
             .expect("redis-server on PATH (tools/test.sh installs it)");
         self.child = Some(child);
         let client = redis::Client::open(self.url()).unwrap();
-        assert!(
-            wait_until(Duration::from_secs(10), || client
-                .get_connection_with_timeout(Duration::from_millis(200))
-                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-                .is_ok()),
-            "redis-server did not start"
-        );
+        let mut exited = false;
+        let answered = wait_until(Duration::from_secs(10), || {
+            exited = matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
+            exited
+                || client
+                    .get_connection_with_timeout(Duration::from_millis(200))
+                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                    .is_ok()
+        });
+        if exited {
+            self.child = None;
+            return false;
+        }
+        assert!(answered, "redis-server on port {} neither answered nor exited", self.port);
+        true
     }
 
     /// The plain port, as the default (all-powerful) user.
@@ -192,23 +223,28 @@ impl RedisCluster {
                 // The bus port is explicit: by default it is the port +
                 // 10000, which a free port above 55535 pushes past 65535
                 // (redis-server then refuses to start).
-                let bus = free_port().to_string();
-                Redis::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus,
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    // A replica takes over however long ago it last heard
-                    // from its primary (the test's clock is short).
-                    "--cluster-replica-validity-factor",
-                    "0",
-                    "--dir",
-                    node_dir.to_str().unwrap(),
-                ])
+                let dir = node_dir.to_str().unwrap().to_string();
+                Redis::start_with(|p| {
+                    [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        &p.bus.to_string(),
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        // A replica takes over however long ago it last
+                        // heard from its primary (the test's clock is short).
+                        "--cluster-replica-validity-factor",
+                        "0",
+                        "--dir",
+                        &dir,
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+                })
             })
             .collect();
         let mut create = Command::new("redis-cli");

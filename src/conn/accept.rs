@@ -64,7 +64,7 @@ pub(crate) async fn accept_loop(listener: socket2::Socket, ctx: Rc<ShardCtx>) {
         let mut accepted = 0;
         let mut backoff = false;
         while accepted < ACCEPT_BUDGET {
-            match listener.accept() {
+            match crate::sys::accept(std::os::fd::AsFd::as_fd(&listener)) {
                 Ok((sock, peer)) => {
                     accepted += 1;
                     let Some(peer) = peer.as_socket() else { continue };

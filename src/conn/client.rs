@@ -361,6 +361,9 @@ impl Client {
     /// The session's deadline at wall-clock `now`: authentication timeout
     /// (4002) or an expired token (4001).
     pub fn on_deadline(&mut self, who: &Who<'_>, now: u64) -> Option<Close> {
+        if self.deadline_ms().is_none_or(|d| now < d) {
+            return None; // checked at every poll: nothing to copy then
+        }
         let user = self.user().map(str::to_owned);
         let (reason, code) = self.session.on_deadline(now)?;
         if code == CloseCode::AUTH_FAILED {

@@ -30,6 +30,10 @@ use crate::protocol::session::SessionTimers;
 use crate::shard::{Precedence, Shard, StepAside};
 use crate::telemetry::{LogBudget, LogLimiter, Sent, ShardStats};
 
+/// Room for a server message id: "s", two u64s and a dash.
+const MSG_ID_LEN: usize = 42;
+type MsgId = [u8; MSG_ID_LEN];
+
 /// Everything a connection task on this shard shares.
 pub struct ShardCtx {
     pub id: usize,
@@ -121,16 +125,18 @@ impl ShardCtx {
         }
     }
 
-    /// A server message id unique within the instance: "s{shard}-{n}".
-    fn next_msg_id(&self, buf: &mut itoa::Buffer) -> String {
+    /// A server message id unique within the instance: "s{shard}-{n}",
+    /// written into `id` (no allocation per message).
+    fn next_msg_id<'a>(&self, id: &'a mut MsgId) -> &'a str {
         let n = self.msg_seq.get() + 1;
         self.msg_seq.set(n);
-        let mut id = String::with_capacity(16);
-        id.push('s');
-        id.push_str(buf.format(self.id));
-        id.push('-');
-        id.push_str(buf.format(n));
-        id
+        let (mut shard, mut seq) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let mut len = 0;
+        for part in ["s", shard.format(self.id), "-", seq.format(n)] {
+            id[len..len + part.len()].copy_from_slice(part.as_bytes());
+            len += part.len();
+        }
+        std::str::from_utf8(&id[..len]).expect("ASCII digits")
     }
 
     /// When a client told to go away should come back: random below
@@ -162,9 +168,10 @@ impl ShardCtx {
 
     /// Appends `msg` as a frame to `out`, with a fresh id, and counts it.
     fn encode(&self, msg: &Outgoing, out: &mut Vec<u8>) {
-        let id = self.next_msg_id(&mut itoa::Buffer::new());
+        let mut id = [0; MSG_ID_LEN];
+        let id = self.next_msg_id(&mut id);
         let now = self.global.clock.epoch_ms();
-        encode_outgoing(msg, &id, now, &mut self.json.borrow_mut(), out);
+        encode_outgoing(msg, id, now, &mut self.json.borrow_mut(), out);
         self.stats.sent[Sent::of(msg).index()].inc();
     }
 

@@ -8,8 +8,7 @@
 //! Holding keys only (the id is in the slot) keeps the index to 5 bytes
 //! per bucket.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
+use ahash::RandomState;
 
 use hashbrown::HashTable;
 use slab::Slab;

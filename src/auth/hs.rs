@@ -5,7 +5,8 @@
 //! single part of its set-up's user time (`perf/RESULTS.md`), and
 //! `jsonwebtoken::decode` parses the header twice and the claims twice, and
 //! keys a fresh HMAC for every token. This path keeps jsonwebtoken for the
-//! header (`decode_header`, so the same headers pass) and for everything
+//! header (`decode_header`, so the same headers pass; run once per distinct
+//! header per thread) and for everything
 //! else it does (public keys, minting), decodes the claims once into one
 //! struct whose fields have the types jsonwebtoken gives them (its
 //! `ClaimsForValidation` and our `Claims` together), and applies its rules

@@ -5,7 +5,9 @@
 //! `sendmsg(2)` per socket or as a batch of them in one io_uring submission
 //! ([`SendBatch`]) to the sockets slots hold ([`DirectSocket`], which keeps
 //! each descriptor open while it is held); non-blocking reads of a plain
-//! connection's socket ([`recv_nonblocking`]) and the readiness watches
+//! connection's socket ([`recv_nonblocking`]), taking connections off a
+//! listener ([`accept`]) (these socket calls through `libc::syscall`, not
+//! glibc's wrappers: [`syscall_result`]), and the readiness watches
 //! that say when to read, which parked connections keep ([`PollRing`],
 //! with the fd hand-overs parking needs); the
 //! kernel's coarse monotonic clock ([`coarse_monotonic_ms`]); and the

@@ -164,7 +164,7 @@ pub struct Config {
     pub kafka_ssl_key_password: Option<Secret>,
     /// Any other librdkafka property for every Kafka client of the service,
     /// as property=value (repeatable). From the environment:
-    /// KAFKA_CONFIG_<PROPERTY> with dots as `_` and `_` as `__`, e.g.
+    /// `KAFKA_CONFIG_<PROPERTY>` with dots as `_` and `_` as `__`, e.g.
     /// KAFKA_CONFIG_SOCKET_KEEPALIVE_ENABLE=true. Values are never logged.
     #[arg(long = "kafka-config", value_name = "PROPERTY=VALUE", value_parser = parse_property)]
     pub kafka_config: Vec<(String, String)>,

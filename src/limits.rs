@@ -29,9 +29,10 @@ pub const CAPACITY_RETRY_AFTER_S: u32 = 5;
 /// epoch on the server's clock).
 pub const WINDOW_MS: u64 = 60_000;
 
-/// aHash, randomly keyed per process: DoS-resistant like std's SipHash, at
-/// a fraction of its cost on short keys (IPs, user ids), three of which a
-/// connection hashes at set-up.
+/// aHash, keyed randomly per process: it resists hash flooding (though
+/// not with SipHash's cryptographic margin) at a fraction of SipHash's
+/// cost on short keys (IPs, user ids), three of which a connection hashes
+/// at set-up.
 type Hasher = ahash::RandomState;
 type Stripes<K, V> = [Mutex<HashMap<K, V, Hasher>>; STRIPES];
 

@@ -30,8 +30,10 @@ use crate::protocol::session::SessionTimers;
 use crate::shard::{Precedence, Shard, StepAside};
 use crate::telemetry::{LogBudget, LogLimiter, Sent, ShardStats};
 
-/// Room for a server message id: "s", two u64s and a dash.
+/// Room for a server message id: "s", the shard (a usize, at most 64 bits)
+/// and the sequence (a u64), each at most 20 digits, and a dash.
 const MSG_ID_LEN: usize = 42;
+const _: () = assert!(usize::BITS <= 64);
 type MsgId = [u8; MSG_ID_LEN];
 
 /// Everything a connection task on this shard shares.

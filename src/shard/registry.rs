@@ -7,6 +7,9 @@
 //! connections; the rest are linked through their slots (`next_user`).
 //! Holding keys only (the id is in the slot) keeps the index to 5 bytes
 //! per bucket.
+//! User ids are hashed with aHash, keyed randomly per process: it resists
+//! hash flooding (not with SipHash's cryptographic margin) at a fraction
+//! of SipHash's cost on short keys.
 
 use ahash::RandomState;
 

@@ -165,7 +165,7 @@ static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 /// ephemeral range (32768-60999 here), so no `bind(0)` and no client
 /// socket takes it, and distinct per call within this test process
 /// (test binaries run one at a time).
-fn server_port() -> u16 {
+pub fn server_port() -> u16 {
     for _ in 0..1000 {
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let port = 20_000 + ((std::process::id().wrapping_mul(131) + n * 7) % 12_000) as u16;

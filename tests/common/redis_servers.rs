@@ -19,8 +19,10 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// A free port below the ephemeral range, so that no outgoing connection
+/// takes it before redis-server binds it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    super::server_port()
 }
 
 /// A CA and a certificate it signed for `localhost` / 127.0.0.1, as PEM
@@ -116,11 +118,10 @@ impl Redis {
 
     /// A node with the arguments `extra` gives for its ports. It starts on
     /// fresh free ports, and again on others when it exits at start: a port
-    /// found free can be taken before redis-server binds it (by another
-    /// test's node, or by any outgoing connection, which draws from the same
-    /// ephemeral range).
+    /// found free can still be taken before redis-server binds it.
     pub fn start_with(extra: impl Fn(&Ports) -> Vec<String>) -> Redis {
         const ATTEMPTS: usize = 5;
+        let mut last = String::new();
         for _ in 0..ATTEMPTS {
             let ports = Ports { port: free_port(), tls: free_port(), bus: free_port() };
             let mut args: Vec<String> =
@@ -132,27 +133,34 @@ impl Redis {
             let tls_port = extra.iter().any(|a| a == "--tls-port").then_some(ports.tls);
             args.extend(extra);
             let mut r = Redis { port: ports.port, tls_port, args, child: None };
-            if r.try_spawn() {
-                return r;
+            match r.try_spawn() {
+                Ok(()) => return r,
+                Err(log) => last = log,
             }
         }
-        panic!("redis-server exited at start {ATTEMPTS} times, on fresh ports each time");
+        panic!("redis-server exited at start {ATTEMPTS} times, on fresh ports each time; the last said:\n{last}");
     }
 
     /// Starts (or restarts, on the same ports) this node's process.
     pub fn spawn(&mut self) {
-        assert!(self.try_spawn(), "redis-server exited at start on port {}", self.port);
+        if let Err(log) = self.try_spawn() {
+            panic!("redis-server exited at start on port {}:\n{log}", self.port);
+        }
     }
 
-    /// Starts the process and waits for it to answer PING: true when it
-    /// does, false when it exits first (it could not bind its ports).
-    fn try_spawn(&mut self) -> bool {
+    /// Starts the process and waits until it answers PING as itself (its
+    /// `process_id`, not another server's on the same port): `Err` with
+    /// the end of its log when it exits first (it could not bind a port).
+    fn try_spawn(&mut self) -> Result<(), String> {
+        let log_path = super::test_file("redis-server.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new("redis-server")
             .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .expect("redis-server on PATH (tools/test.sh installs it)");
+        let pid = child.id().to_string();
         self.child = Some(child);
         let client = redis::Client::open(self.url()).unwrap();
         let mut exited = false;
@@ -161,15 +169,17 @@ impl Redis {
             exited
                 || client
                     .get_connection_with_timeout(Duration::from_millis(200))
-                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-                    .is_ok()
+                    .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c))
+                    .is_ok_and(|info| info.lines().any(|l| l.trim() == format!("process_id:{pid}")))
         });
         if exited {
             self.child = None;
-            return false;
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            return Err(tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
         }
         assert!(answered, "redis-server on port {} neither answered nor exited", self.port);
-        true
+        Ok(())
     }
 
     /// The plain port, as the default (all-powerful) user.

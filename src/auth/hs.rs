@@ -102,14 +102,15 @@ impl Failure {
 /// Checks `token` as `jsonwebtoken::decode` with `rules` would, at `now`
 /// (seconds since the epoch).
 pub(super) fn verify(keys: &HmacKeys, rules: &Rules, token: &str, now: u64) -> Result<super::Claims, Failure> {
-    let alg = header_alg(token)?;
+    // Split as jsonwebtoken does: the signature after the last dot, the
+    // claims after the one before, the header before that (a token with
+    // fewer dots fails decode_header, as Invalid, too).
+    let (message, signature) = token.rsplit_once('.').ok_or(Failure::Invalid)?;
+    let (header, claims) = message.rsplit_once('.').ok_or(Failure::Invalid)?;
+    let alg = header_alg(token, header)?;
     if !rules.algorithms.contains(&alg) {
         return Err(Failure::Algorithm);
     }
-    // Split as jsonwebtoken does: the signature after the last dot, the
-    // claims after the one before (decode_header has split the same way).
-    let (message, signature) = token.rsplit_once('.').ok_or(Failure::Invalid)?;
-    let (_, claims) = message.rsplit_once('.').ok_or(Failure::Invalid)?;
     let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| Failure::Invalid)?;
     if !keys.verify(alg, message.as_bytes(), &signature) {
         return Err(Failure::Signature);
@@ -166,11 +167,9 @@ thread_local! {
     static LAST_HEADER: std::cell::RefCell<Option<(String, Algorithm)>> = const { std::cell::RefCell::new(None) };
 }
 
-/// The token's `alg`, as `jsonwebtoken::decode_header` reads it: the
-/// header is what comes before the last two dots.
-fn header_alg(token: &str) -> Result<Algorithm, Failure> {
-    let segment = token.rsplit_once('.').and_then(|(m, _)| m.rsplit_once('.')).map(|(h, _)| h);
-    let Some(segment) = segment else { return Err(Failure::Invalid) };
+/// The token's `alg`, as `jsonwebtoken::decode_header` reads it from
+/// `segment`, the token's header (what comes before its last two dots).
+fn header_alg(token: &str, segment: &str) -> Result<Algorithm, Failure> {
     LAST_HEADER.with_borrow_mut(|last| {
         if let Some((kept, alg)) = last {
             if kept == segment {

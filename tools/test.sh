@@ -23,5 +23,6 @@ fi
 cargo test --workspace "$@"
 # The end-to-end tests once more with idle connections parked at every
 # chance (docs/tuning.md, "Idle connections"), so every behaviour is also checked across
-# park and resume.
-MOONX_TEST_PARK_IDLE_MS=1 cargo test -p moonx-ws --test '*' "$@"
+# park and resume. `--workspace` (not `-p moonx-ws`) keeps the first pass's
+# feature set, so nothing is built a second time.
+MOONX_TEST_PARK_IDLE_MS=1 cargo test --workspace --test '*' "$@"

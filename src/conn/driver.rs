@@ -542,8 +542,7 @@ impl Conn {
             None => return false, // TLS: no direct socket, never parked
             Some(Ok(fd)) => fd,
             Some(Err(e)) => {
-                self.ctx.stats.park_failures.inc();
-                tracing::debug!(conn = self.id, error = %e, "could not park: no descriptor");
+                self.ctx.parker.refused(&self.ctx, &format_args!("duplicating its socket failed: {e}"));
                 return false;
             }
         };

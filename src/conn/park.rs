@@ -180,6 +180,15 @@ impl Parker {
         }
     }
 
+    /// Counts a park that did not happen (the connection keeps its task:
+    /// nothing is lost) and says why, at most once per log interval.
+    pub fn refused(&self, ctx: &ShardCtx, why: &dyn std::fmt::Display) {
+        ctx.stats.park_failures.inc();
+        if let Some(suppressed) = self.log.allow() {
+            tracing::warn!(shard = ctx.id, reason = %why, suppressed, "could not park an idle connection: it keeps its task");
+        }
+    }
+
     /// Parks the connection `key` of `ctx`'s shard on `fd`, its own
     /// duplicate of the socket, which its watch goes on watching. Gives
     /// the record back when it is not watched (the connection keeps its
@@ -188,15 +197,17 @@ impl Parker {
         let waker = self.waker.borrow();
         let Some(waker) = waker.as_ref() else { return Some(parked) };
         if ctx.shard.borrow().watch(key) == 0 {
-            ctx.stats.park_failures.inc();
+            self.refused(ctx, &"its socket has no watch");
             return Some(parked);
         }
         // A watch armed again in this poll names the task's descriptor,
         // which closes when the task ends: it goes to the kernel first.
         if let Some(ring) = self.ring.borrow_mut().as_mut() {
-            if ring.has_queued() && ring.submit().is_err() {
-                ctx.stats.park_failures.inc();
-                return Some(parked);
+            if ring.has_queued() {
+                if let Err(e) = ring.submit() {
+                    self.refused(ctx, &format_args!("submitting its watch failed: {e}"));
+                    return Some(parked);
+                }
             }
         }
         let index = self.records.borrow_mut().insert(parked) as u32;

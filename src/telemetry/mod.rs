@@ -297,7 +297,7 @@ pub fn describe_shards(shards: &[Arc<ShardStats>], queue_dropped: &[u64], e: &mu
         ("moonx_ws_direct_writes_total", "Socket writes made by the shard fan-out directly, without waking the connection's task.", |s| s.direct_writes.get()),
         ("moonx_ws_parks_total", "Idle connections parked: their task and read state freed, the socket watched by the shard's poll ring.", |s| s.parks.get()),
         ("moonx_ws_unparks_total", "Parked connections given a task again (input, a deadline, a write the fan-out could not finish, shutdown).", |s| s.unparks.get()),
-        ("moonx_ws_park_failures_total", "Parks refused: the kernel refused, or the socket had no watch (the connection kept its task).", |s| s.park_failures.get()),
+        ("moonx_ws_park_failures_total", "Parks that did not happen (the connection kept its task; logged, rate-limited): its socket had no watch, the watch could not be submitted, or the socket could not be duplicated.", |s| s.park_failures.get()),
         ("moonx_ws_watch_failures_total", "Socket watches on the shard's poll ring the kernel refused or ended in error (the connection then reads through glommio and is never parked); logged, rate-limited.", |s| s.watch_failures.get()),
         ("moonx_ws_accept_failures_total", "Failed accepts, typically out of file descriptors (the connection waits in the backlog); logged, rate-limited.", |s| s.accept_failures.get()),
     ];

@@ -20,7 +20,8 @@ if ! "$venv/bin/python" -c "import kosoku" 2>/dev/null; then
   fi
   "$venv/bin/python" -m pip install -q kosoku
 fi
-cargo build --quiet --example autobahn_echo
+# --workspace: the tests' feature set, so nothing is built again.
+cargo build --quiet --workspace --example autobahn_echo
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 ./target/debug/examples/autobahn_echo --port "$port" > /dev/null 2>&1 &
 echo_pid=$!

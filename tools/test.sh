@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: `cargo test --workspace` (the service and the load tool),
-# then the service's end-to-end tests once more with idle connections parked
-# at every chance.
+# then the end-to-end tests of both once more with the server parking idle
+# connections at every chance.
 #
 # What it installs, and only when missing (Debian packages, without their
 # recommended extras):
@@ -22,7 +22,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 cargo test --workspace "$@"
 # The end-to-end tests once more with idle connections parked at every
-# chance (docs/tuning.md, "Idle connections"), so every behaviour is also checked across
+# chance (docs/tuning.md, "Reading and idle connections"), so every behaviour is also checked across
 # park and resume. `--workspace` (not `-p moonx-ws`) keeps the first pass's
 # feature set, so nothing is built a second time.
 MOONX_TEST_PARK_IDLE_MS=1 cargo test --workspace --test '*' "$@"

@@ -125,6 +125,9 @@ pub fn server(brokers: &str, ready: bool, env: &[(&str, &str)]) -> (Proc, Socket
         .env("WS_SHARDS", "1")
         .env("RATE_LIMIT_MAX_CONNECTIONS_PER_IP", "100000")
         .env("LOG_LEVEL", "warn")
+        // `MOONX_TEST_PARK_IDLE_MS` runs the server with that parking delay,
+        // as the service's own tests do (tools/test.sh's second pass).
+        .envs(std::env::var("MOONX_TEST_PARK_IDLE_MS").ok().map(|ms| ("WS_PARK_IDLE_MS", ms)))
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -542,7 +542,7 @@ impl Conn {
             None => return false, // TLS: no direct socket, never parked
             Some(Ok(fd)) => fd,
             Some(Err(e)) => {
-                self.ctx.parker.refused(&self.ctx, &format_args!("duplicating its socket failed: {e}"));
+                self.ctx.parker.refused(&self.ctx, self.id, &format_args!("duplicating its socket failed: {e}"));
                 return false;
             }
         };

@@ -87,6 +87,8 @@ pub(super) struct Parker {
     /// The parker task's waker: parked slots hold it.
     waker: RefCell<Option<Waker>>,
     log: LogLimiter,
+    /// Parks that did not happen ([`Parker::refused`]).
+    park_log: LogLimiter,
 }
 
 impl Parker {
@@ -110,6 +112,7 @@ impl Parker {
             queued: Cell::new(false),
             waker: RefCell::new(None),
             log: LogLimiter::new(Duration::from_secs(5)),
+            park_log: LogLimiter::new(Duration::from_secs(5)),
         }
     }
 
@@ -182,10 +185,12 @@ impl Parker {
 
     /// Counts a park that did not happen (the connection keeps its task:
     /// nothing is lost) and says why, at most once per log interval.
-    pub fn refused(&self, ctx: &ShardCtx, why: &dyn std::fmt::Display) {
+    /// (Its own log limiter: at the descriptor limit every idle connection
+    /// may be refused, and that must not hide the watch failures.)
+    pub fn refused(&self, ctx: &ShardCtx, conn: u64, why: &dyn std::fmt::Display) {
         ctx.stats.park_failures.inc();
-        if let Some(suppressed) = self.log.allow() {
-            tracing::warn!(shard = ctx.id, reason = %why, suppressed, "could not park an idle connection: it keeps its task");
+        if let Some(suppressed) = self.park_log.allow() {
+            tracing::warn!(shard = ctx.id, conn, reason = %why, suppressed, "could not park an idle connection: it keeps its task");
         }
     }
 
@@ -197,7 +202,7 @@ impl Parker {
         let waker = self.waker.borrow();
         let Some(waker) = waker.as_ref() else { return Some(parked) };
         if ctx.shard.borrow().watch(key) == 0 {
-            self.refused(ctx, &"its socket has no watch");
+            self.refused(ctx, parked.id, &"its socket has no watch");
             return Some(parked);
         }
         // A watch armed again in this poll names the task's descriptor,
@@ -205,7 +210,7 @@ impl Parker {
         if let Some(ring) = self.ring.borrow_mut().as_mut() {
             if ring.has_queued() {
                 if let Err(e) = ring.submit() {
-                    self.refused(ctx, &format_args!("submitting its watch failed: {e}"));
+                    self.refused(ctx, parked.id, &format_args!("submitting its watch failed: {e}"));
                     return Some(parked);
                 }
             }

@@ -180,7 +180,7 @@ pub struct ShardStats {
     pub connections_parked: Counter,
     pub parks: Counter,
     pub unparks: Counter,
-    /// Parks refused by the kernel (the connection keeps its task).
+    /// Parks that did not happen (the connection keeps its task).
     pub park_failures: Counter,
     /// Socket watches the kernel refused or ended in error (the connection
     /// reads through glommio from then on).

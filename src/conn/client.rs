@@ -361,7 +361,7 @@ impl Client {
     /// The session's deadline at wall-clock `now`: authentication timeout
     /// (4002) or an expired token (4001).
     pub fn on_deadline(&mut self, who: &Who<'_>, now: u64) -> Option<Close> {
-        if self.deadline_ms().is_none_or(|d| now < d) {
+        if !self.session.deadline_due(now) {
             return None; // checked at every poll: nothing to copy then
         }
         let user = self.user().map(str::to_owned);

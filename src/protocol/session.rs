@@ -322,11 +322,15 @@ impl Session {
         }
     }
 
+    /// Whether [`Session::on_deadline`] has work at `now_ms`.
+    pub fn deadline_due(&self, now_ms: u64) -> bool {
+        self.deadline_ms().is_some_and(|d| now_ms >= d)
+    }
+
     /// Called when `deadline_ms` has passed: the `auth_failed` text and the
     /// close code to end the connection with, if it must end.
     pub fn on_deadline(&mut self, now_ms: u64) -> Option<(&'static str, CloseCode)> {
-        let due = self.deadline_ms().is_some_and(|d| now_ms >= d);
-        if !due {
+        if !self.deadline_due(now_ms) {
             return None;
         }
         let verdict = match self.stage {

@@ -646,8 +646,11 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<u8> {
     let mut run = Run::start(c, "connect")?;
     let me = procstat::Sample::own();
     let server_before = run.sample();
+    let kafka_before = run.probe.as_ref().map(|p| p.kafka_client_cpu());
     let names: Vec<&str> = a.channels.iter().map(String::as_str).collect();
     let mut o = open_all(&mut run, c, same_channels(&names), 1).await;
+    // Read inside the process's window, so the part cannot exceed the whole.
+    let kafka_after = run.probe.as_ref().map(|p| p.kafka_client_cpu());
     let server_after = run.sample();
     let open = o.setups.len();
     // Hold (answering pings) so idle memory can be read; a connection the
@@ -708,6 +711,13 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<u8> {
                 let us = cpu.as_secs_f64() * 1e6;
                 m.insert("cpu_user_us_per_connection".into(), per(us * share, open as f64));
                 m.insert("cpu_system_us_per_connection".into(), per(us * (1.0 - share), open as f64));
+            }
+            // Of that CPU, what the server's Kafka client spent meanwhile:
+            // background work, not set-up work.
+            if let (Some((threads, before)), Some((_, after))) = (&kafka_before, &kafka_after) {
+                let us = after.saturating_sub(*before).as_secs_f64() * 1e6;
+                m.insert("kafka_client_threads".into(), json!(threads));
+                m.insert("cpu_kafka_client_us_per_connection".into(), per(us, open as f64));
             }
             m.insert("rss_before_kb".into(), json!(b.rss_kb));
             m.insert("rss_held_kb".into(), json!(h.rss_kb));
@@ -798,10 +808,11 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<u8> {
             if let (Some(b), Some(h)) = (server_before, server_held) {
                 let us = |k: &str| server[k].as_f64().map_or("-".into(), |x| format!("{x:.1} µs"));
                 out!(
-                    "  server: {} CPU per connection ({} user, {} system), RSS {:.1} MB before, {:.1} MB held ({} per held connection)",
+                    "  server: {} CPU per connection ({} user, {} system; of it, {} in its Kafka client's threads), RSS {:.1} MB before, {:.1} MB held ({} per held connection)",
                     us("cpu_us_per_connection"),
                     us("cpu_user_us_per_connection"),
                     us("cpu_system_us_per_connection"),
+                    us("cpu_kafka_client_us_per_connection"),
                     b.rss_kb as f64 / 1024.0,
                     h.rss_kb as f64 / 1024.0,
                     server["rss_bytes_per_connection"].as_f64().map_or("-".into(), |x| format!("{x:.0} bytes"))

@@ -103,6 +103,21 @@ pub fn command(pid: u32) -> Option<String> {
 /// mock cluster (`rdk:mock`) and moonx-ws's embedded broker and demo feed
 /// (`kafka-embedded`). Returns (their names, their CPU time so far).
 pub fn broker_threads(pid: u32) -> (Vec<String>, Duration) {
+    threads(pid, |comm| comm == "rdk:mock" || comm == "kafka-embedded")
+}
+
+/// librdkafka's client threads in `pid` (`rdk:main`, `rdk:broker…`; not
+/// the mock cluster's `rdk:mock`): a Kafka consumer's own work, which goes
+/// on whether or not clients connect (an idle consumer fetches once per
+/// `fetch.wait.max.ms`). Returns (their names, their CPU time so far).
+pub fn kafka_client_threads(pid: u32) -> (Vec<String>, Duration) {
+    threads(pid, |comm| comm.starts_with("rdk:") && comm != "rdk:mock")
+}
+
+/// The distinct names of `pid`'s threads whose name `wanted` accepts, and
+/// those threads' CPU time so far (threads that have exited are not
+/// counted).
+fn threads(pid: u32, wanted: impl Fn(&str) -> bool) -> (Vec<String>, Duration) {
     let mut names = Vec::new();
     let mut ns = 0u64;
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -112,7 +127,7 @@ pub fn broker_threads(pid: u32) -> (Vec<String>, Duration) {
         let dir = t.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         let comm = comm.trim();
-        if comm == "rdk:mock" || comm == "kafka-embedded" {
+        if wanted(comm) {
             names.push(comm.to_string());
             // schedstat: time on CPU in ns, first field.
             ns += std::fs::read_to_string(dir.join("schedstat"))
@@ -184,6 +199,43 @@ mod tests {
         assert!(!alive(pid), "a reaped child is gone");
         assert!(Sample::of(pid).is_none());
         assert!(!alive(u32::MAX / 2));
+    }
+
+    #[test]
+    fn kafka_client_threads_are_librdkafkas_but_not_a_mock_clusters() {
+        // Threads of this process named as librdkafka names its own: a
+        // client's broker thread that has done some work, a mock cluster's
+        // thread, and one that is neither.
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = ["rdk:broker7", "rdk:mock", "not-kafka"]
+            .into_iter()
+            .map(|name| {
+                let barrier = barrier.clone();
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || {
+                        if name == "rdk:broker7" {
+                            let mut x = 0u64;
+                            for i in 0..1_000_000u64 {
+                                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                            }
+                        }
+                        barrier.wait(); // all started (and the work done)
+                        barrier.wait(); // sampled
+                    })
+                    .unwrap()
+            })
+            .collect();
+        barrier.wait();
+        let (clients, client_cpu) = kafka_client_threads(std::process::id());
+        let (brokers, _) = broker_threads(std::process::id());
+        barrier.wait();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert!(clients.contains(&"rdk:broker7".to_string()), "{clients:?}");
+        assert!(!clients.iter().any(|n| n == "rdk:mock" || n == "not-kafka"), "{clients:?}");
+        assert!(client_cpu > Duration::ZERO, "the working thread's CPU is counted");
+        assert!(brokers.contains(&"rdk:mock".to_string()), "{brokers:?}");
+        assert!(!brokers.iter().any(|n| n == "rdk:broker7"), "{brokers:?}");
     }
 
     #[test]

@@ -277,6 +277,11 @@ impl Probe {
         procstat::broker_threads(self.pid).1
     }
 
+    /// The server's librdkafka client threads: their names and CPU so far.
+    pub fn kafka_client_cpu(&self) -> (Vec<String>, Duration) {
+        procstat::kafka_client_threads(self.pid)
+    }
+
     /// The note printed and recorded when the server hosts a broker.
     pub fn broker_note(&self) -> Option<String> {
         (!self.broker_threads.is_empty()).then(|| {

@@ -213,6 +213,41 @@ fn kafka_unreachable_fails_the_run() {
 }
 
 #[test]
+fn a_connect_storm_reports_the_servers_cpu_and_its_kafka_clients_part() {
+    let (_b, brokers) = broker();
+    let (srv, addr) = server(&brokers, true, &[]);
+    let pid = srv.0.id().to_string();
+    let out = lt(&[
+        "connect",
+        "--server",
+        &addr.to_string(),
+        "--jwt-secret",
+        SECRET,
+        "-c",
+        "50",
+        "--hold",
+        "0",
+        "--server-pid",
+        &pid,
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", text(&out.stdout), text(&out.stderr));
+    let s = &json_of(&out)["server"];
+    assert_eq!(s["embedded_broker"], false, "{s}");
+    let total = s["cpu_us_per_connection"].as_f64().unwrap();
+    assert!(total > 0.0, "{s}");
+    // The consumer's threads are found by name (librdkafka's), and the
+    // mock cluster's are not among them.
+    let threads: Vec<&str> =
+        s["kafka_client_threads"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert!(threads.contains(&"rdk:main"), "{threads:?}");
+    assert!(threads.iter().all(|t| t.starts_with("rdk:") && *t != "rdk:mock"), "{threads:?}");
+    // A part of the server's CPU, read inside the same window.
+    let kafka = s["cpu_kafka_client_us_per_connection"].as_f64().unwrap();
+    assert!((0.0..=total).contains(&kafka), "{kafka} of {total}");
+}
+
+#[test]
 fn every_connection_refused_fails_the_run() {
     let (_b, brokers) = broker();
     let (_s, addr) = server(&brokers, false, &[]);
